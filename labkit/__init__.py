@@ -1,0 +1,31 @@
+"""labkit: look inside causal language models while they generate.
+
+>>> import labkit
+>>> s = labkit.Session()                      # bundled SmolLM2-135M-Instruct, offline
+>>> s.next_token("The capital of France is").top(3)
+"""
+
+import os
+
+# Offline always: set before transformers / huggingface_hub are imported anywhere in labkit.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+__version__ = "0.1.0"
+
+from labkit import errors, info, sampling
+from labkit.session import Generation, Session
+from labkit.trace import Alternative, Distribution, Step, Trace, TraceMeta
+
+__all__ = [
+    "Alternative",
+    "Distribution",
+    "Generation",
+    "Session",
+    "Step",
+    "Trace",
+    "TraceMeta",
+    "__version__",
+    "errors",
+    "info",
+    "sampling",
+]

