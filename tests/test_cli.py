@@ -1,0 +1,82 @@
+"""The `labkit` command line, through click's runner (same process, shared model cache)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from labkit import Trace
+from labkit.cli import main
+
+
+@pytest.fixture(scope="module")
+def run():
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_next_prints_top_tokens(run):
+    r = run("next", "The capital of France is", "--top", "3", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "' Paris'" in r.stdout.splitlines()[2] and "entropy" in r.output
+    data = json.loads(run("next", "The capital of France is", "--top", "2", "--json").stdout)
+    assert data["top"][0]["token"] == " Paris" and data["top"][0]["prob"] == pytest.approx(0.7725, abs=0.01)
+
+
+def test_generate_show_steps_and_save(run, tmp_path):
+    path = tmp_path / "t.json"
+    r = run("generate", "The capital of France is", "--max-new-tokens", "4", "--show-steps", "--save", str(path))
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert "token" in lines[0] and "H bits" in lines[0]
+    assert "' Paris'" in lines[1] and "0.77" in lines[1]
+    t = Trace.load(path)
+    assert len(t) == 4 and t.steps[0].token == " Paris"
+    assert r.stdout.endswith("The capital of France is" + t.text + "\n")
+
+
+def test_generate_with_sampling_options_is_seeded(run):
+    a = run("generate", "Once upon a time", "--max-new-tokens", "6", "--temperature", "1.2", "--seed", "5").output
+    b = run("generate", "Once upon a time", "--max-new-tokens", "6", "--temperature", "1.2", "--seed", "5").output
+    assert a == b
+
+
+def test_info(run):
+    r = run("info")
+    assert r.exit_code == 0, r.output
+    for key in ("model", "device", "dtype", "cache folder", "torch", "transformers", "labkit"):
+        assert f"{key}:" in r.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["generate", "x", "--max-new-tokens", "0"], "max_new_tokens must be a positive integer; got 0"),
+    (["generate", "x", "--temperature", "-1"], "temperature must be > 0"),
+    (["generate", "x", "--save", "t.csv"], "must end in .json or .parquet"),
+    (["next", ""], "prompt must not be empty"),
+    (["next", "x", "--dtype", "float8"], "dtype must be one of"),
+    (["next", "x", "--device", "cuda"] , "CUDA is not available"),
+    (["next", "x", "--attn", "xformers", "--device", "cpu"], "attn='xformers' runs only on CUDA"),
+    (["next", "x", "--top", "0"], "Invalid value for '--top'"),
+    (["generate"], "Missing argument 'PROMPT'"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, match):
+    import torch
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert match in r.output
+    if match.startswith(("max_new", "temperature", "must end", "prompt", "dtype", "CUDA", "attn")):
+        assert len(r.output.strip().splitlines()) == 1
+
+
+def test_unknown_model_folder_exits_1(tmp_path):
+    r = CliRunner().invoke(main, ["next", "x", "--model", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "does not exist" in r.output
