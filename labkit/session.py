@@ -120,7 +120,7 @@ class Session:
         meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device,
                          sampler=sampler.config(), seed=used_seed, max_new_tokens=max_new_tokens, chat=chat,
                          stop=[*stop_strings, *sorted(stop_ids)], labkit_version=__version__,
-                         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+                         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
