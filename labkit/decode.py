@@ -7,16 +7,17 @@ record of what it did is stored beside them in the Step.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from labkit import info
+from labkit import attention, info
 from labkit.sampling.base import Sampler
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
@@ -55,8 +56,11 @@ class StopRules:
 def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, sampler: Sampler,
            rules: StopRules, *, generator: torch.Generator | None = None,
            stop_event: threading.Event | None = None, top_k: int = 10,
-           token_text: TokenTexts | None = None) -> Iterator[Step]:
+           token_text: TokenTexts | None = None, capture: Sequence[str] = ()) -> Iterator[Step]:
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
+
+    ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
+    ``Step.captures``) and its summary metrics (``Step.attention``).
 
     Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each token), or
     KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
@@ -69,7 +73,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     inputs = prompt_ids  # (1, T) for the prefill, then (1, 1)
     reason = "stopped"  # if the consumer closes the iterator early
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.ExitStack() as scope:
+            recorder = scope.enter_context(attention.capturing(model)) if "attention" in capture else None
             for index in range(rules.max_new_tokens):
                 if stop_event.is_set():
                     reason = "stopped"
@@ -90,6 +95,10 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                                                                  strict=True)],
                     time_ms=0.0, sampler=sampler.record(scores),
                 )
+                if recorder is not None:
+                    row = recorder.take()  # (L, H, T + index)
+                    step.captures["attention"] = row
+                    step.attention = attention.step_metrics(row).summary()
                 inputs = token.view(1, 1).to(ids.device)  # (1, 1)
                 ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
                 step.time_ms = (time.perf_counter() - t0) * 1e3

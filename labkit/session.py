@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from labkit import __version__, decode, models
+from labkit import __version__, decode, info, models
 from labkit.errors import InvalidArgument, SessionBusy
 from labkit.sampling.base import Greedy, Sampler
 from labkit.tokens import TokenTexts, token_id
-from labkit.trace import Distribution, Step, Trace, TraceMeta
+from labkit.trace import Distribution, Score, Step, Trace, TraceMeta
 
-CAPTURES: tuple[str, ...] = ()
-"""Extra per-step captures ``generate(capture=...)`` accepts (attention arrives with the measures issue)."""
+CAPTURES: tuple[str, ...] = ("attention",)
+"""Extra per-step captures ``generate(capture=...)`` accepts."""
 
 
 class Session:
@@ -97,6 +97,49 @@ class Session:
             logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (V,) nats
         return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt)
 
+    def score(self, text: str, chat: bool = False) -> Score:
+        """Per-token surprisal, entropy and rank of ``text``'s own tokens, and its perplexity (one forward pass)."""
+        ids = self.encode(text, chat=chat)
+        if ids.shape[1] < 2:
+            raise InvalidArgument(f"text must be at least 2 tokens to score; {text!r} is {ids.shape[1]}")
+        with self._exclusive(), torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0, :-1].float()  # (T-1, V) predicting tokens 1..T-1
+            logp = torch.log_softmax(logits, dim=-1)  # (T-1, V) nats
+            actual = ids[0, 1:]  # (T-1,)
+            chosen = logp.gather(-1, actual[:, None])  # (T-1, 1)
+            rank = (logp > chosen).sum(-1) + 1  # (T-1,)
+            entropy = info.entropy_and_varentropy(logp, "bits")[0]  # (T-1,)
+        token_ids = ids[0].tolist()
+        return Score(text=text, token_ids=token_ids, tokens=[self._texts(i) for i in token_ids],
+                     logprobs=chosen[:, 0].tolist(), entropy_bits=entropy.tolist(), rank=rank.tolist())
+
+    def compare(self, prompts: Sequence[str], token: str | int, chat: bool = False) -> Any:
+        """Probability of one ``token`` (text of one token, or an id) after each prompt: a DataFrame with
+        prompt, token, prob, logprob (nats), rank and entropy (bits) of each next-token distribution."""
+        import pandas as pd
+
+        if isinstance(prompts, str) or not prompts:
+            raise InvalidArgument("prompts must be a non-empty list of strings")
+        tid = token_id(self.tokenizer, token)
+        rows = []
+        for prompt in prompts:
+            d = self.next_token(prompt, chat=chat)
+            lp = d.logprobs[tid]
+            rows.append({"prompt": prompt, "token": self._texts(tid), "prob": float(lp.exp()), "logprob": float(lp),
+                         "rank": int((d.logprobs > lp).sum()) + 1, "entropy_bits": d.entropy("bits")})
+        return pd.DataFrame(rows)
+
+    def attention(self, prompt: str, chat: bool = False) -> Any:
+        """Full attention matrices of ``prompt``: AttentionMaps with probs of shape (L, H, T, T) (eager attention
+        for this one call; the model is switched back afterwards)."""
+        from labkit.attention import AttentionMaps, attn_implementation
+
+        ids = self.encode(prompt, chat=chat)
+        with self._exclusive(), torch.inference_mode(), attn_implementation(self.model, "eager"):
+            out = self.model(input_ids=ids, output_attentions=True, logits_to_keep=1)
+        probs = torch.stack([a[0].float() for a in out.attentions]).cpu()  # (L, H, T, T)
+        return AttentionMaps(probs=probs, tokens=[self._texts(i) for i in ids[0].tolist()])
+
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10) -> Generation:
@@ -124,7 +167,7 @@ class Session:
         trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
-        return Generation(self, ids, trace, sampler, rules, generator, top_k)
+        return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture))
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
@@ -179,10 +222,10 @@ class Generation:
     """A generation in progress: iterate it for Steps; ``trace`` holds every step made so far."""
 
     def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
-                 rules: decode.StopRules, generator: torch.Generator, top_k: int) -> None:
+                 rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...]) -> None:
         self.session = session
         self.trace = trace
-        self._args = (ids, sampler, rules, generator, top_k)
+        self._args = (ids, sampler, rules, generator, top_k, capture)
         self._iter: Iterator[Step] | None = None
 
     def __iter__(self) -> Iterator[Step]:
@@ -200,8 +243,8 @@ class Generation:
 
     def _run(self) -> Iterator[Step]:
         s = self.session
-        ids, sampler, rules, generator, top_k = self._args
+        ids, sampler, rules, generator, top_k, capture = self._args
         with s._exclusive():
             s._stop.clear()
             yield from decode.decode(s.model, s.tokenizer, ids, self.trace, sampler, rules, generator=generator,
-                                     stop_event=s._stop, top_k=top_k, token_text=s._texts)
+                                     stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture)

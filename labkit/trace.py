@@ -64,6 +64,12 @@ class Step:
     """Wall time of the step: forward pass, metrics and sampling (milliseconds)."""
     sampler: dict[str, Any] = field(default_factory=dict)
     """The sampler's own record of what it did at this step (empty for greedy)."""
+    attention: dict[str, float] = field(default_factory=dict)
+    """With ``capture=["attention"]``: the step's attention summary — mean head entropy (bits), varentropy across
+    heads (bits²), agreement, interaction strength (see :mod:`labkit.attention`). Empty otherwise."""
+    captures: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Raw tensors captured at this step, e.g. ``"attention"`` -> AttentionRow (L, H, T_k). Kept in memory only:
+    ``Trace.save`` stores the summaries, not these tensors."""
 
     def __post_init__(self) -> None:
         self.top = [Alternative(str(t), int(i), float(p)) for t, i, p in self.top]
@@ -231,8 +237,11 @@ def _check_header(data: dict[str, Any], path: Path) -> None:
                                f"reads version {FORMAT_VERSION}")
 
 
+_NOT_SAVED = ("captures",)
+
+
 def _step_to_dict(step: Step) -> dict[str, Any]:
-    d = dataclasses.asdict(step)
+    d = {f.name: getattr(step, f.name) for f in dataclasses.fields(step) if f.name not in _NOT_SAVED}
     d["top"] = [list(a) for a in step.top]
     return d
 
@@ -247,10 +256,11 @@ def _arrow_types() -> dict[str, Any]:
         "top": pa.list_(pa.struct([("token", pa.string()), ("token_id", pa.int64()), ("prob", pa.float64())])),
         "time_ms": pa.float64(),
         "sampler": pa.string(),  # JSON text: a sampler's record may hold any JSON value
+        "attention": pa.string(),  # JSON text
     }
 
 
-_JSON_COLUMNS = ("sampler",)
+_JSON_COLUMNS = ("sampler", "attention")
 
 
 def _save_parquet(trace: Trace, path: Path) -> None:
@@ -334,3 +344,52 @@ class Distribution:
     def __repr__(self) -> str:
         tops = ", ".join(f"{a.token!r}: {a.prob:.3f}" for a in self.top(5))
         return f"Distribution(prompt={self.prompt[-40:]!r}, entropy={self.entropy():.3f} bits, top=[{tops}])"
+
+
+@dataclass
+class Score:
+    """How surprising a text is to the model, token by token (teacher forcing, no sampler).
+
+    Position i of every per-token field describes token i+1 predicted from tokens 0..i (the first token has no
+    prediction). Log-probabilities are natural logs (nats); surprisal and entropy are in bits.
+    """
+
+    text: str
+    token_ids: list[int]
+    """Shape (T,): the text's tokens."""
+    tokens: list[str]
+    """Shape (T,): display text of each token."""
+    logprobs: list[float]
+    """Shape (T−1,): natural-log probability of each actual token after its prefix (nats)."""
+    entropy_bits: list[float]
+    """Shape (T−1,): entropy of the distribution that predicted each token (bits)."""
+    rank: list[int]
+    """Shape (T−1,): rank of the actual token in that distribution (1 = most probable)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids) - 1
+        if not (len(self.tokens) == n + 1 and len(self.logprobs) == len(self.entropy_bits) == len(self.rank) == n):
+            raise InvalidArgument("Score fields must have T tokens and T−1 predictions")
+
+    @property
+    def surprisal_bits(self) -> list[float]:
+        """Shape (T−1,): −log₂ p of each actual token (bits)."""
+        return [-lp / math.log(2.0) for lp in self.logprobs]
+
+    @property
+    def perplexity(self) -> float:
+        """exp of the mean negative log-likelihood (nats) over the T−1 predicted tokens."""
+        return math.exp(-sum(self.logprobs) / len(self.logprobs))
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per predicted token: token, prob, surprisal (bits), entropy (bits), rank."""
+        import pandas as pd
+
+        return pd.DataFrame({
+            "position": range(1, len(self.token_ids)), "token": self.tokens[1:], "token_id": self.token_ids[1:],
+            "prob": [math.exp(lp) for lp in self.logprobs], "surprisal_bits": self.surprisal_bits,
+            "entropy_bits": self.entropy_bits, "rank": self.rank,
+        })
+
+    def __repr__(self) -> str:
+        return f"Score({len(self.token_ids)} tokens, perplexity={self.perplexity:.3f}, text={self.text[:40]!r})"

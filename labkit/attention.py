@@ -1,0 +1,296 @@
+"""Attention: cheap capture of the current query row while decoding, full maps for a prompt, per-head metrics.
+
+Capture goes through a registered attention function (transformers ``AttentionInterface``) named
+``"labkit_capture"``: the layer's output is still computed by the SDPA implementation, and beside it the last
+query row ``softmax(q·Kᵀ·scale + mask)`` is computed for every head (grouped-query attention handled by
+grouping the query heads over their KV head, no copy of K). The function is switched on only inside
+:func:`capturing` (a scoped context manager), so the model is otherwise untouched.
+
+Units: attention entropies in bits; varentropy across heads in bits²; scores are raw pre-softmax logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from labkit.errors import InvalidArgument
+
+CAPTURE_ATTN = "labkit_capture"
+_LN2 = math.log(2.0)
+
+
+@dataclass
+class AttentionRow:
+    """The current query's attention in every layer and head, at one decoding step."""
+
+    probs: torch.Tensor
+    """Shape (L, H, T_k): attention probabilities of the last query row (each row sums to 1)."""
+    scores: torch.Tensor
+    """Shape (L, H, T_k): pre-softmax scores q·Kᵀ·scale (+ mask) of that row."""
+
+    def __post_init__(self) -> None:
+        if self.probs.ndim != 3 or self.probs.shape != self.scores.shape:
+            raise InvalidArgument(f"AttentionRow probs and scores must both have shape (L, H, T_k); got "
+                                  f"{tuple(self.probs.shape)} and {tuple(self.scores.shape)}")
+
+
+class _Recorder:
+    """Per-layer slots filled by the capture function during one forward pass."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.probs: list[torch.Tensor | None] = [None] * n_layers
+        self.scores: list[torch.Tensor | None] = [None] * n_layers
+
+    def take(self) -> AttentionRow:
+        if any(p is None for p in self.probs):
+            missing = [i for i, p in enumerate(self.probs) if p is None]
+            raise RuntimeError(f"attention capture missed layers {missing}: does this model use AttentionInterface?")
+        row = AttentionRow(torch.stack(self.probs), torch.stack(self.scores))  # type: ignore[arg-type]
+        self.probs = [None] * len(self.probs)
+        self.scores = [None] * len(self.scores)
+        return row
+
+
+_RECORDERS: dict[int, _Recorder] = {}  # id(model.config) -> recorder, only inside `capturing`
+_REGISTER_LOCK = threading.Lock()
+
+
+def _last_row_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float | None) -> torch.Tensor:
+    """Pre-softmax scores of the last query row, shape (B, Hq, Tk), in float32."""
+    b, hq, _, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    q = query[:, :, -1, :].float().reshape(b, hkv, hq // hkv, d)  # (B, Hkv, n_rep, D): heads grouped by KV head
+    scale = d ** -0.5 if scaling is None else scaling
+    scores = (q @ key.float().transpose(-1, -2)).reshape(b, hq, tk) * scale  # (B, Hq, Tk)
+    if mask is not None:
+        last = mask[:, :, -1, :tk]  # (B, 1|H, Tk)
+        scores = scores.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else scores + last.float()
+    return scores
+
+
+def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, scaling: float | None = None,
+                              dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """AttentionInterface function: SDPA output, plus the last query row recorded when capture is on."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    **kwargs)
+    recorder = _RECORDERS.get(id(module.config))
+    if recorder is not None:
+        scores = _last_row_scores(query, key, attention_mask, scaling)[0]  # (Hq, Tk)
+        recorder.scores[module.layer_idx] = scores
+        recorder.probs[module.layer_idx] = torch.softmax(scores, dim=-1)
+    return out, None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    with _REGISTER_LOCK:
+        AttentionInterface.register(CAPTURE_ATTN, capture_attention_forward)
+        AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)  # the same masks SDPA gets
+
+
+@contextlib.contextmanager
+def attn_implementation(model: Any, name: str) -> Iterator[None]:
+    """Switch ``model`` to attention implementation ``name`` inside the block; restored on exit or error."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def capturing(model: Any) -> Iterator[_Recorder]:
+    """Record the last query row of every layer at each forward pass inside the block."""
+    if model.config._attn_implementation not in ("sdpa", CAPTURE_ATTN):
+        raise InvalidArgument(f"capture=['attention'] needs the session's attn='sdpa' (or 'auto'); this model uses "
+                              f"{model.config._attn_implementation!r}")
+    _register()
+    recorder = _Recorder(model.config.num_hidden_layers)
+    _RECORDERS[id(model.config)] = recorder
+    try:
+        with attn_implementation(model, CAPTURE_ATTN):
+            yield recorder
+    finally:
+        _RECORDERS.pop(id(model.config), None)
+
+
+# -- full maps -------------------------------------------------------------------------------------------
+
+@dataclass
+class AttentionMaps:
+    """Full attention matrices of one prompt."""
+
+    probs: torch.Tensor
+    """Shape (L, H, T, T): attention probabilities, row = query position, column = key position (causal)."""
+    tokens: list[str]
+    """Shape (T,): display text of each position's token."""
+
+    def __post_init__(self) -> None:
+        if self.probs.ndim != 4 or self.probs.shape[-1] != self.probs.shape[-2] != len(self.tokens):
+            raise InvalidArgument(f"AttentionMaps.probs must have shape (L, H, T, T) with T = {len(self.tokens)} "
+                                  f"tokens; got {tuple(self.probs.shape)}")
+
+    @property
+    def n_layers(self) -> int:
+        return self.probs.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.probs.shape[1]
+
+    def head(self, layer: int, head: int) -> torch.Tensor:
+        """Shape (T, T): one head's matrix (range-checked)."""
+        if not 0 <= layer < self.n_layers:
+            raise InvalidArgument(f"layer must be in [0, {self.n_layers}); got {layer}")
+        if not 0 <= head < self.n_heads:
+            raise InvalidArgument(f"head must be in [0, {self.n_heads}); got {head}")
+        return self.probs[layer, head]
+
+    def entropy_bits(self) -> torch.Tensor:
+        """Shape (L, H): mean over query positions of each row's attention entropy (bits)."""
+        return head_entropy(self.probs).mean(-1)
+
+
+# -- metrics ---------------------------------------------------------------------------------------------
+
+def head_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy (bits) of attention rows over the last dim (keys). Shape: leading dims."""
+    p = probs.float()
+    return -torch.where(p > 0, p * torch.log2(p.clamp_min(1e-30)), torch.zeros_like(p)).sum(-1)
+
+
+@dataclass
+class StepAttention:
+    """Entropix-style attention metrics of one decoding step (the current query row, all layers and heads)."""
+
+    entropy_bits: torch.Tensor
+    """Shape (L, H): entropy of each head's attention row (bits)."""
+    varentropy_bits: float
+    """Variance across heads of the head entropies, averaged over layers (bits²)."""
+    agreement: float
+    """Mean |p − mean over heads of p| over keys, heads and layers (probability units; 0 = all heads agree)."""
+    interaction_strength: float
+    """Mean |pre-softmax score| over layers, heads and (unmasked) keys (logit units)."""
+
+    @property
+    def mean_entropy_bits(self) -> float:
+        return float(self.entropy_bits.mean())
+
+    def summary(self) -> dict[str, float]:
+        """The scalars stored in ``Step.attention``."""
+        return {"entropy_bits": self.mean_entropy_bits, "varentropy_bits": self.varentropy_bits,
+                "agreement": self.agreement, "interaction_strength": self.interaction_strength}
+
+
+def step_metrics(row: AttentionRow) -> StepAttention:
+    """Per-head entropy, varentropy across heads, agreement and interaction strength of one captured row."""
+    ent = head_entropy(row.probs)  # (L, H)
+    var = ent.var(dim=-1, unbiased=False).mean()  # across heads, then layers
+    mean_attn = row.probs.mean(dim=1, keepdim=True)  # (L, 1, Tk)
+    agreement = (row.probs - mean_attn).abs().mean()
+    finite = torch.isfinite(row.scores)
+    strength = row.scores.abs().where(finite, torch.zeros_like(row.scores)).sum() / finite.sum().clamp_min(1)
+    return StepAttention(ent, float(var), float(agreement), float(strength))
+
+
+def token_importance(probs: torch.Tensor) -> torch.Tensor:
+    """Attention received by each key position, averaged over every other dim, normalised to sum 1. Shape (T_k,)."""
+    received = probs.float().reshape(-1, probs.shape[-1]).mean(0)
+    return received / received.sum()
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """Statistics of one metric over a run."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    count: int
+    unit: str = "bits"
+
+    @classmethod
+    def of(cls, values: Any, unit: str = "bits") -> RunStats:
+        v = torch.as_tensor(values, dtype=torch.float64).flatten()
+        if v.numel() == 0:
+            raise InvalidArgument("RunStats needs at least one value")
+        return cls(float(v.mean()), float(v.std(unbiased=False)), float(v.min()), float(v.max()), v.numel(), unit)
+
+
+class AttentionHealth(enum.StrEnum):
+    HEALTHY = "Healthy"
+    COLLAPSED = "Collapsed"
+    TOO_FOCUSED = "TooFocused"
+    TOO_DIFFUSE = "TooDiffuse"
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """Thresholds of :func:`attention_health`, all in bits except ``collapsed_fraction``."""
+
+    collapse_mean_bits: float = 1.0
+    """Collapsed when the average head entropy is below this ..."""
+    collapse_head_bits: float = 0.5
+    collapsed_fraction: float = 0.8
+    """... or when at least this fraction of heads is below ``collapse_head_bits``."""
+    focused_bits: float = 1.0
+    diffuse_bits: float = 5.0
+
+
+def is_collapsed(entropy_bits: torch.Tensor, t: HealthThresholds = HealthThresholds()) -> bool:
+    """True when attention has collapsed: mean head entropy < 1 bit, or ≥ 80% of heads < 0.5 bit (defaults)."""
+    e = entropy_bits.float().flatten()
+    return bool(e.mean() < t.collapse_mean_bits or (e < t.collapse_head_bits).float().mean() >= t.collapsed_fraction)
+
+
+def attention_health(entropy_bits: torch.Tensor, t: HealthThresholds = HealthThresholds()) -> AttentionHealth:
+    """Collapsed (see :func:`is_collapsed`), TooFocused (mean < 1 bit), TooDiffuse (mean > 5 bits) or Healthy."""
+    mean = float(entropy_bits.float().mean())
+    if is_collapsed(entropy_bits, t):
+        return AttentionHealth.COLLAPSED
+    if mean < t.focused_bits:
+        return AttentionHealth.TOO_FOCUSED
+    if mean > t.diffuse_bits:
+        return AttentionHealth.TOO_DIFFUSE
+    return AttentionHealth.HEALTHY
+
+
+@dataclass
+class AttentionReport:
+    """Attention over a whole generation, from the Steps' summaries."""
+
+    entropy: RunStats
+    varentropy: RunStats
+    agreement: RunStats
+    interaction_strength: RunStats
+    health: AttentionHealth
+    per_step: list[dict[str, float]] = field(repr=False, default_factory=list)
+
+
+def report(steps: list[Any], thresholds: HealthThresholds = HealthThresholds()) -> AttentionReport:
+    """Statistics of the attention metrics over steps generated with ``capture=["attention"]``."""
+    rows = [s.attention for s in steps if s.attention]
+    if not rows:
+        raise InvalidArgument("no attention metrics in these steps: generate with capture=['attention']")
+    ent = torch.tensor([r["entropy_bits"] for r in rows])
+    return AttentionReport(
+        entropy=RunStats.of(ent), varentropy=RunStats.of([r["varentropy_bits"] for r in rows], "bits²"),
+        agreement=RunStats.of([r["agreement"] for r in rows], "probability"),
+        interaction_strength=RunStats.of([r["interaction_strength"] for r in rows], "logit"),
+        health=attention_health(ent, thresholds), per_step=rows)
