@@ -140,6 +140,14 @@ class Session:
         probs = torch.stack([a[0].float() for a in out.attentions]).cpu()  # (L, H, T, T)
         return AttentionMaps(probs=probs, tokens=[self._texts(i) for i in ids[0].tolist()])
 
+    def lens(self, prompt: str, chat: bool = False, k: int = 5) -> Any:
+        """Logit lens after ``prompt``: each layer's next-token distribution (LogitLens, shape (L, V))."""
+        from labkit.lens import logit_lens
+
+        ids = self.encode(prompt, chat=chat)
+        with self._exclusive():
+            return logit_lens(self.model, ids, self._texts, k=k)
+
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10) -> Generation:
