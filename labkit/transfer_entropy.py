@@ -40,9 +40,10 @@ class TransferEntropy:
 
 
 def _discretize(x: np.ndarray, bins: int) -> np.ndarray:
-    """Equal-frequency bins 0..bins−1 (ties share a bin; a constant series is all 0)."""
-    edges = np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1])
-    return np.searchsorted(np.unique(edges), x, side="right")
+    """Equal-frequency bins 0..bins−1 by average rank (tied values share a bin; a constant series is all 0)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - counts + (counts - 1) / 2  # 0-based average rank of each distinct value
+    return np.clip(np.floor(avg_rank[inverse] * bins / len(x)).astype(np.int64), 0, bins - 1)
 
 
 def _history(s: np.ndarray, k: int, bins: int, n: int) -> np.ndarray:
