@@ -7,73 +7,50 @@ and the median of each is reported, in ms per generated token, with the ratio la
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
+from _timing import interleaved, long_prompt, summary
 
 import labkit
 
 NEW_TOKENS = 48
-REPEATS = 5
 SHORT = "Once upon a time"
-LONG_SEED = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
-             "grain, salt and cloth. Over the centuries it grew into a market town and then a capital. ")
 
 
-def long_prompt(session: labkit.Session, n_tokens: int = 1000) -> str:
-    text = LONG_SEED
-    while len(session.tokenizer(text).input_ids) < n_tokens:
-        text += LONG_SEED
-    ids = session.tokenizer(text).input_ids[:n_tokens]
-    return session.tokenizer.decode(ids)
-
-
-def run_case(session: labkit.Session, prompt: str) -> dict[str, float]:
+def run_case(session: labkit.Session, prompt: str) -> dict:
     ids = session.encode(prompt)
-    model = session.model
 
-    def baseline() -> tuple[float, int]:
-        t0 = time.perf_counter()
+    def plain() -> int:
         with torch.inference_mode():
-            out = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 pad_token_id=session.tokenizer.eos_token_id)
-        return time.perf_counter() - t0, out.shape[1] - ids.shape[1]
+            out = session.model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                         pad_token_id=session.tokenizer.eos_token_id)
+        return out.shape[1] - ids.shape[1]
 
-    def instrumented() -> tuple[float, int]:
-        t0 = time.perf_counter()
+    def instrumented() -> int:
         trace = session.generate(prompt, max_new_tokens=NEW_TOKENS, top_k=10)
         trace.to_pandas()  # building the table is part of what a user pays for
-        return time.perf_counter() - t0, len(trace)
+        return len(trace)
 
-    baseline(), instrumented()  # warm-up
-    base_ms, lab_ms = [], []
-    for _ in range(REPEATS):
-        for fn, sink in ((baseline, base_ms), (instrumented, lab_ms)):
-            seconds, n = fn()
-            sink.append(seconds * 1e3 / n)
-    b, lab = statistics.median(base_ms), statistics.median(lab_ms)
-    return {"prompt_tokens": ids.shape[1], "new_tokens": NEW_TOKENS, "baseline_ms_per_token": round(b, 2),
-            "labkit_ms_per_token": round(lab, 2), "ratio": round(lab / b, 4),
-            "baseline_runs_ms": [round(x, 2) for x in base_ms], "labkit_runs_ms": [round(x, 2) for x in lab_ms]}
+    result = summary(interleaved({"model.generate": plain, "labkit": instrumented}), "model.generate")
+    return {"prompt_tokens": ids.shape[1], "new_tokens": NEW_TOKENS, **result}
 
 
 def main() -> None:
     cases = {}
     fp32 = labkit.Session(device="cpu", dtype="float32", progress=False)
     cases["float32 short prompt"] = run_case(fp32, SHORT)
-    cases["float32 1000-token prompt"] = run_case(fp32, long_prompt(fp32))
+    cases["float32 1000-token prompt"] = run_case(fp32, long_prompt(fp32.tokenizer))
     del fp32
     bf16 = labkit.Session(device="cpu", dtype="bfloat16", progress=False)
     cases["bfloat16 short prompt"] = run_case(bf16, SHORT)
     for name, c in cases.items():
-        print(f"{name:>28}: model.generate {c['baseline_ms_per_token']:7.2f} ms/token | labkit "
-              f"{c['labkit_ms_per_token']:7.2f} ms/token | ratio {c['ratio']:.3f} (target ≤ 1.03)")
+        print(f"{name:>28}: model.generate {c['model.generate']['ms_per_token']:7.2f} ms/token | labkit "
+              f"{c['labkit']['ms_per_token']:7.2f} ms/token | ratio {c['labkit']['ratio']:.3f} (target ≤ 1.03)")
     _results.write("decode", {"target_ratio": 1.03, "cases": cases})
 
 

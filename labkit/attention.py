@@ -31,32 +31,33 @@ _LN2 = math.log(2.0)
 class AttentionRow:
     """The current query's attention in every layer and head, at one decoding step."""
 
-    probs: torch.Tensor
-    """Shape (L, H, T_k): attention probabilities of the last query row (each row sums to 1)."""
     scores: torch.Tensor
-    """Shape (L, H, T_k): pre-softmax scores q·Kᵀ·scale (+ mask) of that row."""
+    """Shape (L, H, T_k): pre-softmax scores q·Kᵀ·scale (+ mask, −inf where masked) of the last query row."""
 
     def __post_init__(self) -> None:
-        if self.probs.ndim != 3 or self.probs.shape != self.scores.shape:
-            raise InvalidArgument(f"AttentionRow probs and scores must both have shape (L, H, T_k); got "
-                                  f"{tuple(self.probs.shape)} and {tuple(self.scores.shape)}")
+        if self.scores.ndim != 3:
+            raise InvalidArgument(f"AttentionRow.scores must have shape (L, H, T_k); got {tuple(self.scores.shape)}")
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Shape (L, H, T_k): attention probabilities softmax(scores) (each row sums to 1); computed on access."""
+        return torch.softmax(self.scores, dim=-1)
 
 
 class _Recorder:
-    """Per-layer slots filled by the capture function during one forward pass."""
+    """Per-layer slots filled by the capture function during one forward pass (scores only: probabilities are
+    a softmax away, taken when needed)."""
 
     def __init__(self, n_layers: int) -> None:
-        self.probs: list[torch.Tensor | None] = [None] * n_layers
         self.scores: list[torch.Tensor | None] = [None] * n_layers
 
     def take(self) -> AttentionRow:
-        if any(p is None for p in self.probs):
-            missing = [i for i, p in enumerate(self.probs) if p is None]
+        if any(s is None for s in self.scores):
+            missing = [i for i, s in enumerate(self.scores) if s is None]
             raise RuntimeError(f"attention capture missed layers {missing}: does this model use AttentionInterface?")
-        row = AttentionRow(torch.stack(self.probs), torch.stack(self.scores))  # type: ignore[arg-type]
-        self.probs = [None] * len(self.probs)
+        scores = torch.stack(self.scores)  # type: ignore[arg-type]  # (L, H, Tk)
         self.scores = [None] * len(self.scores)
-        return row
+        return AttentionRow(scores)
 
 
 _RECORDERS: dict[int, _Recorder] = {}  # id(model.config) -> recorder, only inside `capturing`
@@ -68,9 +69,9 @@ def _last_row_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor 
     """Pre-softmax scores of the last query row, shape (B, Hq, Tk), in float32."""
     b, hq, _, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
-    q = query[:, :, -1, :].float().reshape(b, hkv, hq // hkv, d)  # (B, Hkv, n_rep, D): heads grouped by KV head
     scale = d ** -0.5 if scaling is None else scaling
-    scores = (q @ key.float().transpose(-1, -2)).reshape(b, hq, tk) * scale  # (B, Hq, Tk)
+    q = (query[:, :, -1, :].float() * scale).view(b, hkv, hq // hkv, d)  # (B, Hkv, n_rep, D): grouped by KV head
+    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, hq, tk)  # (B, Hq, Tk)
     if mask is not None:
         last = mask[:, :, -1, :tk]  # (B, 1|H, Tk)
         scores = scores.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else scores + last.float()
@@ -87,9 +88,7 @@ def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                                     **kwargs)
     recorder = _RECORDERS.get(id(module.config))
     if recorder is not None:
-        scores = _last_row_scores(query, key, attention_mask, scaling)[0]  # (Hq, Tk)
-        recorder.scores[module.layer_idx] = scores
-        recorder.probs[module.layer_idx] = torch.softmax(scores, dim=-1)
+        recorder.scores[module.layer_idx] = _last_row_scores(query, key, attention_mask, scaling)[0]  # (Hq, Tk)
     return out, None
 
 
@@ -170,8 +169,7 @@ class AttentionMaps:
 
 def head_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Entropy (bits) of attention rows over the last dim (keys). Shape: leading dims."""
-    p = probs.float()
-    return -torch.where(p > 0, p * torch.log2(p.clamp_min(1e-30)), torch.zeros_like(p)).sum(-1)
+    return torch.special.entr(probs.float()).sum(-1) / _LN2  # entr(p) = −p ln p, 0 at p = 0
 
 
 @dataclass
@@ -199,12 +197,13 @@ class StepAttention:
 
 def step_metrics(row: AttentionRow) -> StepAttention:
     """Per-head entropy, varentropy across heads, agreement and interaction strength of one captured row."""
-    ent = head_entropy(row.probs)  # (L, H)
+    probs = row.probs  # (L, H, Tk)
+    ent = head_entropy(probs)  # (L, H)
     var = ent.var(dim=-1, unbiased=False).mean()  # across heads, then layers
-    mean_attn = row.probs.mean(dim=1, keepdim=True)  # (L, 1, Tk)
-    agreement = (row.probs - mean_attn).abs().mean()
-    finite = torch.isfinite(row.scores)
-    strength = row.scores.abs().where(finite, torch.zeros_like(row.scores)).sum() / finite.sum().clamp_min(1)
+    agreement = probs.sub_(probs.mean(dim=1, keepdim=True)).abs_().mean()  # in place: probs is a fresh tensor
+    magnitude = row.scores.abs()
+    masked = int(torch.isinf(magnitude).sum())  # masked keys (score −inf) are left out
+    strength = magnitude.nan_to_num_(posinf=0.0).sum() / max(1, magnitude.numel() - masked)
     return StepAttention(ent, float(var), float(agreement), float(strength))
 
 

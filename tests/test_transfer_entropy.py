@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -35,7 +36,7 @@ def test_exact_plug_in_value_on_a_deterministic_binary_example():
     y = np.r_[0.0, x[:-1]]
     r = transfer_entropy(x, y, bins=2, surrogates=50)
     # independent reference: H(y_{t+1} | y_t) from counts
-    pairs = list(zip(y[:-1], y[1:], strict=True))
+    pairs = list(itertools.pairwise(y))
     c, cy = Counter(pairs), Counter(p[0] for p in pairs)
     n = len(pairs)
     cond = -sum(v / n * math.log2(v / cy[a]) for (a, b), v in c.items())
