@@ -41,9 +41,14 @@ def run_case(session: labkit.Session, prompt: str) -> dict:
         assert trace.steps[-1].attention, "attention metrics missing"
         return len(trace)
 
-    times = interleaved({"model.generate": plain, "labkit capture": labkit_capture,
-                         "HF eager output_attentions": hf_eager_attentions})
-    return {"prompt_tokens": ids.shape[1], "new_tokens": NEW_TOKENS, **summary(times, "model.generate")}
+    # Two interleaved groups, each with its own plain baseline: HF eager + output_attentions allocates the full
+    # (layers, heads, T, T) maps (about 1 GB at 1,000 tokens) and freeing them slows whatever runs next.
+    lab = summary(interleaved({"model.generate": plain, "labkit capture": labkit_capture}), "model.generate")
+    hf = summary(interleaved({"model.generate": plain, "HF eager output_attentions": hf_eager_attentions}),
+                 "model.generate")
+    return {"prompt_tokens": ids.shape[1], "new_tokens": NEW_TOKENS, **lab,
+            "HF eager output_attentions": hf["HF eager output_attentions"],
+            "model.generate (HF group)": hf["model.generate"]}
 
 
 def main() -> None:

@@ -138,3 +138,12 @@ def test_capture_is_switched_off_after_an_error(session):
     assert session.model.config._attn_implementation == "sdpa"
     assert attention._RECORDERS == {}
     assert torch.equal(session.next_token(TEXT).logprobs, before)  # bit-identical afterwards
+
+
+def test_capture_needs_sdpa_and_names_the_problem():
+    import labkit
+
+    eager = labkit.Session(device="cpu", attn="eager", progress=False)
+    with pytest.raises(InvalidArgument, match="capture=\\['attention'\\] needs the session's attn='sdpa'"):
+        eager.generate("Once upon a time", max_new_tokens=2, capture=["attention"])
+    assert eager.generate("Once upon a time", max_new_tokens=2).token_ids

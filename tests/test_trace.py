@@ -18,7 +18,8 @@ def make_trace(n: int = 3) -> Trace:
     steps = [
         Step(index=i, position=5 + i, token_id=100 + i, token=["é", " tab\t", "🙂"][i % 3], logprob=-0.1 * i - 1e-17,
              entropy_bits=1.0 / 3 + i, varentropy_bits=0.1 + i / 7, top=[("a", 1, 0.5), ("b", 2, 1 / 3)],
-             time_ms=12.345678901234, sampler={"name": "classic", "temperature": 0.7, "kept": 12, "nested": [1, None]})
+             time_ms=12.345678901234, sampler={"name": "classic", "temperature": 0.7, "kept": 12, "nested": [1, None]},
+             attention={"entropy_bits": 1.25 + i, "agreement": 0.1}, captures={"attention": object()})
         for i in range(n)
     ]
     meta = TraceMeta(model="m", dtype="float32", device="cpu", sampler={"name": "classic", "temperature": 0.7},
@@ -37,10 +38,14 @@ def test_round_trip_is_lossless(tmp_path, suffix, n):
     assert back == t
     assert all(isinstance(a, Alternative) for s in back.steps for a in s.top)
     assert [s.time_ms for s in back.steps] == [s.time_ms for s in t.steps]  # exact floats
+    assert [s.attention for s in back.steps] == [s.attention for s in t.steps]
+    assert all(s.captures == {} for s in back.steps)  # raw captured tensors are not saved
 
 
 def test_arrow_schema_covers_every_step_field():
-    assert set(trace_mod._arrow_types()) == {f.name for f in dataclasses.fields(Step)}
+    saved = {f.name for f in dataclasses.fields(Step)} - set(trace_mod._NOT_SAVED)
+    assert saved == {f.name for f in dataclasses.fields(Step)} - {"captures"}  # only the raw tensors stay in memory
+    assert set(trace_mod._arrow_types()) == saved
 
 
 def test_to_pandas_has_one_row_per_step_with_units_in_names():
