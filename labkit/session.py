@@ -129,6 +129,8 @@ class Session:
                          "rank": int((d.logprobs > lp).sum()) + 1, "entropy_bits": d.entropy("bits")})
         return pd.DataFrame(rows)
 
+    compare_token_probabilities = compare  # the name seed 000 uses
+
     def attention(self, prompt: str, chat: bool = False) -> Any:
         """Full attention matrices of ``prompt``: AttentionMaps with probs of shape (L, H, T, T) (eager attention
         for this one call; the model is switched back afterwards)."""

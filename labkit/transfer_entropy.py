@@ -161,3 +161,13 @@ def token_influence(trace: Any, tokenizer: Any = None, k: int = 1, bins: int = 2
              "links": int(off.sum()), "significant_to_entropy": sum(t.significant for t in to_entropy)}
     tokens = [tokenizer.decode([i]) if tokenizer is not None else str(i) for i in trace.prompt_ids]
     return TokenInfluence(tokens, to_entropy, matrix, pvals, alpha, stats)
+
+
+def influential_tokens(trace: Any, top: int = 5, tokenizer: Any = None, **kwargs: Any
+                       ) -> list[tuple[int, str, float, float]]:
+    """The ``top`` prompt positions whose attention series carries the most transfer entropy (bias-corrected
+    bits) to the next-token entropy: (position, token, excess bits, p-value). ``kwargs`` go to
+    :func:`token_influence` (k, bins, surrogates, seed, alpha)."""
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise InvalidArgument(f"top must be a positive integer; got {top!r}")
+    return token_influence(trace, tokenizer, **kwargs).influential_tokens(top)

@@ -9,7 +9,7 @@ from labkit import attention, imaging
 from labkit.attention import attn_implementation
 from labkit.errors import InvalidArgument
 from labkit.sampling import Classic
-from labkit.transfer_entropy import token_influence
+from labkit.transfer_entropy import influential_tokens, token_influence
 
 TEXT = "The capital of France is Paris. It is a large city on the Seine."
 
@@ -32,6 +32,7 @@ def test_compare_token_probabilities(session):
     df = session.compare(["The capital of France is", "Paris is the capital of"], " Paris")
     assert df["prob"][0] == pytest.approx(session.next_token("The capital of France is").prob(" Paris"))
     assert df["rank"][0] == 1 and df["rank"][1] > 1
+    assert session.compare_token_probabilities(["The capital of France is"], " Paris")["prob"][0] == df["prob"][0]
 
 
 def test_captured_rows_equal_eager_output_attentions(session):
@@ -104,6 +105,11 @@ def test_token_influence_on_a_real_generation(session):
     assert ti.matrix.shape == (p, p) and ti.tokens[2] == " lighthouse"
     assert (ti.matrix >= 0).all() and (ti.p_values > 0).all() and (ti.p_values <= 1).all()
     assert len(ti.influential_tokens(3)) == 3
+    top = influential_tokens(t, top=3, tokenizer=session.tokenizer, surrogates=20)
+    assert top == ti.influential_tokens(3)  # same seeds: the module function is the method on a fresh analysis
+    assert [b for _, _, b, _ in top] == sorted((b for _, _, b, _ in top), reverse=True)
+    with pytest.raises(InvalidArgument, match="top must be a positive integer; got 0"):
+        influential_tokens(t, top=0)
     with pytest.raises(InvalidArgument, match="capture=\\['attention'\\]"):
         token_influence(session.generate("Hi there", max_new_tokens=5))
 
