@@ -196,14 +196,23 @@ class StepAttention:
 
 
 def step_metrics(row: AttentionRow) -> StepAttention:
-    """Per-head entropy, varentropy across heads, agreement and interaction strength of one captured row."""
-    probs = row.probs  # (L, H, Tk)
-    ent = head_entropy(probs)  # (L, H)
+    """Per-head entropy, varentropy across heads, agreement and interaction strength of one captured row.
+
+    Runs at every decoding step, so it makes few passes over the (L, H, T_k) scores: one log-softmax, and the
+    masked-key bookkeeping only when some key is masked (score −inf).
+    """
+    scores = row.scores.float()
+    logp = torch.log_softmax(scores, dim=-1)  # (L, H, Tk) nats, −inf at masked keys
+    probs = logp.exp()
+    ent = -(probs * logp.clamp(min=-1e30)).sum(-1) / _LN2  # (L, H) bits; 0·(−inf) := 0
     var = ent.var(dim=-1, unbiased=False).mean()  # across heads, then layers
     agreement = probs.sub_(probs.mean(dim=1, keepdim=True)).abs_().mean()  # in place: probs is a fresh tensor
-    magnitude = row.scores.abs()
-    masked = int(torch.isinf(magnitude).sum())  # masked keys (score −inf) are left out
-    strength = magnitude.nan_to_num_(posinf=0.0).sum() / max(1, magnitude.numel() - masked)
+    if bool(scores.min() > float("-inf")):
+        strength = scores.abs().mean()
+    else:  # masked keys are left out
+        magnitude = scores.abs()
+        masked = int(torch.isinf(magnitude).sum())
+        strength = magnitude.nan_to_num_(posinf=0.0).sum() / max(1, magnitude.numel() - masked)
     return StepAttention(ent, float(var), float(agreement), float(strength))
 
 
