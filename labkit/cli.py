@@ -82,6 +82,19 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
             click.echo(f"{rank:>4}  {tok!r:<20} {tid:>6}  {p:>7.4f}")
 
 
+def _print_steps(trace: Any) -> None:
+    """One row per token: token, p, entropy, varentropy, the sampler's branch (Entropix) and top alternatives."""
+    branch = any("branch" in st.sampler for st in trace.steps)
+    click.echo(f"{'step':>4}  {'token':<16} {'p':>6}  {'H bits':>6}  {'VH bits²':>8}  "
+               + (f"{'branch':<8}  " if branch else "") + "top alternatives")
+    for st in trace.steps:
+        alts = "  ".join(f"{a.token!r} {a.prob:.2f}" for a in st.top[:3])
+        b = f"{st.sampler.get('branch', ''):<8}  " if branch else ""
+        click.echo(f"{st.index:>4}  {st.token!r:<16} {st.prob:>6.3f}  {st.entropy_bits:>6.3f}  "
+                   f"{st.varentropy_bits:>8.3f}  {b}{alts}")
+    click.echo(f"[stop: {trace.stop_reason}; {len(trace)} tokens; seed {trace.meta.seed}]")
+
+
 @main.command("generate")
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=40, show_default=True, type=int)
@@ -91,36 +104,80 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
 @click.option("--top-k", default=0, show_default=True, type=int, help="Top-k truncation when sampling (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="Top-p truncation when sampling.")
 @click.option("--min-p", default=0.0, show_default=True, type=float, help="Min-p truncation when sampling.")
+@click.option("--sampler", "sampler_spec", default=None, help="Any sampler as a spec, e.g. 'entropix' or "
+              "'mirostat:tau=4' (instead of --temperature/--top-k/--top-p/--min-p).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
 @click.option("--show-steps", is_flag=True, help="One row per token: token, p, entropy, varentropy, top alternatives.")
 @click.option("--save", "save_path", default=None, help="Save the trace (.json or .parquet).")
 @model_options
 def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature: float | None, top_k: int,
-                 top_p: float, min_p: float, stop: tuple[str, ...], chat: bool, show_steps: bool,
-                 save_path: str | None, **model_kw: Any) -> None:
+                 top_p: float, min_p: float, sampler_spec: str | None, stop: tuple[str, ...], chat: bool,
+                 show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
     """Generate text after PROMPT and optionally show every step."""
-    from labkit.sampling import Classic
+    from labkit.sampling import Classic, parse_sampler
 
     with _errors():
         sampling = temperature is not None or top_k or top_p != 1.0 or min_p
+        if sampler_spec is not None and sampling:
+            raise InvalidArgument("--sampler cannot be combined with --temperature/--top-k/--top-p/--min-p")
         sampler = Classic(temperature=1.0 if temperature is None else temperature, top_k=top_k, top_p=top_p,
                           min_p=min_p) if sampling else None
+        if sampler_spec is not None:
+            sampler = parse_sampler(sampler_spec)
         if save_path is not None:  # fail on a bad suffix before spending time on the model
             format_of(Path(save_path))
         s = _session(**model_kw)
         trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                            stop=list(stop) or None, chat=chat)
         if show_steps:
-            click.echo(f"{'step':>4}  {'token':<16} {'p':>6}  {'H bits':>6}  {'VH bits²':>8}  top alternatives")
-            for st in trace.steps:
-                alts = "  ".join(f"{a.token!r} {a.prob:.2f}" for a in st.top[:3])
-                click.echo(f"{st.index:>4}  {st.token!r:<16} {st.prob:>6.3f}  {st.entropy_bits:>6.3f}  "
-                           f"{st.varentropy_bits:>8.3f}  {alts}")
-            click.echo(f"[stop: {trace.stop_reason}; {len(trace)} tokens; seed {trace.meta.seed}]")
+            _print_steps(trace)
         click.echo(trace.prompt + trace.text)
         if save_path is not None:
             click.echo(f"saved {trace.save(save_path)}", err=True)
+
+
+@main.command("compare")
+@click.argument("prompt")
+@click.option("--sampler", "samplers", multiple=True, help="A sampler spec (repeatable), e.g. greedy, "
+              "'classic:temperature=0.7,top_p=0.9', entropix, entropy_guided, 'mirostat:tau=4'. "
+              "Default: greedy, classic:temperature=0.7,top_p=0.9 and entropix.")
+@click.option("--max-new-tokens", default=40, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for every sampler's draws.")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--show-steps", is_flag=True, help="Also one row per token for each sampler.")
+@model_options
+def compare_cmd(prompt: str, samplers: tuple[str, ...], max_new_tokens: int, seed: int, chat: bool,
+                show_steps: bool, **model_kw: Any) -> None:
+    """Each sampler's continuation of PROMPT with its mean entropy and surprisal (bits), and Entropix branches."""
+    import math
+    from collections import Counter
+
+    from labkit.sampling import label, parse_sampler
+
+    with _errors():
+        chosen = [parse_sampler(spec) for spec in samplers or DEFAULT_COMPARE]  # all checked before loading
+        s = _session(**model_kw)
+        summary = []
+        for sampler in chosen:
+            trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
+            n = max(1, len(trace))
+            ent = sum(st.entropy_bits for st in trace.steps) / n
+            sur = -sum(st.logprob for st in trace.steps) / n / math.log(2)
+            branches = Counter(st.sampler["branch"] for st in trace.steps if "branch" in st.sampler)
+            summary.append((label(sampler), ent, sur, len(trace), branches))
+            click.echo(f"== {label(sampler)} ==")
+            if show_steps:
+                _print_steps(trace)
+            click.echo(trace.prompt + trace.text + "\n")
+        width = max(len(row[0]) for row in summary)
+        click.echo(f"{'sampler':<{width}}  {'tokens':>6}  {'mean H bits':>11}  {'mean surprisal bits':>19}  branches")
+        for name, ent, sur, n, branches in summary:
+            b = " ".join(f"{k} {v}" for k, v in sorted(branches.items()))
+            click.echo(f"{name:<{width}}  {n:>6}  {ent:>11.3f}  {sur:>19.3f}  {b}")
+
+
+DEFAULT_COMPARE = ("greedy", "classic:temperature=0.7,top_p=0.9", "entropix")
 
 
 @main.command("info")

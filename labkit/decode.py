@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from labkit import attention, info
 from labkit.sampling.base import Sampler
+from labkit.sampling.measure import sampling_info_of
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
 
@@ -60,21 +61,24 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
-    ``Step.captures``) and its summary metrics (``Step.attention``).
+    ``Step.captures``) and its summary metrics (``Step.attention``). Captures the sampler ``needs`` are switched
+    on too and handed to ``sampler.observe``; they are stored in the Step only when asked for in ``capture``.
+    ``Step.sampler`` holds the sampler's record and the SamplingInfo of the step (entropy before/after, bits).
 
     Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each token), or
     KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
     """
     token_text = token_text or TokenTexts(tokenizer)
     stop_event = stop_event or threading.Event()
-    sampler.reset()
+    sampler.reset(tokenizer)
+    active = set(capture) | set(sampler.needs)
     cache = DynamicCache(config=model.config)
     ids = prompt_ids  # (1, T)
     inputs = prompt_ids  # (1, T) for the prefill, then (1, 1)
     reason = "stopped"  # if the consumer closes the iterator early
     try:
         with torch.inference_mode(), contextlib.ExitStack() as scope:
-            recorder = scope.enter_context(attention.capturing(model)) if "attention" in capture else None
+            recorder = scope.enter_context(attention.capturing(model)) if "attention" in active else None
             for index in range(rules.max_new_tokens):
                 if stop_event.is_set():
                     reason = "stopped"
@@ -85,6 +89,9 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 logp = info.log_probs(logits)  # (1, V) nats
                 entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (1,), (1,)
                 top_lp, top_ids = logp.topk(top_k, dim=-1)  # (1, k)
+                captured = {"attention": recorder.take()} if recorder is not None else {}  # row: (L, H, T + index)
+                if sampler.needs:
+                    sampler.observe({k: captured[k] for k in sampler.needs})
                 scores = sampler(ids, logits)  # (1, V)
                 token = sampler.draw(scores, generator)  # (1,)
                 tid = int(token)
@@ -93,12 +100,11 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     logprob=float(logp[0, tid]), entropy_bits=float(entropy), varentropy_bits=float(varentropy),
                     top=[(token_text(i), i, p) for i, p in zip(top_ids[0].tolist(), top_lp[0].exp().tolist(),
                                                                  strict=True)],
-                    time_ms=0.0, sampler=sampler.record(scores),
+                    time_ms=0.0, sampler={**sampler.record(scores), **sampling_info_of(logits, scores).as_dict()},
                 )
-                if recorder is not None:
-                    row = recorder.take()  # (L, H, T + index)
-                    step.captures["attention"] = row
-                    step.attention = attention.step_metrics(row).summary()
+                if "attention" in capture:
+                    step.captures["attention"] = captured["attention"]
+                    step.attention = attention.step_metrics(captured["attention"]).summary()
                 inputs = token.view(1, 1).to(ids.device)  # (1, 1)
                 ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
                 step.time_ms = (time.perf_counter() - t0) * 1e3

@@ -7,7 +7,7 @@ import datetime as _dt
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -181,19 +181,24 @@ class Session:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
-                 capture: Sequence[str] = (), top_k: int = 10) -> Trace:
+                 capture: Sequence[str] = (), top_k: int = 10,
+                 on_step: Callable[[Step], None] | None = None) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
         when None); ``stop`` takes strings and/or token ids (EOS always stops); ``chat`` applies the chat
         template; ``top_k`` alternatives are recorded per step. :meth:`stop` or KeyboardInterrupt end the
-        generation between tokens and return the partial Trace.
+        generation between tokens and return the partial Trace. ``on_step(step)`` is called after every step (a
+        place to move sliders: sampler parameters are read afresh at each step).
         """
+        if on_step is not None and not callable(on_step):
+            raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
                           capture=capture, top_k=top_k)
         try:
-            for _ in gen:
-                pass
+            for step in gen:
+                if on_step is not None:
+                    on_step(step)
         except KeyboardInterrupt:  # arrived between two steps rather than inside the loop
             gen.close()
             gen.trace.stop_reason = "interrupted"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from labkit.errors import InvalidArgument
-from labkit.sampling import Classic, Greedy
+from labkit.sampling import Classic, Greedy, sampling_info
 
 PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
 LOGITS = PROBS.log()
@@ -19,11 +19,12 @@ def kept_probs(sampler) -> list[float]:
     return torch.softmax(sampler(IDS, LOGITS), -1)[0].tolist()
 
 
-def test_greedy_is_argmax_and_leaves_scores_alone():
+def test_greedy_keeps_only_the_argmax():
     g = Greedy()
-    assert torch.equal(g(IDS, LOGITS), LOGITS)
+    assert kept_probs(g) == [0, 0, 0, 1.0]
+    assert torch.equal(LOGITS, PROBS.log())  # the caller's scores are untouched
     assert g.draw(LOGITS, None).tolist() == [3]
-    assert g.record(LOGITS) == {}
+    assert g.record(LOGITS) == {"name": "greedy"}
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -78,8 +79,8 @@ def test_live_parameter_change_is_validated_and_used():
     assert c.temperature == 1.0
     c.top_k = 1
     assert kept_probs(c) == pytest.approx([0, 0, 0, 1.0])
-    assert c.record(c(IDS, LOGITS))["kept"] == 1
-    assert c.config() == {"name": "classic", "temperature": 1.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0}
+    assert sampling_info(LOGITS, c).kept == 1
+    assert c.config() == {"name": "classic", "temperature": 1.0, "top_k": 1}  # the knobs that are on
 
 
 def test_classic_plugs_into_transformers_generate(session):

@@ -1,5 +1,14 @@
-"""Samplers: transformers-style logits processors with a seeded draw."""
+"""Samplers: transformers-style logits processors with a seeded draw, and tools to compare them."""
 
-from labkit.sampling.base import Classic, Greedy, Sampler
+from labkit.sampling.base import Classic, Greedy, Sampler, TopNSigmaLogitsWarper, check_param
+from labkit.sampling.entropix import Entropix, EntropixConfig
+from labkit.sampling.guided import EntropyGuided
+from labkit.sampling.measure import SamplingInfo, sampling_info, sampling_info_of
+from labkit.sampling.mirostat import Mirostat
 
-__all__ = ["Classic", "Greedy", "Sampler"]
+__all__ = ["Classic", "Entropix", "EntropixConfig", "EntropyGuided", "Greedy", "Mirostat", "Sampler",
+           "SamplingInfo", "TopNSigmaLogitsWarper", "check_param", "sampling_info", "sampling_info_of"]
+
+from labkit.sampling.compare import SAMPLERS, distinct_n, evaluate, label, parse_sampler, repetition_rate  # noqa: E402
+
+__all__ += ["SAMPLERS", "distinct_n", "evaluate", "label", "parse_sampler", "repetition_rate"]

@@ -14,20 +14,81 @@ from typing import Any, ClassVar
 import torch
 from transformers import LogitsProcessor
 from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 from labkit.errors import InvalidArgument
 
 
+# -- parameter ranges, shared by every sampler (the live-slider rule: checked on every assignment) ----------
+
+_RANGES: dict[str, tuple[str, Any]] = {
+    # name: (allowed range as shown to the user, predicate on a float)
+    "temperature": ("> 0 (use sampler=None for greedy)", lambda v: v > 0),
+    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "min_p": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "typical_p": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "epsilon_cutoff": ("in [0, 1) (0 disables it)", lambda v: 0 <= v < 1),
+    "eta_cutoff": ("in [0, 1) (0 disables it)", lambda v: 0 <= v < 1),
+    "top_n_sigma": ("≥ 0 (0 disables it)", lambda v: v >= 0),
+    "entropy_weight": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "min_entropy": ("≥ 0 bits", lambda v: v >= 0),
+    "tau": ("> 0 bits", lambda v: v > 0),
+    "eta": ("in (0, 1]", lambda v: 0 < v <= 1),
+}
+_INT_RANGES: dict[str, tuple[str, Any]] = {
+    "top_k": ("an integer ≥ 0 (0 disables it)", lambda v: v >= 0),
+    "n_candidates": ("an integer ≥ 1", lambda v: v >= 1),
+}
+
+
+def check_param(key: str, value: Any) -> Any:
+    """Validate one sampler parameter by its name; return it normalised (float or int), or raise
+    InvalidArgument naming the parameter, the value and the allowed range. Unknown names pass through."""
+    if key in _INT_RANGES:
+        allowed, ok = _INT_RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+            raise InvalidArgument(f"{key} must be {allowed}; got {value!r}")
+        return value
+    if key in _RANGES:
+        allowed, ok = _RANGES[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise InvalidArgument(f"{key} must be a number {allowed}; got {value!r}")
+        if not ok(float(value)):
+            raise InvalidArgument(f"{key} must be {allowed}; got {value!r}")
+        return float(value)
+    return value
+
+
+def keep_only(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Scores with −inf wherever ``keep`` (bool, same shape or broadcastable) is False; a new tensor."""
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def argmax_only(scores: torch.Tensor) -> torch.Tensor:
+    """Shape (B, V): 0 at each row's argmax, −inf elsewhere (a one-hot distribution)."""
+    out = torch.full_like(scores, float("-inf"))
+    return out.scatter_(-1, scores.argmax(dim=-1, keepdim=True), 0.0)
+
+
 class Sampler(LogitsProcessor):
-    """Base class: turns raw logits into processed scores, then draws a token."""
+    """Base class: turns raw logits into processed scores, then draws a token.
+
+    The decoding loop calls, per generation, ``reset(tokenizer)``; per step, ``observe(captures)`` (what the
+    loop captured, e.g. ``{"attention": AttentionRow}`` when the sampler ``needs`` it), then
+    ``__call__(input_ids, logits)``, ``draw(scores, generator)`` and ``record(scores)``.
+    """
 
     name: ClassVar[str] = "sampler"
     params: ClassVar[tuple[str, ...]] = ()
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Captures the decoding loop must switch on for this sampler (e.g. ``{"attention"}``)."""
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key in self.params:
@@ -36,10 +97,13 @@ class Sampler(LogitsProcessor):
 
     def validate(self, key: str, value: Any) -> Any:
         """Check one parameter; return the (normalised) value or raise InvalidArgument."""
-        return value
+        return check_param(key, value)
 
-    def reset(self) -> None:
+    def reset(self, tokenizer: Any = None) -> None:
         """Clear per-generation state (called by the decoding loop before a generation)."""
+
+    def observe(self, captures: dict[str, Any]) -> None:
+        """Receive this step's captures before ``__call__`` (only what ``needs`` asked for)."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Shape (B, V) -> (B, V): the scores to draw from (a new tensor; ``scores`` is not modified)."""
@@ -51,8 +115,9 @@ class Sampler(LogitsProcessor):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
     def record(self, scores: torch.Tensor) -> dict[str, Any]:
-        """What the sampler did at the step whose processed scores are ``scores`` (stored in Step.sampler)."""
-        return {}
+        """What the sampler did at the step whose processed scores are ``scores`` (stored in Step.sampler):
+        by default its name and parameters."""
+        return self.config()
 
     def config(self) -> dict[str, Any]:
         """Name and current parameters (stored in Trace metadata)."""
@@ -64,52 +129,68 @@ class Sampler(LogitsProcessor):
 
 
 class Greedy(Sampler):
-    """Always the most probable token (``sampler=None`` means this)."""
+    """Always the most probable token (``sampler=None`` means this). Its processed scores keep only the argmax,
+    so it also works as a ``model.generate`` logits processor."""
 
     name = "greedy"
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return argmax_only(scores)
 
     def draw(self, scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return scores.argmax(dim=-1)
 
 
-def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise InvalidArgument(f"{key} must be a number; got {value!r}")
-    return float(value)
+class TopNSigmaLogitsWarper(LogitsProcessor):
+    """Top-nσ (Tang et al., 2024): keep the tokens whose logit is ≥ max − n·σ, σ the standard deviation of the
+    row's finite logits. Invariant to temperature (both sides scale alike). transformers has no such warper."""
+
+    def __init__(self, n: float) -> None:
+        self.n = n
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        x = scores.float().where(torch.isfinite(scores), torch.nan)  # (B, V); −inf (already removed) left out
+        mean = x.nanmean(dim=-1, keepdim=True)
+        sigma = (x - mean).square().nanmean(dim=-1, keepdim=True).sqrt()  # population std, (B, 1)
+        return keep_only(scores, scores >= x.nan_to_num(nan=float("-inf")).amax(-1, keepdim=True) - self.n * sigma)
 
 
 class Classic(Sampler):
-    """Temperature, then top-k, top-p and min-p truncation (transformers' warpers), then a seeded draw.
+    """The transformers ``GenerationConfig`` sampling knobs, on transformers' own warpers, then a seeded draw.
 
-    ``temperature`` > 0; ``top_k`` ≥ 0 (0 = off); ``top_p`` in (0, 1] (1 = off); ``min_p`` in [0, 1) (0 = off).
+    Applied in transformers' order: temperature, top-k, top-p, min-p, typical, epsilon, eta; top-nσ (which
+    transformers lacks) comes first, on the raw logits, as in its paper. ``temperature`` > 0; ``top_k`` ≥ 0
+    (0 = off); ``top_p``, ``typical_p`` in (0, 1] (1 = off); ``min_p``, ``epsilon_cutoff``, ``eta_cutoff`` in
+    [0, 1) (0 = off; min-p is relative to the top probability); ``top_n_sigma`` ≥ 0 (0 = off).
     """
 
     name = "classic"
-    params = ("temperature", "top_k", "top_p", "min_p")
+    params = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_n_sigma")
 
-    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> None:
+    def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
+                 top_n_sigma: float = 0.0) -> None:
         self.temperature = temperature
         self.top_k = top_k
         self.top_p = top_p
         self.min_p = min_p
+        self.typical_p = typical_p
+        self.epsilon_cutoff = epsilon_cutoff
+        self.eta_cutoff = eta_cutoff
+        self.top_n_sigma = top_n_sigma
 
-    def validate(self, key: str, value: Any) -> Any:
-        if key == "top_k":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InvalidArgument(f"top_k must be an integer ≥ 0 (0 disables it); got {value!r}")
-            return value
-        v = _number(key, value)
-        if key == "temperature" and not v > 0:
-            raise InvalidArgument(f"temperature must be > 0 (use sampler=None for greedy); got {value!r}")
-        if key == "top_p" and not 0 < v <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1]; got {value!r}")
-        if key == "min_p" and not 0 <= v < 1:
-            raise InvalidArgument(f"min_p must be in [0, 1); got {value!r}")
-        return v
+    def config(self) -> dict[str, Any]:
+        """Name and the parameters that are switched on (the defaults that do nothing are left out)."""
+        off = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
+               "eta_cutoff": 0.0, "top_n_sigma": 0.0}
+        on = {p: getattr(self, p) for p in self.params if p == "temperature" or getattr(self, p) != off[p]}
+        return {"name": self.name, **on}
 
     def warpers(self) -> list[LogitsProcessor]:
-        """The transformers warpers for the current parameters, in application order."""
+        """The warpers for the current parameters, in application order."""
         chain: list[LogitsProcessor] = []
+        if self.top_n_sigma > 0:
+            chain.append(TopNSigmaLogitsWarper(self.top_n_sigma))
         if self.temperature != 1.0:
             chain.append(TemperatureLogitsWarper(self.temperature))
         if self.top_k > 0:
@@ -118,6 +199,12 @@ class Classic(Sampler):
             chain.append(TopPLogitsWarper(self.top_p))
         if self.min_p > 0.0:
             chain.append(MinPLogitsWarper(self.min_p))
+        if self.typical_p < 1.0:
+            chain.append(TypicalLogitsWarper(self.typical_p))
+        if self.epsilon_cutoff > 0.0:
+            chain.append(EpsilonLogitsWarper(self.epsilon_cutoff))
+        if self.eta_cutoff > 0.0:
+            chain.append(EtaLogitsWarper(self.eta_cutoff))
         return chain
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -126,6 +213,3 @@ class Classic(Sampler):
             out = warper(input_ids, out)
         return out
 
-    def record(self, scores: torch.Tensor) -> dict[str, Any]:
-        kept = int(torch.isfinite(scores).sum())
-        return {**self.config(), "kept": kept}

@@ -1,0 +1,121 @@
+"""Compare samplers: build them from short specs, and evaluate them on many prompts.
+
+Spec syntax (CLI ``--sampler`` and :func:`parse_sampler`): ``name`` or ``name:key=value,key=value``, e.g.
+``greedy``, ``classic:temperature=0.7,top_p=0.9``, ``mirostat:tau=4``, ``entropy_guided``, ``entropix:temperature=0.5``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from labkit.errors import InvalidArgument
+from labkit.sampling.base import Classic, Greedy, Sampler
+from labkit.sampling.entropix import Entropix
+from labkit.sampling.guided import EntropyGuided
+from labkit.sampling.mirostat import Mirostat
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "greedy": Greedy, "classic": Classic, "mirostat": Mirostat, "entropy_guided": EntropyGuided, "entropix": Entropix,
+}
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_sampler(spec: str) -> Sampler:
+    """A sampler from ``name[:key=value,...]`` (names: see ``SAMPLERS``; ``-`` and ``_`` are the same)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgument(f"sampler spec must be a string like 'classic:temperature=0.7'; got {spec!r}")
+    name, _, args = spec.strip().partition(":")
+    key = name.strip().lower().replace("-", "_")
+    if key not in SAMPLERS:
+        raise InvalidArgument(f"sampler {name!r} is unknown; choose from {sorted(SAMPLERS)}")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise InvalidArgument(f"sampler setting {item!r} in {spec!r} must look like key=value")
+        kwargs[k.strip()] = _value(v.strip())
+    try:
+        return SAMPLERS[key](**kwargs)
+    except TypeError as e:
+        raise InvalidArgument(f"sampler {key!r} does not take {sorted(kwargs)}: {e}") from None
+
+
+def label(sampler: Sampler) -> str:
+    """A short display name: the name and the settings that differ from the defaults."""
+    cfg = sampler.config()
+    defaults = type(sampler)().config() if not isinstance(sampler, Entropix) else Entropix().config()
+    changed = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items()
+                       if k != "name" and defaults.get(k) != v)
+    return f"{cfg['name']}:{changed}" if changed else cfg["name"]
+
+
+# -- text-quality measures on token ids ---------------------------------------------------------------------
+
+def _ngrams(ids: Sequence[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+
+
+def distinct_n(generations: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct-n (Li et al., 2016): unique n-grams / all n-grams over all generations (token ids); nan if none."""
+    grams = [g for ids in generations for g in _ngrams(ids, n)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def repetition_rate(ids: Sequence[int], n: int = 4) -> float:
+    """seq-rep-n (Welleck et al., 2019): 1 − unique n-grams / n-grams of one generation; 0 = no repeated n-gram."""
+    grams = _ngrams(ids, n)
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | str], seeds: Sequence[int] = (0,),
+             max_new_tokens: int = 32, chat: bool = False) -> Any:
+    """Generate from every prompt with every sampler and seed; one DataFrame row per sampler with:
+
+    ``perplexity`` of its own output under the model (exp of the mean −log p of the generated tokens, p from the
+    raw logits), ``distinct_1``/``distinct_2`` over all its outputs, ``repetition_rate`` (mean seq-rep-4),
+    ``mean_entropy_bits`` and ``mean_surprisal_bits`` per token, ``tokens`` generated, ``generations``; for
+    Entropix also ``branches`` (counts per branch).
+    """
+    import math
+
+    import pandas as pd
+
+    if isinstance(prompts, str) or not prompts:
+        raise InvalidArgument("prompts must be a non-empty list of strings")
+    if isinstance(samplers, (str, Sampler)) or not samplers:
+        raise InvalidArgument("samplers must be a non-empty list of samplers or specs")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise InvalidArgument(f"seeds must be a non-empty list of integers; got {seeds!r}")
+    rows = []
+    for spec in samplers:
+        sampler = parse_sampler(spec) if isinstance(spec, str) else spec
+        outputs, logprobs, entropies, branches = [], [], [], Counter()
+        for prompt in prompts:
+            for seed in seeds:
+                t = session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
+                outputs.append(t.token_ids)
+                logprobs += [s.logprob for s in t.steps]
+                entropies += [s.entropy_bits for s in t.steps]
+                branches.update(s.sampler["branch"] for s in t.steps if "branch" in s.sampler)
+        n = len(logprobs)
+        row = {"sampler": label(sampler),
+               "perplexity": math.exp(-sum(logprobs) / n) if n else float("nan"),
+               "distinct_1": distinct_n(outputs, 1), "distinct_2": distinct_n(outputs, 2),
+               "repetition_rate": sum(repetition_rate(o) for o in outputs) / len(outputs),
+               "mean_entropy_bits": sum(entropies) / n if n else float("nan"),
+               "mean_surprisal_bits": -sum(logprobs) / n / math.log(2) if n else float("nan"),
+               "tokens": n, "generations": len(outputs)}
+        if branches:
+            row["branches"] = dict(sorted(branches.items()))
+        rows.append(row)
+    return pd.DataFrame(rows)
