@@ -64,6 +64,9 @@ def test_info(run):
     (["next", "x", "--attn", "xformers", "--device", "cpu"], "attn='xformers' runs only on CUDA"),
     (["next", "x", "--top", "0"], "Invalid value for '--top'"),
     (["generate"], "Missing argument 'PROMPT'"),
+    (["compare", "x", "--sampler", "nucleus"], "sampler 'nucleus' is unknown; choose from"),
+    (["compare", "x", "--sampler", "classic:top_p=2"], "top_p must be in (0, 1]; got 2"),
+    (["generate", "x", "--sampler", "entropix", "--top-k", "3"], "--sampler cannot be combined"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, match):
     import torch
@@ -73,10 +76,32 @@ def test_bad_arguments_exit_2_with_one_line(args, match):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2, r.output
     assert match in r.output
-    if match.startswith(("max_new", "temperature", "must end", "prompt", "dtype", "CUDA", "attn")):
+    if match.startswith(("max_new", "temperature", "must end", "prompt", "dtype", "CUDA", "attn", "sampler", "top_p",
+                         "--sampler")):
         assert len(r.output.strip().splitlines()) == 1
 
 
 def test_unknown_model_folder_exits_1(tmp_path):
     r = CliRunner().invoke(main, ["next", "x", "--model", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+def test_compare_shows_each_sampler_and_entropix_branches(run):
+    r = run("compare", "The capital of France is", "--max-new-tokens", "6", "--sampler", "greedy",
+            "--sampler", "classic:temperature=0.7,top_p=0.9", "--sampler", "entropix", "--seed", "0", "--show-steps")
+    out = r.stdout
+    for name in ("== greedy ==", "== classic:temperature=0.7,top_p=0.9 ==", "== entropix =="):
+        assert name in out
+    table = out[out.index("sampler "):].splitlines()
+    assert [row.split()[0] for row in table[1:]] == ["greedy", "classic:temperature=0.7,top_p=0.9", "entropix"]
+    branches = table[3].split()[4:]  # "LEHV 4 ADAPTIVE 2"-style pairs that add up to the tokens
+    assert sum(int(n) for n in branches[1::2]) == int(table[3].split()[1]) == 6
+    assert "branch" in out  # the --show-steps table of entropix has its branch column
+    one = run("compare", "Once upon a time", "--max-new-tokens", "5", "--sampler", "entropix").stdout
+    assert one == run("compare", "Once upon a time", "--max-new-tokens", "5", "--sampler", "entropix").stdout  # seed 0
+
+
+def test_generate_takes_any_sampler_spec(run):
+    r = run("generate", "The capital of France is", "--max-new-tokens", "5", "--sampler", "mirostat:tau=3",
+            "--seed", "1", "--show-steps")
+    assert r.exit_code == 0 and r.stdout.count("\n") > 6

@@ -74,7 +74,7 @@ def test_the_branch_entropies_match_their_closed_form(top, n_rest):
     assert (m.entropy, m.varentropy) == (pytest.approx(h, rel=1e-4), pytest.approx(v, rel=1e-3))
 
 
-def M(h, v, ae=2.0, av=0.5, ag=0.1, s=1.0) -> EntropixMetrics:  # noqa: N802
+def M(h, v, ae=2.0, av=0.5, ag=0.1, s=1.0) -> EntropixMetrics:
     return EntropixMetrics(h, v, ae, av, ag, s)
 
 

@@ -71,13 +71,18 @@ def test_loop_metrics_equal_a_plain_forward_on_the_same_ids(session):
         assert s.entropy_bits == pytest.approx(-(p * row).sum().item() / 0.6931471805599453, abs=1e-3)
         assert [a.token_id for a in s.top] == row.topk(5).indices.tolist()
         assert s.sampler["temperature"] == 1.3 and s.sampler["kept"] == session.info.vocab_size
+        hot = torch.log_softmax(row / 1.3, -1)  # the sampler's distribution, recomputed
+        assert s.sampler["entropy_after_bits"] == pytest.approx(-(hot.exp() * hot).sum().item() / 0.6931471805599453,
+                                                                abs=1e-3)
 
 
 def test_step_fields_and_meta(session):
     t = session.generate(PROMPT, max_new_tokens=3)
     s = t.steps[0]
     assert s.token == " Paris" and s.prob == pytest.approx(0.7725, abs=0.01) and len(s.top) == 10
-    assert s.sampler == {} and s.time_ms > 0
+    assert s.sampler["name"] == "greedy" and s.time_ms > 0
+    assert (s.sampler["kept"], s.sampler["entropy_after_bits"], s.sampler["top_prob_after"]) == (1, 0.0, 1.0)
+    assert s.sampler["entropy_before_bits"] == pytest.approx(s.entropy_bits, abs=1e-6)
     assert t.meta.model == "SmolLM2-135M-Instruct" and t.meta.dtype == "float32" and t.meta.device == "cpu"
     assert t.meta.sampler == {"name": "greedy"} and t.meta.labkit_version == labkit.__version__
     assert t.prompt == PROMPT and t.prompt_ids == session.tokenizer.encode(PROMPT)

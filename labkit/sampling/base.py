@@ -25,7 +25,6 @@ from transformers.generation.logits_process import (
 
 from labkit.errors import InvalidArgument
 
-
 # -- parameter ranges, shared by every sampler (the live-slider rule: checked on every assignment) ----------
 
 _RANGES: dict[str, tuple[str, Any]] = {
