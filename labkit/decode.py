@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from labkit import attention, info
+from labkit.interventions.base import InterventionContext, TokenIntervention
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import sampling_info_of
 from labkit.tokens import TokenTexts
@@ -57,13 +58,16 @@ class StopRules:
 def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, sampler: Sampler,
            rules: StopRules, *, generator: torch.Generator | None = None,
            stop_event: threading.Event | None = None, top_k: int = 10,
-           token_text: TokenTexts | None = None, capture: Sequence[str] = ()) -> Iterator[Step]:
+           token_text: TokenTexts | None = None, capture: Sequence[str] = (),
+           interventions: Sequence[TokenIntervention] = (), session: Any = None) -> Iterator[Step]:
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
     ``Step.captures``) and its summary metrics (``Step.attention``). Captures the sampler ``needs`` are switched
     on too and handed to ``sampler.observe``; they are stored in the Step only when asked for in ``capture``.
     ``Step.sampler`` holds the sampler's record and the SamplingInfo of the step (entropy before/after, bits).
+    Token-level ``interventions`` edit each step's logits in order, after the metrics and before the sampler
+    (their context holds ``session``); ``capture=["logits"]`` keeps those edited logits, shape (V,), per Step.
 
     Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each token), or
     KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
@@ -90,6 +94,14 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (1,), (1,)
                 top_lp, top_ids = logp.topk(top_k, dim=-1)  # (1, k)
                 captured = {"attention": recorder.take()} if recorder is not None else {}  # row: (L, H, T + index)
+                changed: list[str] = []
+                if interventions:
+                    ctx = InterventionContext(index, trace.token_ids, trace.prompt_ids, session)
+                    for item in interventions:
+                        edited = item.apply(logits, ctx)
+                        if not torch.equal(edited, logits):
+                            changed.append(item.describe())
+                        logits = edited
                 if sampler.needs:
                     sampler.observe({k: captured[k] for k in sampler.needs})
                 scores = sampler(ids, logits)  # (1, V)
@@ -101,7 +113,10 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     top=[(token_text(i), i, p) for i, p in zip(top_ids[0].tolist(), top_lp[0].exp().tolist(),
                                                                  strict=True)],
                     time_ms=0.0, sampler={**sampler.record(scores), **sampling_info_of(logits, scores).as_dict()},
+                    interventions=changed,
                 )
+                if "logits" in capture:
+                    step.captures["logits"] = logits[0]
                 if "attention" in capture:
                     step.captures["attention"] = captured["attention"]
                     step.attention = attention.step_metrics(captured["attention"]).summary()

@@ -14,11 +14,12 @@ import torch
 
 from labkit import __version__, decode, info, models
 from labkit.errors import InvalidArgument, SessionBusy
+from labkit.interventions.base import activated, check_interventions
 from labkit.sampling.base import Greedy, Sampler
 from labkit.tokens import TokenTexts, token_id
 from labkit.trace import Distribution, Score, Step, Trace, TraceMeta
 
-CAPTURES: tuple[str, ...] = ("attention",)
+CAPTURES: tuple[str, ...] = ("attention", "logits")
 """Extra per-step captures ``generate(capture=...)`` accepts."""
 
 
@@ -40,6 +41,7 @@ class Session:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._texts = TokenTexts(self.tokenizer)
+        self._scoped: list[Any] = []  # token-level interventions of open `intervene` scopes, outermost first
         eos = self.model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if self.tokenizer.eos_token_id is not None:
@@ -152,7 +154,7 @@ class Session:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
-               capture: Sequence[str] = (), top_k: int = 10) -> Generation:
+               capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = ()) -> Generation:
         """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all).
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
@@ -162,6 +164,10 @@ class Session:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.info.vocab_size:
             raise InvalidArgument(f"top_k must be an integer in [1, {self.info.vocab_size}]; got {top_k!r}")
         sampler = _check_sampler(sampler)
+        interventions = check_interventions(interventions)
+        with self._exclusive():
+            for item in interventions:
+                item.bind(self)  # errors (bad layer, token text) surface here, before the first step
         if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
             raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -177,24 +183,25 @@ class Session:
         trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
-        return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture))
+        return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
-                 capture: Sequence[str] = (), top_k: int = 10,
+                 capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                  on_step: Callable[[Step], None] | None = None) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
         when None); ``stop`` takes strings and/or token ids (EOS always stops); ``chat`` applies the chat
-        template; ``top_k`` alternatives are recorded per step. :meth:`stop` or KeyboardInterrupt end the
-        generation between tokens and return the partial Trace. ``on_step(step)`` is called after every step (a
-        place to move sliders: sampler parameters are read afresh at each step).
+        template; ``top_k`` alternatives are recorded per step; ``interventions`` (labkit.interventions) are
+        switched on for this call only, after those of any open :meth:`intervene` scope. :meth:`stop` or
+        KeyboardInterrupt end the generation between tokens and return the partial Trace. ``on_step(step)`` is
+        called after every step (a place to move sliders: sampler parameters are read afresh at each step).
         """
         if on_step is not None and not callable(on_step):
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
-                          capture=capture, top_k=top_k)
+                          capture=capture, top_k=top_k, interventions=interventions)
         try:
             for step in gen:
                 if on_step is not None:
@@ -203,6 +210,22 @@ class Session:
             gen.close()
             gen.trace.stop_reason = "interrupted"
         return gen.trace
+
+    @contextlib.contextmanager
+    def intervene(self, *interventions: Any) -> Iterator[Session]:
+        """Switch interventions on inside a ``with`` block: activation-level hooks are registered on enter and
+        removed on exit (also when the body raises), so every forward pass inside runs with them; token-level
+        ones apply to every generation inside. They compose in the order given, after enclosing scopes'."""
+        items = check_interventions(interventions)
+        with self._exclusive():
+            for item in items:
+                item.bind(self)
+        with activated(self, items, bind=False) as token_level:
+            self._scoped.extend(token_level)
+            try:
+                yield self
+            finally:
+                del self._scoped[len(self._scoped) - len(token_level):]
 
     def stop(self) -> None:
         """Ask the running generation (if any) to end before its next token."""
@@ -237,10 +260,11 @@ class Generation:
     """A generation in progress: iterate it for Steps; ``trace`` holds every step made so far."""
 
     def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
-                 rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...]) -> None:
+                 rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...],
+                 interventions: list[Any]) -> None:
         self.session = session
         self.trace = trace
-        self._args = (ids, sampler, rules, generator, top_k, capture)
+        self._args = (ids, sampler, rules, generator, top_k, capture, interventions)
         self._iter: Iterator[Step] | None = None
 
     def __iter__(self) -> Iterator[Step]:
@@ -258,8 +282,9 @@ class Generation:
 
     def _run(self) -> Iterator[Step]:
         s = self.session
-        ids, sampler, rules, generator, top_k, capture = self._args
-        with s._exclusive():
+        ids, sampler, rules, generator, top_k, capture, interventions = self._args
+        with s._exclusive(), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
             yield from decode.decode(s.model, s.tokenizer, ids, self.trace, sampler, rules, generator=generator,
-                                     stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture)
+                                     stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
+                                     interventions=[*s._scoped, *token_level], session=s)

@@ -40,8 +40,9 @@ class Alternative(NamedTuple):
 class Step:
     """One generated token and what the model thought when it chose it.
 
-    Metrics are computed from the **raw** logits (before any sampler or intervention); ``sampler`` records
-    what the sampler did with them.
+    Metrics are computed from the model's **raw** logits: before token-level interventions and the sampler
+    (activation-level interventions, being part of the model's forward pass, are already in them). ``sampler``
+    records what the sampler did; ``interventions`` which token-level interventions changed the step's logits.
     """
 
     index: int
@@ -67,6 +68,8 @@ class Step:
     attention: dict[str, float] = field(default_factory=dict)
     """With ``capture=["attention"]``: the step's attention summary — mean head entropy (bits), varentropy across
     heads (bits²), agreement, interaction strength (see :mod:`labkit.attention`). Empty otherwise."""
+    interventions: list[str] = field(default_factory=list)
+    """Token-level interventions that changed this step's logits, e.g. ``["Suppress([' Paris'])"]``."""
     captures: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Raw tensors captured at this step, e.g. ``"attention"`` -> AttentionRow (L, H, T_k). Kept in memory only:
     ``Trace.save`` stores the summaries, not these tensors."""
@@ -257,6 +260,7 @@ def _arrow_types() -> dict[str, Any]:
         "time_ms": pa.float64(),
         "sampler": pa.string(),  # JSON text: a sampler's record may hold any JSON value
         "attention": pa.string(),  # JSON text
+        "interventions": pa.list_(pa.string()),
     }
 
 

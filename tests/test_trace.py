@@ -19,7 +19,8 @@ def make_trace(n: int = 3) -> Trace:
         Step(index=i, position=5 + i, token_id=100 + i, token=["é", " tab\t", "🙂"][i % 3], logprob=-0.1 * i - 1e-17,
              entropy_bits=1.0 / 3 + i, varentropy_bits=0.1 + i / 7, top=[("a", 1, 0.5), ("b", 2, 1 / 3)],
              time_ms=12.345678901234, sampler={"name": "classic", "temperature": 0.7, "kept": 12, "nested": [1, None]},
-             attention={"entropy_bits": 1.25 + i, "agreement": 0.1}, captures={"attention": object()})
+             attention={"entropy_bits": 1.25 + i, "agreement": 0.1}, interventions=["Suppress([' é'])"] * (i % 2),
+             captures={"attention": object()})
         for i in range(n)
     ]
     meta = TraceMeta(model="m", dtype="float32", device="cpu", sampler={"name": "classic", "temperature": 0.7},
@@ -40,6 +41,7 @@ def test_round_trip_is_lossless(tmp_path, suffix, n):
     assert [s.time_ms for s in back.steps] == [s.time_ms for s in t.steps]  # exact floats
     assert [s.attention for s in back.steps] == [s.attention for s in t.steps]
     assert all(s.captures == {} for s in back.steps)  # raw captured tensors are not saved
+    assert [s.interventions for s in back.steps] == [s.interventions for s in t.steps]
 
 
 def test_arrow_schema_covers_every_step_field():
