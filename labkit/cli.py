@@ -82,15 +82,53 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
             click.echo(f"{rank:>4}  {tok!r:<20} {tid:>6}  {p:>7.4f}")
 
 
+def _token_arg(text: str) -> str | int:
+    """A token given on the command line: an integer is an id, anything else is text (spaces kept)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
+def _interventions(suppress: tuple[str, ...], boost: tuple[str, ...], force: tuple[str, ...],
+                   ablate: tuple[str, ...]) -> list[Any]:
+    """Interventions from the generate options (checked before the model loads)."""
+    from labkit.interventions import AblateHead, Boost, ForceTokens, Suppress
+
+    out: list[Any] = [Suppress([_token_arg(t) for t in suppress])] if suppress else []
+    for item in boost:
+        tok, _, factor = item.rpartition("=")
+        try:
+            value = float(factor)
+        except ValueError:
+            tok = ""
+        if not tok:
+            raise InvalidArgument(f"--boost must look like TOKEN=FACTOR (e.g. ' science=3'); got {item!r}")
+        out.append(Boost(_token_arg(tok), value))
+    forced = {}
+    for item in force:
+        step, eq, tok = item.partition("=")
+        if not eq or not step.strip().isdigit() or not tok:
+            raise InvalidArgument(f"--force must look like STEP=TOKEN (e.g. '0= Rome'); got {item!r}")
+        forced[int(step)] = _token_arg(tok)
+    if forced:
+        out.append(ForceTokens(forced))
+    for item in ablate:
+        layer, colon, head = item.partition(":")
+        if not colon or not layer.strip().isdigit() or not head.strip().isdigit():
+            raise InvalidArgument(f"--ablate must look like LAYER:HEAD (e.g. '3:1'); got {item!r}")
+        out.append(AblateHead(int(layer), int(head)))
+    return out
+
+
 def _print_steps(trace: Any) -> None:
-    """One row per token: token, p, entropy, varentropy, the sampler's branch (Entropix) and top alternatives."""
+    """One row per token: token, p, entropy, varentropy, the sampler's branch (Entropix) and top alternatives;
+    ``*`` marks a step whose logits a token-level intervention changed."""
     branch = any("branch" in st.sampler for st in trace.steps)
     click.echo(f"{'step':>4}  {'token':<16} {'p':>6}  {'H bits':>6}  {'VH bits²':>8}  "
                + (f"{'branch':<8}  " if branch else "") + "top alternatives")
     for st in trace.steps:
         alts = "  ".join(f"{a.token!r} {a.prob:.2f}" for a in st.top[:3])
         b = f"{st.sampler.get('branch', ''):<8}  " if branch else ""
-        click.echo(f"{st.index:>4}  {st.token!r:<16} {st.prob:>6.3f}  {st.entropy_bits:>6.3f}  "
+        mark = "*" if st.interventions else " "
+        click.echo(f"{st.index:>3}{mark}  {st.token!r:<16} {st.prob:>6.3f}  {st.entropy_bits:>6.3f}  "
                    f"{st.varentropy_bits:>8.3f}  {b}{alts}")
     click.echo(f"[stop: {trace.stop_reason}; {len(trace)} tokens; seed {trace.meta.seed}]")
 
@@ -107,13 +145,22 @@ def _print_steps(trace: Any) -> None:
 @click.option("--sampler", "sampler_spec", default=None, help="Any sampler as a spec, e.g. 'entropix' or "
               "'mirostat:tau=4' (instead of --temperature/--top-k/--top-p/--min-p).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--suppress", multiple=True, help="Never generate this token (text of one token, or an id; repeatable).")
+@click.option("--boost", multiple=True, help="TOKEN=FACTOR: multiply a token's probability (repeatable), "
+              "e.g. ' science=3'.")
+@click.option("--force", multiple=True, help="STEP=TOKEN: generate TOKEN at step STEP (repeatable), e.g. '0= Rome'.")
+@click.option("--ablate", multiple=True, help="LAYER:HEAD: zero-ablate an attention head (repeatable).")
+@click.option("--recipe", "recipes", multiple=True, help="A named intervention recipe, e.g. 'suppress-word:word=Paris'"
+              " (repeatable; `labkit recipes` lists them).")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
 @click.option("--show-steps", is_flag=True, help="One row per token: token, p, entropy, varentropy, top alternatives.")
 @click.option("--save", "save_path", default=None, help="Save the trace (.json or .parquet).")
 @model_options
 def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature: float | None, top_k: int,
-                 top_p: float, min_p: float, sampler_spec: str | None, stop: tuple[str, ...], chat: bool,
-                 show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
+                 top_p: float, min_p: float, sampler_spec: str | None, stop: tuple[str, ...],
+                 suppress: tuple[str, ...], boost: tuple[str, ...], force: tuple[str, ...], ablate: tuple[str, ...],
+                 recipes: tuple[str, ...], chat: bool, show_steps: bool, save_path: str | None,
+                 **model_kw: Any) -> None:
     """Generate text after PROMPT and optionally show every step."""
     from labkit.sampling import Classic, parse_sampler
 
@@ -127,9 +174,14 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
             sampler = parse_sampler(sampler_spec)
         if save_path is not None:  # fail on a bad suffix before spending time on the model
             format_of(Path(save_path))
+        interventions = _interventions(suppress, boost, force, ablate)
         s = _session(**model_kw)
+        if recipes:
+            from labkit.interventions import recipe
+
+            interventions += [i for spec in recipes for i in recipe(s, spec)]
         trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
-                           stop=list(stop) or None, chat=chat)
+                           stop=list(stop) or None, chat=chat, interventions=interventions)
         if show_steps:
             _print_steps(trace)
         click.echo(trace.prompt + trace.text)
@@ -178,6 +230,15 @@ def compare_cmd(prompt: str, samplers: tuple[str, ...], max_new_tokens: int, see
 
 
 DEFAULT_COMPARE = ("greedy", "classic:temperature=0.7,top_p=0.9", "entropix")
+
+
+@main.command("recipes")
+def recipes_cmd() -> None:
+    """List the named intervention recipes (for generate --recipe)."""
+    from labkit.interventions import RECIPES
+
+    for r in RECIPES.values():
+        click.echo(f"{r.name:<18} {r.description}")
 
 
 @main.command("info")

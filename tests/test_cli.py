@@ -105,3 +105,29 @@ def test_generate_takes_any_sampler_spec(run):
     r = run("generate", "The capital of France is", "--max-new-tokens", "5", "--sampler", "mirostat:tau=3",
             "--seed", "1", "--show-steps")
     assert r.exit_code == 0 and r.stdout.count("\n") > 6
+
+
+def test_generate_with_interventions(run):
+    r = run("generate", "The capital of France is", "--max-new-tokens", "4", "--suppress", " Paris",
+            "--force", "2= Rome", "--ablate", "3:1", "--boost", " the=2", "--show-steps")
+    rows = r.stdout.splitlines()[1:5]
+    assert all(row.split()[0].endswith("*") for row in rows)  # every step's logits were edited
+    assert " Paris" not in r.stdout.splitlines()[-1] and "' Rome'" in rows[2]
+    r = run("generate", "The capital of France is", "--max-new-tokens", "3", "--recipe", "suppress-word:word=Paris")
+    assert "Paris" not in r.stdout.replace("The capital of France is", "")
+    assert "suppress-word" in run("recipes").stdout
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--boost", " science"], "--boost must look like TOKEN=FACTOR"),
+    (["--boost", " science=-1"], "factor must be a finite number > 0"),
+    (["--force", "x= Rome"], "--force must look like STEP=TOKEN"),
+    (["--ablate", "3"], "--ablate must look like LAYER:HEAD"),
+    (["--ablate", "99:0"], "layer must be an integer in [0, 30)"),
+    (["--suppress", " Parisians and"], "is not a single token"),
+    (["--recipe", "nope"], "recipe 'nope' is unknown"),
+])
+def test_bad_intervention_options_exit_2(args, match):
+    r = CliRunner().invoke(main, ["generate", "The capital of France is", "--max-new-tokens", "2", *args])
+    assert r.exit_code == 2, r.output
+    assert match in r.output and len(r.output.strip().splitlines()) == 1
