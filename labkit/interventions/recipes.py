@@ -20,6 +20,7 @@ from labkit.interventions.activation import (
 )
 from labkit.interventions.base import Intervention, decoder_layers
 from labkit.interventions.token import Boost, EntropyTarget, Suppress
+from labkit.specs import parse_spec
 from labkit.tokens import token_id
 
 
@@ -107,15 +108,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 def recipe(session: Any, spec: str) -> list[Intervention]:
     """Interventions from ``name[:key=value,...]``, e.g. ``suppress-word:word=Paris``, ``topic-boost:words=science+
     physics,factor=5``, ``ablate-top-heads:n=2``, ``steer-sentiment:direction=negative``."""
-    name, _, args = str(spec).partition(":")
+    name, kwargs = parse_spec(spec, "recipe")
     if name not in RECIPES:
         raise InvalidArgument(f"recipe {name!r} is unknown; choose from {sorted(RECIPES)}")
-    kwargs = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise InvalidArgument(f"recipe argument {item!r} in {spec!r} must look like key=value")
-        kwargs[k.strip()] = v.strip()
     try:
         return RECIPES[name].build(session, **kwargs)
     except TypeError as e:

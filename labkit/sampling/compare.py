@@ -15,35 +15,19 @@ from labkit.sampling.base import Classic, Greedy, Sampler
 from labkit.sampling.entropix import Entropix
 from labkit.sampling.guided import EntropyGuided
 from labkit.sampling.mirostat import Mirostat
+from labkit.specs import parse_spec
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "greedy": Greedy, "classic": Classic, "mirostat": Mirostat, "entropy_guided": EntropyGuided, "entropix": Entropix,
 }
 
 
-def _value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_sampler(spec: str) -> Sampler:
     """A sampler from ``name[:key=value,...]`` (names: see ``SAMPLERS``; ``-`` and ``_`` are the same)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise InvalidArgument(f"sampler spec must be a string like 'classic:temperature=0.7'; got {spec!r}")
-    name, _, args = spec.strip().partition(":")
-    key = name.strip().lower().replace("-", "_")
+    name, kwargs = parse_spec(spec, "sampler")
+    key = name.lower().replace("-", "_")
     if key not in SAMPLERS:
         raise InvalidArgument(f"sampler {name!r} is unknown; choose from {sorted(SAMPLERS)}")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        k, eq, v = item.partition("=")
-        if not eq or not k.strip():
-            raise InvalidArgument(f"sampler setting {item!r} in {spec!r} must look like key=value")
-        kwargs[k.strip()] = _value(v.strip())
     try:
         return SAMPLERS[key](**kwargs)
     except TypeError as e:
