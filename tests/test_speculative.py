@@ -1,0 +1,77 @@
+"""The speculative verification rule: it reproduces the target distribution exactly (chi-square over 100,000
+seeded rounds), a wrong rule is caught by the same test, and the expected-speedup formula's closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from labkit.errors import InvalidArgument
+from labkit.speculative import expected_speedup, verify
+
+N = 100_000
+PAIRS = [
+    ([0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]),
+    ([0.5, 0.25, 0.125, 0.125], [0.0, 0.5, 0.5, 0.0]),  # q has zeros where p does not
+    ([0.05, 0.05, 0.6, 0.3], [1.0, 0.0, 0.0, 0.0]),  # a deterministic draft (prompt lookup): q one-hot
+    ([0.3, 0.3, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2]),  # p == q: everything accepted
+]
+
+
+def chi2_p(counts: torch.Tensor, probs) -> float:
+    expected = torch.tensor(probs, dtype=torch.float64)
+    return float(chisquare(counts.double(), expected / expected.sum() * counts.sum()).pvalue)
+
+
+def first_tokens(p, q, seed=0, rule=verify):
+    """One single-token round (γ = 1) per row: the first token the round emits."""
+    p_t, q_t = torch.tensor(p).expand(N, 2, -1).double(), torch.tensor(q).expand(N, 1, -1).double()
+    g = torch.Generator().manual_seed(seed)
+    drafted = torch.multinomial(q_t[:, 0], 1, replacement=True, generator=g)  # (N, 1) drawn from q
+    verdict = rule(p_t, q_t, drafted, g)
+    return torch.where(verdict.accepted == 1, drafted[:, 0], verdict.next_token)
+
+
+@pytest.mark.parametrize("p, q", PAIRS)
+def test_first_token_follows_the_target_distribution(p, q):
+    counts = torch.bincount(first_tokens(p, q), minlength=len(p)).double()
+    assert chi2_p(counts, p) > 0.001
+
+
+@pytest.mark.parametrize("p, q", PAIRS[:3])
+def test_accepting_always_is_caught(p, q):
+    def accept_always(p_t, q_t, drafted, g):
+        v = verify(p_t, q_t, drafted, g)
+        return type(v)(torch.ones_like(v.accepted), v.next_token)
+
+    counts = torch.bincount(first_tokens(p, q, rule=accept_always), minlength=len(p)).double()
+    assert chi2_p(counts, p) < 0.001
+
+
+def test_second_token_after_a_full_acceptance_comes_from_the_bonus_position():
+    p = torch.tensor([[[0.0, 1.0, 0.0], [0.2, 0.3, 0.5]]]).expand(N, -1, -1)
+    q = torch.tensor([[[0.0, 1.0, 0.0]]]).expand(N, -1, -1)
+    v = verify(p, q, torch.ones((N, 1), dtype=torch.long), torch.Generator().manual_seed(1))
+    assert bool((v.accepted == 1).all())
+    counts = torch.bincount(v.next_token, minlength=3).double()
+    assert chi2_p(counts, [0.2, 0.3, 0.5]) > 0.001
+
+
+def test_greedy_keeps_the_agreeing_prefix_then_takes_the_target_argmax():
+    p = torch.tensor([[[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]])  # target argmaxes 1, 0, 1
+    q = torch.full((1, 2, 2), 0.5)
+    v = verify(p, q, torch.tensor([[1, 1]]), greedy=True)
+    assert (v.accepted.item(), v.next_token.item()) == (1, 0)
+    v = verify(p, q, torch.tensor([[1, 0]]), greedy=True)
+    assert (v.accepted.item(), v.next_token.item()) == (2, 1)
+    with pytest.raises(InvalidArgument, match="verify needs p"):
+        verify(p, q[:, :1], torch.tensor([[1, 0]]))
+
+
+def test_expected_speedup_closed_forms():
+    assert expected_speedup(0.0, 4, 0.0) == 1.0  # nothing accepted, free draft: one token per round
+    assert expected_speedup(1.0, 4, 0.0) == 5.0  # everything accepted: γ + 1 tokens per target pass
+    assert expected_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8 ** 5) / (0.2 * 1.4))
+    with pytest.raises(InvalidArgument):
+        expected_speedup(1.5, 4, 0.1)
