@@ -202,10 +202,7 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
 def compare_cmd(prompt: str, samplers: tuple[str, ...], max_new_tokens: int, seed: int, chat: bool,
                 show_steps: bool, **model_kw: Any) -> None:
     """Each sampler's continuation of PROMPT with its mean entropy and surprisal (bits), and Entropix branches."""
-    import math
-    from collections import Counter
-
-    from labkit.sampling import label, parse_sampler
+    from labkit.sampling import label, parse_sampler, summarize
 
     with _errors():
         chosen = [parse_sampler(spec) for spec in samplers or DEFAULT_COMPARE]  # all checked before loading
@@ -213,11 +210,9 @@ def compare_cmd(prompt: str, samplers: tuple[str, ...], max_new_tokens: int, see
         summary = []
         for sampler in chosen:
             trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
-            n = max(1, len(trace))
-            ent = sum(st.entropy_bits for st in trace.steps) / n
-            sur = -sum(st.logprob for st in trace.steps) / n / math.log(2)
-            branches = Counter(st.sampler["branch"] for st in trace.steps if "branch" in st.sampler)
-            summary.append((label(sampler), ent, sur, len(trace), branches))
+            f = summarize([trace])
+            summary.append((label(sampler), f["mean_entropy_bits"], f["mean_surprisal_bits"], f["tokens"],
+                            f["branches"]))
             click.echo(f"== {label(sampler)} ==")
             if show_steps:
                 _print_steps(trace)
@@ -225,7 +220,7 @@ def compare_cmd(prompt: str, samplers: tuple[str, ...], max_new_tokens: int, see
         width = max(len(row[0]) for row in summary)
         click.echo(f"{'sampler':<{width}}  {'tokens':>6}  {'mean H bits':>11}  {'mean surprisal bits':>19}  branches")
         for name, ent, sur, n, branches in summary:
-            b = " ".join(f"{k} {v}" for k, v in sorted(branches.items()))
+            b = " ".join(f"{k} {v}" for k, v in branches.items())
             click.echo(f"{name:<{width}}  {n:>6}  {ent:>11.3f}  {sur:>19.3f}  {b}")
 
 

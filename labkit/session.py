@@ -164,10 +164,7 @@ class Session:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.info.vocab_size:
             raise InvalidArgument(f"top_k must be an integer in [1, {self.info.vocab_size}]; got {top_k!r}")
         sampler = _check_sampler(sampler)
-        interventions = check_interventions(interventions)
-        with self._exclusive():
-            for item in interventions:
-                item.bind(self)  # errors (bad layer, token text) surface here, before the first step
+        interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
         if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
             raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
@@ -216,16 +213,22 @@ class Session:
         """Switch interventions on inside a ``with`` block: activation-level hooks are registered on enter and
         removed on exit (also when the body raises), so every forward pass inside runs with them; token-level
         ones apply to every generation inside. They compose in the order given, after enclosing scopes'."""
-        items = check_interventions(interventions)
-        with self._exclusive():
-            for item in items:
-                item.bind(self)
+        items = self._bound(interventions)
         with activated(self, items, bind=False) as token_level:
             self._scoped.extend(token_level)
             try:
                 yield self
             finally:
                 del self._scoped[len(self._scoped) - len(token_level):]
+
+    def _bound(self, interventions: Any) -> list[Any]:
+        """The interventions checked and bound to this session (token text resolved, layers checked, reference
+        runs made), while no generation runs."""
+        items = check_interventions(interventions)
+        with self._exclusive():
+            for item in items:
+                item.bind(self)
+        return items
 
     def stop(self) -> None:
         """Ask the running generation (if any) to end before its next token."""

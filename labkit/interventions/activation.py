@@ -160,13 +160,13 @@ class Patch(ActivationIntervention):
         def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
             hidden = hidden_of(output)
             pos = kwargs.get("position_ids")
-            pos = pos[0] if pos is not None else torch.arange(hidden.shape[1])  # (t,) absolute positions
-            hit = torch.isin(pos.cpu(), wanted)
+            pos = pos[0].cpu() if pos is not None else torch.arange(hidden.shape[1])  # (t,) absolute positions
+            hit = torch.isin(pos, wanted)
             if not bool(hit.any()):
                 return output
             hidden = hidden.clone()
             idx = hit.nonzero().flatten()
-            hidden[:, idx.to(hidden.device)] = src[pos.cpu()[idx]].to(hidden.dtype).to(hidden.device)
+            hidden[:, idx.to(hidden.device)] = src[pos[idx]].to(hidden.dtype).to(hidden.device)
             return replace_output(output, hidden)
 
         return [decoder_layers(model)[self.layer].register_forward_hook(hook, with_kwargs=True)]
@@ -191,6 +191,22 @@ class ActivationHook(ActivationIntervention):
 
     def __repr__(self) -> str:
         return f"ActivationHook({self.module!r}, {getattr(self.fn, '__name__', 'fn')})"
+
+
+@torch.no_grad()
+def head_importance(session: Any, reference: str | None = None) -> torch.Tensor:
+    """Shape (L, H): each head's mean output norm ‖x_h W_oᵀ[:, h]‖ over the positions of ``reference`` — how much
+    the head writes into the residual stream (a cheap, one-forward-per-layer importance)."""
+    n, d = _head_geometry(session.model)
+    ids = session.encode(reference or DEFAULT_REFERENCE)
+    out = []
+    for layer in range(len(decoder_layers(session.model))):
+        o_proj = _o_proj(session.model, layer)
+        x = _run_capturing(session, ids, o_proj, pre=True)[0].float()  # (T, H·D)
+        w = o_proj.weight.float()  # (hidden, H·D)
+        out.append(torch.stack([(x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T).norm(dim=-1).mean()
+                                for h in range(n)]))
+    return torch.stack(out)
 
 
 # -- patching sweep ------------------------------------------------------------------------------------------

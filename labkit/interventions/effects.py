@@ -3,8 +3,6 @@ unmodified model. Divergences and entropies in bits."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,8 +80,8 @@ def analyze_intervention_effects(session: Any, prompt: str, interventions: Any, 
                          "kl_bits": k, "entropy_change_bits": h, "interventions": ", ".join(s.interventions)})
         per_sample.append({
             "sample": i, "seed": seed + i, "baseline_text": base.text, "intervened_text": inter.text,
-            "baseline_perplexity": _ppl([s.logprob for s in base.steps]),
-            "intervened_perplexity": _ppl([float(c) for c in chosen]), "first_divergence": first})
+            "baseline_perplexity": _ppl(torch.tensor([s.logprob for s in base.steps])),
+            "intervened_perplexity": _ppl(torch.as_tensor(chosen)), "first_divergence": first})
     table, sample_df = pd.DataFrame(rows), pd.DataFrame(per_sample)
     summary = {
         "mean_kl_bits": float(table["kl_bits"].mean()) if len(table) else 0.0,
@@ -96,6 +94,6 @@ def analyze_intervention_effects(session: Any, prompt: str, interventions: Any, 
     return Effect(table, sample_df, summary)
 
 
-def _ppl(logprobs: Sequence[float]) -> float:
-    """exp of the mean negative log-likelihood (nats); nan for an empty output."""
-    return math.exp(-sum(logprobs) / len(logprobs)) if logprobs else float("nan")
+def _ppl(logprobs: torch.Tensor) -> float:
+    """info.perplexity of one output's log-probabilities (nats); nan for an empty output."""
+    return float(info.perplexity(logprobs)) if logprobs.numel() else float("nan")

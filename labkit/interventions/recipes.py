@@ -10,14 +10,7 @@ from typing import Any
 import torch
 
 from labkit.errors import InvalidArgument, TokenizationError
-from labkit.interventions.activation import (
-    AblateHead,
-    Steer,
-    _head_geometry,
-    _o_proj,
-    _run_capturing,
-    steering_vector,
-)
+from labkit.interventions.activation import AblateHead, Steer, head_importance, steering_vector
 from labkit.interventions.base import Intervention, decoder_layers
 from labkit.interventions.token import Boost, EntropyTarget, Suppress
 from labkit.specs import parse_spec
@@ -37,24 +30,6 @@ def word_tokens(session: Any, word: str) -> list[int]:
         raise InvalidArgument(f"word {word!r} is not a single token in any spelling ({pieces}); pass a shorter word "
                               "or token ids")
     return sorted(set(ids))
-
-
-@torch.no_grad()
-def head_importance(session: Any, reference: str | None = None) -> torch.Tensor:
-    """Shape (L, H): each head's mean output norm ‖x_h W_oᵀ[:, h]‖ over the positions of ``reference`` — how much
-    the head writes into the residual stream (a cheap, one-forward-per-layer importance)."""
-    from labkit.interventions.activation import DEFAULT_REFERENCE
-
-    n, d = _head_geometry(session.model)
-    ids = session.encode(reference or DEFAULT_REFERENCE)
-    out = []
-    for layer in range(len(decoder_layers(session.model))):
-        o_proj = _o_proj(session.model, layer)
-        x = _run_capturing(session, ids, o_proj, pre=True)[0].float()  # (T, H·D)
-        w = o_proj.weight.float()  # (hidden, H·D)
-        out.append(torch.stack([(x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T).norm(dim=-1).mean()
-                                for h in range(n)]))
-    return torch.stack(out)
 
 
 def _suppress_word(session: Any, word: str) -> list[Intervention]:

@@ -9,6 +9,6 @@ from labkit.sampling.mirostat import Mirostat
 __all__ = ["Classic", "Entropix", "EntropixConfig", "EntropyGuided", "Greedy", "Mirostat", "Sampler",
            "SamplingInfo", "TopNSigmaLogitsWarper", "check_param", "sampling_info", "sampling_info_of"]
 
-from labkit.sampling.compare import SAMPLERS, distinct_n, evaluate, label, parse_sampler, repetition_rate
+from labkit.sampling.compare import SAMPLERS, distinct_n, evaluate, label, parse_sampler, repetition_rate, summarize
 
-__all__ += ["SAMPLERS", "distinct_n", "evaluate", "label", "parse_sampler", "repetition_rate"]
+__all__ += ["SAMPLERS", "distinct_n", "evaluate", "label", "parse_sampler", "repetition_rate", "summarize"]

@@ -10,6 +10,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from labkit import info
 from labkit.errors import InvalidArgument
 from labkit.sampling.base import Classic, Greedy, Sampler
 from labkit.sampling.entropix import Entropix
@@ -37,7 +40,7 @@ def parse_sampler(spec: str) -> Sampler:
 def label(sampler: Sampler) -> str:
     """A short display name: the name and the settings that differ from the defaults."""
     cfg = sampler.config()
-    defaults = type(sampler)().config() if not isinstance(sampler, Entropix) else Entropix().config()
+    defaults = type(sampler)().config()
     changed = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items()
                        if k != "name" and defaults.get(k) != v)
     return f"{cfg['name']}:{changed}" if changed else cfg["name"]
@@ -61,6 +64,20 @@ def repetition_rate(ids: Sequence[int], n: int = 4) -> float:
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+def summarize(traces: Sequence[Any]) -> dict[str, Any]:
+    """Per-token figures over the steps of ``traces``: ``perplexity`` (exp of the mean −log p of the generated
+    tokens under the raw model), ``mean_entropy_bits``, ``mean_surprisal_bits`` (nan when there is no token),
+    ``tokens``, and ``branches`` (Entropix branch counts; empty for other samplers)."""
+    steps = [s for t in traces for s in t.steps]
+    logprobs = torch.tensor([s.logprob for s in steps], dtype=torch.float64)
+    n = len(steps)
+    return {"perplexity": float(info.perplexity(logprobs)) if n else float("nan"),
+            "mean_entropy_bits": sum(s.entropy_bits for s in steps) / n if n else float("nan"),
+            "mean_surprisal_bits": sum(s.surprisal_bits for s in steps) / n if n else float("nan"),
+            "tokens": n,
+            "branches": dict(sorted(Counter(s.sampler["branch"] for s in steps if "branch" in s.sampler).items()))}
+
+
 def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | str], seeds: Sequence[int] = (0,),
              max_new_tokens: int = 32, chat: bool = False) -> Any:
     """Generate from every prompt with every sampler and seed; one DataFrame row per sampler with:
@@ -70,8 +87,6 @@ def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | 
     ``mean_entropy_bits`` and ``mean_surprisal_bits`` per token, ``tokens`` generated, ``generations``; for
     Entropix also ``branches`` (counts per branch).
     """
-    import math
-
     import pandas as pd
 
     if isinstance(prompts, str) or not prompts:
@@ -83,23 +98,16 @@ def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | 
     rows = []
     for spec in samplers:
         sampler = parse_sampler(spec) if isinstance(spec, str) else spec
-        outputs, logprobs, entropies, branches = [], [], [], Counter()
-        for prompt in prompts:
-            for seed in seeds:
-                t = session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
-                outputs.append(t.token_ids)
-                logprobs += [s.logprob for s in t.steps]
-                entropies += [s.entropy_bits for s in t.steps]
-                branches.update(s.sampler["branch"] for s in t.steps if "branch" in s.sampler)
-        n = len(logprobs)
-        row = {"sampler": label(sampler),
-               "perplexity": math.exp(-sum(logprobs) / n) if n else float("nan"),
+        traces = [session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
+                  for prompt in prompts for seed in seeds]
+        outputs = [t.token_ids for t in traces]
+        figures = summarize(traces)
+        branches = figures.pop("branches")
+        row = {"sampler": label(sampler), "perplexity": figures.pop("perplexity"),
                "distinct_1": distinct_n(outputs, 1), "distinct_2": distinct_n(outputs, 2),
                "repetition_rate": sum(repetition_rate(o) for o in outputs) / len(outputs),
-               "mean_entropy_bits": sum(entropies) / n if n else float("nan"),
-               "mean_surprisal_bits": -sum(logprobs) / n / math.log(2) if n else float("nan"),
-               "tokens": n, "generations": len(outputs)}
+               **figures, "generations": len(outputs)}
         if branches:
-            row["branches"] = dict(sorted(branches.items()))
+            row["branches"] = branches
         rows.append(row)
     return pd.DataFrame(rows)
