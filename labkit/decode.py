@@ -21,6 +21,7 @@ from labkit import attention, info
 from labkit.interventions.base import InterventionContext, TokenIntervention
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import sampling_info_of
+from labkit.speculative import NOTHING, Speculator, crop
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
 
@@ -59,7 +60,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
            rules: StopRules, *, generator: torch.Generator | None = None,
            stop_event: threading.Event | None = None, top_k: int = 10,
            token_text: TokenTexts | None = None, capture: Sequence[str] = (),
-           interventions: Sequence[TokenIntervention] = (), session: Any = None) -> Iterator[Step]:
+           interventions: Sequence[TokenIntervention] = (), session: Any = None,
+           speculator: Speculator | None = None) -> Iterator[Step]:
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
@@ -69,7 +71,12 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     Token-level ``interventions`` edit each step's logits in order, after the metrics and before the sampler
     (their context holds ``session``); ``capture=["logits"]`` keeps those edited logits, shape (V,), per Step.
 
-    Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each token), or
+    Each iteration is one *round*: one target forward pass over the newest token plus the tokens a
+    ``speculator`` drafted (none in plain decoding), then one Step per kept position, verified exactly
+    (:mod:`labkit.speculative`); the cache is cropped back to the kept tokens. ``Step.speculative`` records the
+    round and the token's origin; ``trace.meta.speculative`` the run's SpeculativeStats.
+
+    Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each round), or
     KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
     """
     token_text = token_text or TokenTexts(tokenizer)
@@ -77,61 +84,89 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     sampler.reset(tokenizer)
     active = set(capture) | set(sampler.needs)
     cache = DynamicCache(config=model.config)
-    ids = prompt_ids  # (1, T)
-    inputs = prompt_ids  # (1, T) for the prefill, then (1, 1)
+    ids = prompt_ids  # (1, T + steps so far)
+    inputs = prompt_ids  # (1, T) for the prefill, then (1, 1): what the cache has not seen
     reason = "stopped"  # if the consumer closes the iterator early
+    if speculator is not None:
+        speculator.start(prompt_ids)
     try:
         with torch.inference_mode(), contextlib.ExitStack() as scope:
             recorder = scope.enter_context(attention.capturing(model)) if "attention" in active else None
-            for index in range(rules.max_new_tokens):
+            while True:
+                index = len(trace.steps)
+                if index >= rules.max_new_tokens:
+                    reason = "max_new_tokens"
+                    break
                 if stop_event.is_set():
                     reason = "stopped"
                     break
-                t0 = time.perf_counter()
-                out = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                logits = out.logits[:, -1, :].float()  # (1, V) raw
-                logp = info.log_probs(logits)  # (1, V) nats
-                entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (1,), (1,)
-                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (1, k)
-                captured = {"attention": recorder.take()} if recorder is not None else {}  # row: (L, H, T + index)
-                changed: list[str] = []
-                if interventions:
-                    ctx = InterventionContext(index, trace.token_ids, trace.prompt_ids, session)
-                    for item in interventions:
-                        edited = item.apply(logits, ctx)
-                        if not torch.equal(edited, logits):
-                            changed.append(item.describe())
-                        logits = edited
-                if sampler.needs:
-                    sampler.observe({k: captured[k] for k in sampler.needs})
-                scores = sampler(ids, logits)  # (1, V)
-                token = sampler.draw(scores, generator)  # (1,)
-                tid = int(token)
-                step = Step(
-                    index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
-                    logprob=float(logp[0, tid]), entropy_bits=float(entropy), varentropy_bits=float(varentropy),
-                    top=[(token_text(i), i, p) for i, p in zip(top_ids[0].tolist(), top_lp[0].exp().tolist(),
-                                                                 strict=True)],
-                    time_ms=0.0, sampler={**sampler.record(scores), **sampling_info_of(logits, scores).as_dict()},
-                    interventions=changed,
-                )
-                if "logits" in capture:
-                    step.captures["logits"] = logits[0]
-                if "attention" in capture:
-                    step.captures["attention"] = captured["attention"]
-                    step.attention = attention.step_metrics(captured["attention"]).summary()
-                inputs = token.view(1, 1).to(ids.device)  # (1, 1)
-                ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
-                step.time_ms = (time.perf_counter() - t0) * 1e3
-                trace.steps.append(step)
-                yield step
-                reason = rules.reason(tid, trace.token_ids, tokenizer.decode)
+                t_mark = time.perf_counter()
+                proposal = (speculator.propose(ids, cache, rules.max_new_tokens - index - 1, sampler, generator)
+                            if speculator is not None else NOTHING)
+                gamma = len(proposal.tokens)
+                if gamma:
+                    inputs = torch.cat([inputs, torch.tensor([proposal.tokens], device=ids.device)], dim=1)
+                t_target = time.perf_counter()
+                out = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=gamma + 1)
+                all_logits = out.logits[0, -(gamma + 1):].float()  # (γ + 1, V) raw
+                target_ms = (time.perf_counter() - t_target) * 1e3
+                kept = 0
+                for i in range(gamma + 1):
+                    logits = all_logits[i:i + 1]  # (1, V)
+                    logp = info.log_probs(logits)  # (1, V) nats
+                    entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (1,), (1,)
+                    top_lp, top_ids = logp.topk(top_k, dim=-1)  # (1, k)
+                    captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
+                    changed: list[str] = []
+                    if interventions:
+                        ctx = InterventionContext(index, trace.token_ids, trace.prompt_ids, session)
+                        for item in interventions:
+                            edited = item.apply(logits, ctx)
+                            if not torch.equal(edited, logits):
+                                changed.append(item.describe())
+                            logits = edited
+                    if sampler.needs:
+                        sampler.observe({k: captured[k] for k in sampler.needs})
+                    scores = sampler(ids, logits)  # (1, V)
+                    if speculator is None:
+                        tid, spec = int(sampler.draw(scores, generator)), {}
+                    else:
+                        tid, spec = speculator.choose(proposal, i, scores, sampler, generator, token_text)
+                        kept += spec["origin"] == "accepted"
+                    step = Step(
+                        index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
+                        logprob=float(logp[0, tid]), entropy_bits=float(entropy),
+                        varentropy_bits=float(varentropy),
+                        top=[(token_text(j), j, pr) for j, pr in zip(top_ids[0].tolist(), top_lp[0].exp().tolist(),
+                                                                      strict=True)],
+                        time_ms=0.0, sampler={**sampler.record(scores), **sampling_info_of(logits, scores).as_dict()},
+                        interventions=changed, speculative=spec,
+                    )
+                    if "logits" in capture:
+                        step.captures["logits"] = logits[0]
+                    if "attention" in capture:
+                        step.captures["attention"] = captured["attention"]
+                        step.attention = attention.step_metrics(captured["attention"]).summary()
+                    inputs = torch.tensor([[tid]], device=ids.device)  # (1, 1)
+                    ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
+                    step.time_ms = (time.perf_counter() - t_mark) * 1e3
+                    trace.steps.append(step)
+                    yield step
+                    t_mark = time.perf_counter()
+                    index += 1
+                    reason = rules.reason(tid, trace.token_ids, tokenizer.decode)
+                    if reason or (spec and spec["origin"] == "resampled"):
+                        break
+                if speculator is not None:
+                    crop(cache, ids.shape[1] - 1)  # drop the rejected drafted tokens' entries
+                    speculator.settle(proposal, kept, i + 1, target_ms, ids.shape[1] - 1)
                 if reason:
                     break
-            else:
-                reason = "max_new_tokens"
     except KeyboardInterrupt:
         reason = "interrupted"
     finally:
         trace.stop_reason = reason or "stopped"  # "" only if the consumer closed the iterator mid-way
         trace.text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+        if speculator is not None:
+            speculator.stats.total_ms = sum(s.time_ms for s in trace.steps)
+            trace.meta.speculative = speculator.stats.as_dict()

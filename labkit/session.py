@@ -16,6 +16,7 @@ from labkit import __version__, decode, info, models
 from labkit.errors import InvalidArgument, SessionBusy
 from labkit.interventions.base import activated, check_interventions
 from labkit.sampling.base import Greedy, Sampler
+from labkit.speculative import Speculator, check_speculative
 from labkit.tokens import TokenTexts, token_id
 from labkit.trace import Distribution, Score, Step, Trace, TraceMeta
 
@@ -154,7 +155,8 @@ class Session:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
-               capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = ()) -> Generation:
+               capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
+               speculative: Any = None) -> Generation:
         """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all).
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
@@ -164,9 +166,13 @@ class Session:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.info.vocab_size:
             raise InvalidArgument(f"top_k must be an integer in [1, {self.info.vocab_size}]; got {top_k!r}")
         sampler = _check_sampler(sampler)
-        interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
         if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
             raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")
+        draft = check_speculative(speculative, sampler, capture)
+        interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
+        if draft is not None:
+            with self._exclusive():
+                draft.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise InvalidArgument(f"seed must be a non-negative integer or None; got {seed!r}")
         stop_ids, stop_strings = self._stop_rules(stop)
@@ -180,12 +186,13 @@ class Session:
         trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
-        return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions)
+        return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions,
+                          Speculator(draft) if draft is not None else None)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                  capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
-                 on_step: Callable[[Step], None] | None = None) -> Trace:
+                 on_step: Callable[[Step], None] | None = None, speculative: Any = None) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
@@ -194,11 +201,15 @@ class Session:
         switched on for this call only, after those of any open :meth:`intervene` scope. :meth:`stop` or
         KeyboardInterrupt end the generation between tokens and return the partial Trace. ``on_step(step)`` is
         called after every step (a place to move sliders: sampler parameters are read afresh at each step).
+        ``speculative`` (a draft from :mod:`labkit.speculative`, e.g. ``PromptLookupDraft()``) decodes
+        speculatively: same output distribution (same tokens for greedy), each Step records its round and whether
+        it was drafted; ``trace.meta.speculative`` holds the SpeculativeStats. Not with a stateful sampler
+        (Mirostat, Entropix) or ``capture=["attention"]``.
         """
         if on_step is not None and not callable(on_step):
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
-                          capture=capture, top_k=top_k, interventions=interventions)
+                          capture=capture, top_k=top_k, interventions=interventions, speculative=speculative)
         try:
             for step in gen:
                 if on_step is not None:
@@ -264,10 +275,10 @@ class Generation:
 
     def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
                  rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...],
-                 interventions: list[Any]) -> None:
+                 interventions: list[Any], speculator: Speculator | None = None) -> None:
         self.session = session
         self.trace = trace
-        self._args = (ids, sampler, rules, generator, top_k, capture, interventions)
+        self._args = (ids, sampler, rules, generator, top_k, capture, interventions, speculator)
         self._iter: Iterator[Step] | None = None
 
     def __iter__(self) -> Iterator[Step]:
@@ -285,9 +296,9 @@ class Generation:
 
     def _run(self) -> Iterator[Step]:
         s = self.session
-        ids, sampler, rules, generator, top_k, capture, interventions = self._args
+        ids, sampler, rules, generator, top_k, capture, interventions, speculator = self._args
         with s._exclusive(), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
             yield from decode.decode(s.model, s.tokenizer, ids, self.trace, sampler, rules, generator=generator,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
-                                     interventions=[*s._scoped, *token_level], session=s)
+                                     interventions=[*s._scoped, *token_level], session=s, speculator=speculator)

@@ -1,18 +1,53 @@
-"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023): the exact verification rule.
+"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023), exact and instrumented.
 
-This module holds the part every draft kind shares: given the target's and the draft's distributions at the γ
-drafted positions (both *after* the sampler's own processing, so any Classic sampler is preserved exactly), decide
-how many drafted tokens to keep and draw the one token that follows. The decoding-loop integration and the draft
-kinds (model, layer-skip, quantized, prompt lookup) build on it (issue 7, in progress).
+A *draft* proposes γ tokens; the target verifies them all in one forward pass with its KV cache (THE decoding loop
+in :mod:`labkit.decode` does this, one round at a time); a drafted token x is kept with probability
+min(1, p(x)/q(x)), the first rejected one is replaced by a draw from norm(max(0, p − q)), and after γ acceptances a
+bonus token is drawn from p. p and q are the distributions *after* the sampler's own processing (temperature,
+top-k, top-p, min-p, ...), so the output is distributed exactly as plain decoding with that sampler; with greedy
+(p one-hot) the same rule keeps drafted tokens while they are the target's argmax. Rejected tokens' cache entries
+are cropped. Every Step records its round and whether its token was drafted and accepted or drawn by the target.
+
+Drafts: :class:`ModelDraft` (another local model, same tokenizer), :class:`LayerSkipDraft` (the target's first n
+layers, sharing its weights and cache), :class:`QuantizedDraft` (the target at lower precision) and
+:class:`PromptLookupDraft` (copy the continuation of an earlier n-gram match). :class:`SpeculativeStats` sums a run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import torch
+from transformers import DynamicCache
 
 from labkit.errors import InvalidArgument
+
+ORIGINS = ("accepted", "resampled", "bonus", "target")
+"""``Step.speculative["origin"]``: a drafted token the target kept; the target's draw after rejecting a drafted
+token; the target's draw after all γ drafted tokens were kept; a plain target draw in a round with nothing drafted."""
+
+
+# -- the exact rule -------------------------------------------------------------------------------------------
+
+def accepts(px: torch.Tensor, qx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool, shape of ``px``: keep each drafted token with probability min(1, p(x)/q(x)) (u·q(x) < p(x), u ~ U[0,1),
+    so q(x) = 0 is safe)."""
+    u = torch.rand(px.shape, generator=generator, dtype=px.dtype, device=px.device)
+    return u * qx < px
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Shape (..., V): norm(max(0, p − q)), the distribution to draw from after a rejection; p itself where
+    p ≤ q everywhere (then a rejection has probability 0)."""
+    res = (p - q).clamp(min=0.0)
+    mass = res.sum(-1, keepdim=True)
+    return torch.where(mass > 0, res / mass.clamp(min=1e-30), p)
 
 
 @dataclass(frozen=True)
@@ -28,13 +63,12 @@ class Verdict:
 
 def verify(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, generator: torch.Generator | None = None,
            greedy: bool = False) -> Verdict:
-    """Verify drafted tokens exactly.
+    """Verify drafted tokens exactly, batched (the loop applies the same :func:`accepts` / :func:`residual` one
+    position at a time, so it can stop computing at the first rejection).
 
     ``p``: (B, γ + 1, V) target probabilities at the γ drafted positions and the one after; ``q``: (B, γ, V) draft
     probabilities the tokens were drawn from (one-hot for a deterministic draft); ``drafted``: (B, γ) token ids.
-    Sampling: keep token x with probability min(1, p(x)/q(x)); at the first rejection draw from
-    norm(max(0, p − q)); after γ acceptances draw a bonus token from p. The kept tokens plus the next one are then
-    distributed exactly as tokens drawn from p one by one. ``greedy``: keep while x is p's argmax, then p's argmax.
+    ``greedy``: keep while x is p's argmax, then take p's argmax.
     """
     b, g1, v = p.shape
     gamma = g1 - 1
@@ -45,30 +79,561 @@ def verify(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, generator: t
     if greedy:
         ok = p[:, :gamma].argmax(-1) == drafted  # (B, γ)
     else:
-        px, qx = p[:, :gamma].gather(-1, idx)[..., 0], q.gather(-1, idx)[..., 0]  # (B, γ)
-        u = torch.rand(px.shape, generator=generator, dtype=px.dtype, device=px.device)
-        ok = u * qx < px  # u < p(x)/q(x) without dividing by a zero q(x)
+        ok = accepts(p[:, :gamma].gather(-1, idx)[..., 0], q.gather(-1, idx)[..., 0], generator)  # (B, γ)
     accepted = ok.long().cumprod(-1).sum(-1)  # (B,) leading run of acceptances
     rows = torch.arange(b, device=p.device)
     target = p[rows, accepted]  # (B, V): the distribution at the first unkept position
     if greedy:
         return Verdict(accepted, target.argmax(-1))
-    residual = (p[:, :gamma] - q).clamp(min=0.0)  # (B, γ, V)
-    rejected = accepted < gamma
-    at = accepted.clamp(max=max(gamma - 1, 0))
     if gamma > 0:
-        res = residual[rows, at]  # (B, V)
-        mass = res.sum(-1, keepdim=True)
-        res = torch.where(mass > 0, res / mass.clamp(min=1e-30), target)  # p == q: a rejection has probability 0
-        target = torch.where(rejected.unsqueeze(-1), res, target)
+        at = accepted.clamp(max=gamma - 1)
+        res = residual(p[rows, at], q[rows, at])  # (B, V)
+        target = torch.where((accepted < gamma).unsqueeze(-1), res, target)
     return Verdict(accepted, torch.multinomial(target, 1, generator=generator)[:, 0])
 
 
-def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+def judge(p: torch.Tensor, q: torch.Tensor | None, token: int,
+          generator: torch.Generator | None = None) -> tuple[int, bool]:
+    """One drafted ``token`` at one position: ``(token, True)`` if kept, else ``(replacement, False)`` drawn from
+    the residual. ``p``, ``q``: shape (V,) target and draft probabilities; ``q=None`` is a deterministic draft
+    (one-hot on ``token``)."""
+    qx = q[token] if q is not None else p.new_ones(())
+    if bool(accepts(p[token], qx, generator)):
+        return token, True
+    if q is None:
+        q = torch.zeros_like(p)
+        q[token] = 1.0
+    return int(torch.multinomial(residual(p, q), 1, generator=generator)), False
+
+
+def expected_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
     """Expected speedup of speculative decoding over plain decoding (Leviathan et al., 2023, Theorem 3.8):
     (1 − α^(γ+1)) / ((1 − α)(γ·c + 1)), with α the acceptance rate, γ the drafted tokens per round and c the
-    draft/target cost ratio per token. At α = 1 the first factor is its limit γ + 1."""
+    draft/target cost ratio per token. At α = 1 the first factor is its limit γ + 1. Assumes verifying γ + 1
+    tokens costs one target step (true on a GPU; on a CPU the verify pass grows with γ)."""
     if not 0 <= alpha <= 1 or gamma < 1 or cost_ratio < 0:
         raise InvalidArgument(f"need 0 ≤ alpha ≤ 1, gamma ≥ 1, cost_ratio ≥ 0; got {alpha}, {gamma}, {cost_ratio}")
     tokens = gamma + 1 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
     return tokens / (gamma * cost_ratio + 1)
+
+
+# -- drafts ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Proposal:
+    """What a draft proposes for one round."""
+
+    tokens: list[int]
+    """Shape (γ,): drafted token ids (γ may be 0: nothing to propose)."""
+    q: torch.Tensor | None = None
+    """Shape (γ, V): the draft's probabilities (after the sampler) the tokens were drawn from; None for a
+    deterministic draft (one-hot on each token)."""
+
+    def q_row(self, i: int) -> torch.Tensor | None:
+        return None if self.q is None else self.q[i]
+
+
+NOTHING = Proposal([])
+
+
+def crop(cache: Any, length: int) -> None:
+    """Cut every layer of a transformers cache to its first ``length`` positions (layers may differ in length)."""
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
+
+
+class Draft:
+    """Base class of draft kinds. ``gamma``: drafted tokens per round (the most, when ``adaptive``);
+    ``adaptive``: choose γ each round to maximise :func:`expected_speedup` from the running acceptance rate and
+    the measured draft/target cost ratio.
+
+    The loop calls ``bind(session)`` once per generation call (before it starts), ``start(prompt_ids)`` per
+    generation, ``propose(...)`` per round and ``rollback(length)`` after each verification.
+    """
+
+    name: ClassVar[str] = "draft"
+    deterministic: ClassVar[bool] = False
+    """True when the draft does not sample (prompt lookup): q is one-hot and the sampler is not applied to it."""
+
+    def __init__(self, gamma: int = 4, adaptive: bool = False) -> None:
+        if isinstance(gamma, bool) or not isinstance(gamma, int) or not 1 <= gamma <= 64:
+            raise InvalidArgument(f"gamma (drafted tokens per round) must be an integer in [1, 64]; got {gamma!r}")
+        if not isinstance(adaptive, bool):
+            raise InvalidArgument(f"adaptive must be True or False; got {adaptive!r}")
+        self.gamma = gamma
+        self.adaptive = adaptive
+
+    def bind(self, session: Any) -> None:
+        """Check the draft fits ``session``'s model and load what it needs (once per target)."""
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        """Clear per-generation state."""
+
+    def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
+                generator: torch.Generator | None) -> Proposal:
+        """Up to ``gamma`` tokens to follow ``ids`` (shape (1, T)). ``cache`` is the target's KV cache (holding
+        positions 0..T−2); a draft that writes into it must leave it as it found it."""
+        raise NotImplementedError  # every concrete draft overrides it
+
+    def rollback(self, length: int) -> None:
+        """The verified sequence is now ``length`` tokens plus one new token: drop any state beyond ``length``."""
+
+    def config(self) -> dict[str, Any]:
+        """Name and settings (stored in the Trace metadata)."""
+        return {"name": self.name, "gamma": self.gamma, "adaptive": self.adaptive}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+
+def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Tensor, ids: torch.Tensor,
+                 gamma: int, sampler: Any, generator: torch.Generator | None, vocab: int) -> Proposal:
+    """Draw ``gamma`` tokens one by one from a draft model: ``forward(input_ids) -> logits (1, t, V')`` advances
+    the draft's cache; ``feed`` (1, t) is what the draft has not seen yet. q is the sampler-processed draft
+    distribution, cut or padded to the target's ``vocab``."""
+    tokens: list[int] = []
+    rows: list[torch.Tensor] = []
+    for _ in range(gamma):
+        logits = forward(feed)[:, -1].float()  # (1, V')
+        if logits.shape[-1] != vocab:
+            logits = logits[:, :vocab] if logits.shape[-1] > vocab else torch.nn.functional.pad(
+                logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
+        scores = sampler(ids, logits.to(ids.device))  # (1, V)
+        token = sampler.draw(scores, generator)  # (1,)
+        rows.append(torch.softmax(scores[0], dim=-1))
+        tokens.append(int(token))
+        feed = token.view(1, 1)
+        ids = torch.cat([ids, feed.to(ids.device)], dim=1)
+    return Proposal(tokens, torch.stack(rows))
+
+
+class ModelDraft(Draft):
+    """Another local model with the target's tokenizer drafts (e.g. a smaller model of the same family).
+    ``model``: a :class:`~labkit.session.Session` or a local model folder (loaded on the target's device)."""
+
+    name = "model"
+
+    def __init__(self, model: Any, gamma: int = 4, adaptive: bool = False) -> None:
+        super().__init__(gamma, adaptive)
+        from labkit.session import Session
+
+        if not isinstance(model, (Session, str, os.PathLike)):
+            raise InvalidArgument(f"ModelDraft needs a Session or a local model folder; got {type(model).__name__}")
+        self.source = model
+        self._for: Any = None  # the target session this draft is bound to
+        self._model: Any = None
+        self._cache: Any = None
+
+    def _load(self, session: Any) -> tuple[Any, Any]:
+        """(model, tokenizer) of the draft for ``session``."""
+        from labkit import models
+        from labkit.session import Session
+
+        if isinstance(self.source, Session):
+            return self.source.model, self.source.tokenizer
+        model, tokenizer, _ = models.load(self.source, device=session.info.device, progress=False)
+        return model, tokenizer
+
+    def bind(self, session: Any) -> None:
+        if self._for is session:
+            return
+        model, tokenizer = self._load(session)
+        if tokenizer.get_vocab() != session.tokenizer.get_vocab():
+            raise InvalidArgument(f"{type(self).__name__} needs the target's tokenizer: the draft's vocabulary "
+                                  f"({len(tokenizer)} tokens) differs from the target's ({len(session.tokenizer)})")
+        self._model, self._for = model, session
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self._cache = DynamicCache(config=self._model.config)
+
+    def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
+                generator: torch.Generator | None) -> Proposal:
+        device = self._model.device
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self._model(input_ids=x.to(device), past_key_values=self._cache, use_cache=True,
+                               logits_to_keep=1).logits
+
+        seen = self._cache.get_seq_length()
+        return _autoregress(forward, ids[:, seen:], ids, gamma, sampler, generator, self._for.info.vocab_size)
+
+    def rollback(self, length: int) -> None:
+        crop(self._cache, length)
+
+    def config(self) -> dict[str, Any]:
+        source = self.source.model_id if hasattr(self.source, "model_id") else str(self.source)
+        return {**super().config(), "model": source}
+
+
+class QuantizedDraft(ModelDraft):
+    """The target model itself at lower precision drafts: ``dtype`` "bfloat16"|"float16" and/or ``quantization``
+    "8bit"|"4bit" (bitsandbytes, CUDA). Loaded once from the target's folder, beside the target."""
+
+    name = "quantized"
+
+    def __init__(self, dtype: str | None = "bfloat16", quantization: str | None = None, gamma: int = 4,
+                 adaptive: bool = False) -> None:
+        Draft.__init__(self, gamma, adaptive)
+        from labkit import models
+
+        if dtype not in (None, "bfloat16", "float16"):
+            raise InvalidArgument(f"dtype must be 'bfloat16', 'float16' or None; got {dtype!r}")
+        if quantization not in models.QUANTIZATIONS:
+            raise InvalidArgument(f"quantization must be one of {models.QUANTIZATIONS}; got {quantization!r}")
+        if dtype is None and quantization is None:
+            raise InvalidArgument("QuantizedDraft needs a lower-precision dtype or a quantization; got neither")
+        self.dtype, self.quantization = dtype, quantization
+        self.source = ""
+        self._for = self._model = self._cache = None
+
+    def _load(self, session: Any) -> tuple[Any, Any]:
+        from labkit import models
+
+        dtype = self.dtype or "auto"
+        model, tokenizer, _ = models.load(session.info.path, device=session.info.device, dtype=dtype,
+                                          quantization=self.quantization, attn=session.info.attn, progress=False)
+        return model, tokenizer
+
+    def config(self) -> dict[str, Any]:
+        return {**Draft.config(self), "dtype": self.dtype, "quantization": self.quantization}
+
+
+@contextlib.contextmanager
+def first_layers(model: Any, n: int) -> Iterator[None]:
+    """Inside the block, ``model`` runs only its first ``n`` decoder layers (then its final norm and unembedding):
+    the same weights and modules (hooks included), a shorter layer list."""
+    from labkit.interventions.base import decoder_layers
+
+    layers = decoder_layers(model)
+    model.model.layers = torch.nn.ModuleList(list(layers)[:n])
+    try:
+        yield
+    finally:
+        model.model.layers = layers
+
+
+class LayerSkipDraft(Draft):
+    """Self-speculative decoding (LayerSkip, Elhoushi et al., 2024): the target's first ``n_layers`` decoder layers
+    plus its final norm and unembedding draft, sharing the target's weights and KV cache (the draft's entries in
+    the first layers are cropped before the target verifies)."""
+
+    name = "layer-skip"
+
+    def __init__(self, n_layers: int, gamma: int = 4, adaptive: bool = False) -> None:
+        super().__init__(gamma, adaptive)
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise InvalidArgument(f"n_layers must be a positive integer; got {n_layers!r}")
+        self.n_layers = n_layers
+        self._model: Any = None
+
+    def bind(self, session: Any) -> None:
+        total = session.info.n_layers
+        if self.n_layers >= total:
+            raise InvalidArgument(f"n_layers must be in [1, {total - 1}] (the target has {total} layers); "
+                                  f"got {self.n_layers}")
+        self._model = session.model
+        self._vocab = session.info.vocab_size
+
+    def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
+                generator: torch.Generator | None) -> Proposal:
+        base = cache.get_seq_length()
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return self._model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+        try:
+            with first_layers(self._model, self.n_layers):
+                return _autoregress(forward, ids[:, base:], ids, gamma, sampler, generator, self._vocab)
+        finally:
+            crop(cache, base)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "n_layers": self.n_layers}
+
+
+class PromptLookupDraft(Draft):
+    """Prompt lookup decoding (Saxena, 2023): find the most recent earlier occurrence of the last ``ngram`` tokens
+    (then of shorter n-grams, down to 1) in the prompt and generated text, and propose the up to ``max_tokens``
+    tokens that followed it. Deterministic (q one-hot), no model: strong on copy-heavy tasks (editing code)."""
+
+    name = "prompt-lookup"
+    deterministic = True
+
+    def __init__(self, ngram: int = 3, max_tokens: int = 10, adaptive: bool = False) -> None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 64:
+            raise InvalidArgument(f"max_tokens must be an integer in [1, 64]; got {max_tokens!r}")
+        super().__init__(max_tokens, adaptive)
+        if isinstance(ngram, bool) or not isinstance(ngram, int) or not 1 <= ngram <= 16:
+            raise InvalidArgument(f"ngram must be an integer in [1, 16]; got {ngram!r}")
+        self.ngram = ngram
+
+    def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
+                generator: torch.Generator | None) -> Proposal:
+        seq = ids[0]
+        for n in range(min(self.ngram, seq.numel() - 1), 0, -1):
+            earlier = seq[:-1].unfold(0, n, 1)  # (T − n, n): every n-gram that has a token after it
+            hits = (earlier == seq[-n:]).all(-1).nonzero()
+            if hits.numel():
+                start = int(hits[-1]) + n
+                return Proposal(seq[start:start + gamma].tolist())
+        return NOTHING
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "ngram": self.ngram, "max_tokens": self.gamma, "adaptive": self.adaptive}
+
+
+DRAFT_SPECS = ("prompt-lookup[:ngram=3,max_tokens=10]", "layer-skip:N[,gamma=4]", "bf16|fp16[:gamma=4]",
+               "8bit|4bit[:gamma=4]", "model:PATH[,gamma=4]")
+
+
+def parse_draft(spec: str) -> Draft:
+    """A draft from a CLI spec: ``prompt-lookup``, ``layer-skip:8``, ``bf16``, ``8bit``, ``model:/path`` (each with
+    optional ``gamma=…``/``adaptive=1`` settings after a comma, e.g. ``layer-skip:8,gamma=3``)."""
+    from labkit.specs import parse_spec
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgument(f"speculative spec must be one of {DRAFT_SPECS}; got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    first, _, more = rest.partition(",")
+    positional = first if first and "=" not in first else ""
+    _, settings = parse_spec(f"{name}:{more if positional else rest}", "speculative")
+    if "adaptive" in settings:
+        settings["adaptive"] = bool(settings["adaptive"])
+    try:
+        if name == "prompt-lookup" and not positional:
+            return PromptLookupDraft(**settings)
+        if name == "layer-skip" and positional.isdigit():
+            return LayerSkipDraft(int(positional), **settings)
+        if name in ("bf16", "fp16") and not positional:
+            return QuantizedDraft(dtype={"bf16": "bfloat16", "fp16": "float16"}[name], **settings)
+        if name in ("8bit", "4bit") and not positional:
+            return QuantizedDraft(dtype=None, quantization=name, **settings)
+        if name == "model" and positional:
+            return ModelDraft(positional, **settings)
+    except TypeError as e:
+        raise InvalidArgument(f"speculative spec {spec!r}: {e}") from e
+    raise InvalidArgument(f"speculative spec must be one of {DRAFT_SPECS}; got {spec!r}")
+
+
+# -- the run: adaptive γ, timing, statistics -------------------------------------------------------------------
+
+@dataclass
+class SpeculativeStats:
+    """What a speculative generation did. Times in milliseconds; α is per drafted token."""
+
+    draft: dict[str, Any]
+    """The draft's name and settings."""
+    rounds: int = 0
+    """Target forward passes (one per round)."""
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    """Tokens generated (accepted drafts plus one target draw per round, fewer when a stop rule ends a round)."""
+    draft_ms: float = 0.0
+    """Time spent drafting."""
+    target_ms: float = 0.0
+    """Time in the target's verification forward passes."""
+    total_ms: float = 0.0
+    """Wall time of the generation (the sum of its steps' times)."""
+    gammas: list[int] = field(default_factory=list)
+    """γ of each round (0 when the draft had nothing to propose)."""
+    plain_ms_per_token: float | None = None
+    """Plain (non-speculative) decoding's ms/token on the same prompt, when measured (:func:`measure`)."""
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance rate: accepted / drafted (nan when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else math.nan
+
+    @property
+    def mean_gamma(self) -> float:
+        return self.drafted / self.rounds if self.rounds else math.nan
+
+    @property
+    def cost_ratio(self) -> float:
+        """c: draft time per drafted token / target time per verification pass."""
+        if not self.drafted or not self.target_ms:
+            return math.nan
+        return (self.draft_ms / self.drafted) / (self.target_ms / self.rounds)
+
+    @property
+    def expected_speedup(self) -> float:
+        """:func:`expected_speedup` at the measured α, mean γ and c (nan when nothing was drafted)."""
+        if not self.drafted or math.isnan(self.cost_ratio):
+            return math.nan
+        return expected_speedup(self.alpha, max(self.mean_gamma, 1.0), self.cost_ratio)
+
+    @property
+    def ms_per_token(self) -> float:
+        return self.total_ms / self.tokens if self.tokens else math.nan
+
+    @property
+    def measured_speedup(self) -> float:
+        """plain ms/token ÷ speculative ms/token (nan until ``plain_ms_per_token`` is measured)."""
+        if self.plain_ms_per_token is None or not self.tokens:
+            return math.nan
+        return self.plain_ms_per_token / self.ms_per_token
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields plus the derived figures (stored in ``Trace.meta.speculative``; None where undefined)."""
+        derived = ("alpha", "tokens_per_round", "mean_gamma", "cost_ratio", "expected_speedup", "ms_per_token",
+                   "measured_speedup")
+        figures = {k: getattr(self, k) for k in derived}
+        return asdict(self) | {k: None if math.isnan(v) else v for k, v in figures.items()}  # None: undefined
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeStats:
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def of(cls, trace: Any) -> SpeculativeStats:
+        """The statistics of a speculative Trace (InvalidArgument for a plain one)."""
+        if not trace.meta.speculative:
+            raise InvalidArgument("this trace was not generated with speculative=...")
+        return cls.from_dict(trace.meta.speculative)
+
+    def __str__(self) -> str:
+        def f(x: float, spec: str) -> str:
+            return "n/a" if x is None or math.isnan(x) else format(x, spec)
+
+        return (f"{self.draft.get('name')}: {self.tokens} tokens in {self.rounds} rounds, "
+                f"α={f(self.alpha, '.3f')}, {f(self.tokens_per_round, '.2f')} tokens/round, "
+                f"mean γ={f(self.mean_gamma, '.2f')}, c={f(self.cost_ratio, '.3f')}, "
+                f"{f(self.ms_per_token, '.1f')} ms/token, expected speedup {f(self.expected_speedup, '.2f')}×, "
+                f"measured {f(self.measured_speedup, '.2f')}×")
+
+
+class Speculator:
+    """One speculative generation's bookkeeping for the decoding loop: picks γ, times the draft and the target,
+    rolls the draft back and sums :class:`SpeculativeStats`."""
+
+    def __init__(self, draft: Draft) -> None:
+        self.draft = draft
+        self.stats = SpeculativeStats(draft=draft.config())
+        self._a = self._d = 0.0  # exponentially decayed accepted / drafted counts for adaptive γ
+
+    def start(self, prompt_ids: torch.Tensor) -> None:
+        self.draft.start(prompt_ids)
+
+    def gamma(self, limit: int) -> int:
+        """γ for the next round, at most ``limit`` (tokens still allowed after the round's target draw)."""
+        gamma = self.draft.gamma
+        if self.draft.adaptive:
+            alpha = (self._a + 1) / (self._d + 2)  # Laplace estimate of the running acceptance rate
+            c = self.stats.cost_ratio
+            c = 0.0 if math.isnan(c) else c
+            gamma = max(range(1, gamma + 1), key=lambda g: expected_speedup(alpha, g, c))
+        return max(0, min(gamma, limit))
+
+    def propose(self, ids: torch.Tensor, cache: Any, limit: int, sampler: Any,
+                generator: torch.Generator | None) -> Proposal:
+        gamma = self.gamma(limit)
+        if gamma == 0:
+            return NOTHING
+        t0 = time.perf_counter()
+        proposal = self.draft.propose(ids, gamma, cache, sampler, generator)
+        self.stats.draft_ms += (time.perf_counter() - t0) * 1e3
+        return proposal
+
+    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, sampler: Any,
+               generator: torch.Generator | None, token_text: Callable[[int], str]) -> tuple[int, dict[str, Any]]:
+        """The token at position ``i`` of a round (``scores`` (1, V): the sampler's output there) and its
+        ``Step.speculative`` record: the drafted token judged exactly, or, after the last drafted position, the
+        sampler's own draw."""
+        p = torch.softmax(scores[0], dim=-1)  # (V,) the distribution the sampler draws from
+        gamma = len(proposal.tokens)
+        if i < gamma:
+            q, drafted = proposal.q_row(i), proposal.tokens[i]
+            token, ok = judge(p, q, drafted, generator)
+            qx = (lambda t: float(q[t])) if q is not None else (lambda t: float(t == drafted))
+            record: dict[str, Any] = {"origin": "accepted" if ok else "resampled", "p": float(p[token]),
+                                      "q": qx(token)}
+            if not ok:
+                record["rejected"] = {"token": token_text(drafted), "token_id": drafted, "p": float(p[drafted]),
+                                      "q": qx(drafted)}
+        else:
+            token = int(sampler.draw(scores, generator))
+            record = {"origin": "bonus" if gamma else "target", "p": float(p[token])}
+        record["round"] = self.stats.rounds
+        if i == 0:
+            record["drafted"] = [token_text(t) for t in proposal.tokens]
+        return token, record
+
+    def settle(self, proposal: Proposal, accepted: int, tokens: int, target_ms: float, length: int) -> None:
+        """After a round: ``accepted`` drafted tokens kept, ``tokens`` generated, ``length`` verified tokens before
+        the newest one."""
+        s = self.stats
+        gamma = len(proposal.tokens)
+        s.rounds += 1
+        s.drafted += gamma
+        s.accepted += accepted
+        s.tokens += tokens
+        s.target_ms += target_ms
+        s.gammas.append(gamma)
+        if gamma:
+            self._a, self._d = 0.8 * self._a + accepted, 0.8 * self._d + gamma
+        self.draft.rollback(length)
+
+
+def check_speculative(speculative: Any, sampler: Any, capture: Any) -> Draft | None:
+    """The draft, after checking it can run exactly with ``sampler`` and ``capture``."""
+    if speculative is None:
+        return None
+    if not isinstance(speculative, Draft):
+        raise InvalidArgument(f"speculative must be a labkit.speculative draft (PromptLookupDraft(), "
+                              f"LayerSkipDraft(n), QuantizedDraft(), ModelDraft(...)) or None; got {speculative!r}")
+    if sampler.needs or not sampler.stateless:
+        raise InvalidArgument(f"speculative decoding is exact only for samplers whose distribution depends on the "
+                              f"logits alone (greedy, classic, entropy_guided); {sampler.name!r} keeps state or "
+                              "reads attention")
+    if "attention" in capture:
+        raise InvalidArgument("capture=['attention'] cannot be combined with speculative decoding (a round verifies "
+                              "several positions at once)")
+    return speculative
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A speculative run and plain decoding on the same prompt, interleaved."""
+
+    stats: SpeculativeStats
+    """The last speculative run's statistics, with ``plain_ms_per_token`` set (median over repeats)."""
+    plain_ms_per_token: float
+    speculative_ms_per_token: float
+    """Median over repeats."""
+    identical: bool
+    """Whether the speculative tokens equal the plain run's (expected for greedy and for a fixed seed only when
+    the sampler is greedy)."""
+
+    @property
+    def speedup(self) -> float:
+        return self.plain_ms_per_token / self.speculative_ms_per_token
+
+
+def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generate_kw: Any) -> Measurement:
+    """Run plain and speculative generation of ``prompt`` ``repeats`` times each, interleaved; compare ms/token
+    (median) and tokens. ``generate_kw`` go to :meth:`Session.generate` for both."""
+    import statistics
+
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InvalidArgument(f"repeats must be a positive integer; got {repeats!r}")
+    plain_times, spec_times = [], []
+    plain = spec = None
+    for _ in range(repeats):
+        plain = session.generate(prompt, **generate_kw)
+        spec = session.generate(prompt, speculative=draft, **generate_kw)
+        plain_times.append(sum(s.time_ms for s in plain) / len(plain))
+        spec_times.append(sum(s.time_ms for s in spec) / len(spec))
+    stats = SpeculativeStats.of(spec)
+    stats.plain_ms_per_token = statistics.median(plain_times)
+    stats.total_ms = statistics.median(spec_times) * stats.tokens
+    return Measurement(stats, stats.plain_ms_per_token, statistics.median(spec_times),
+                       plain.token_ids == spec.token_ids)

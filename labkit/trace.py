@@ -70,6 +70,11 @@ class Step:
     heads (bits²), agreement, interaction strength (see :mod:`labkit.attention`). Empty otherwise."""
     interventions: list[str] = field(default_factory=list)
     """Token-level interventions that changed this step's logits, e.g. ``["Suppress([' Paris'])"]``."""
+    speculative: dict[str, Any] = field(default_factory=dict)
+    """With speculative decoding: ``round``, ``origin`` (``"accepted"`` a drafted token the target kept,
+    ``"resampled"`` drawn by the target after rejecting ``rejected``, ``"bonus"`` drawn by the target after all
+    drafts were kept, ``"target"`` drawn by the target in a round with nothing drafted), ``p`` and ``q`` (target and
+    draft probabilities of the token after the sampler) and, on a round's first step, ``drafted``. Empty otherwise."""
     captures: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Raw tensors captured at this step, e.g. ``"attention"`` -> AttentionRow (L, H, T_k). Kept in memory only:
     ``Trace.save`` stores the summaries, not these tensors."""
@@ -112,6 +117,8 @@ class TraceMeta:
     labkit_version: str = ""
     created: str = ""
     """ISO-8601 UTC time the generation started."""
+    speculative: dict[str, Any] = field(default_factory=dict)
+    """With speculative decoding: the draft's settings and the run's SpeculativeStats (``as_dict``); else empty."""
 
 
 @dataclass
@@ -168,6 +175,7 @@ class Trace:
                 "entropy_bits": s.entropy_bits, "varentropy_bits": s.varentropy_bits,
                 "top": [f"{a.token!r}:{a.prob:.3f}" for a in s.top], "time_ms": s.time_ms,
                 **{f"sampler.{k}": v for k, v in s.sampler.items()},
+                **{f"speculative.{k}": s.speculative[k] for k in ("round", "origin") if k in s.speculative},
             })
         columns = ["step", "position", "token", "token_id", "prob", "logprob", "surprisal_bits", "entropy_bits",
                    "varentropy_bits", "top", "time_ms"]
@@ -261,10 +269,11 @@ def _arrow_types() -> dict[str, Any]:
         "sampler": pa.string(),  # JSON text: a sampler's record may hold any JSON value
         "attention": pa.string(),  # JSON text
         "interventions": pa.list_(pa.string()),
+        "speculative": pa.string(),  # JSON text
     }
 
 
-_JSON_COLUMNS = ("sampler", "attention")
+_JSON_COLUMNS = ("sampler", "attention", "speculative")
 
 
 def _save_parquet(trace: Trace, path: Path) -> None:
@@ -298,7 +307,8 @@ def _load_parquet(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     steps = table.to_pylist()
     for s in steps:
         for name in _JSON_COLUMNS:
-            s[name] = json.loads(s[name])
+            if name in s:  # traces written before a column existed load with its default
+                s[name] = json.loads(s[name])
         s["top"] = [(a["token"], a["token_id"], a["prob"]) for a in s["top"]]
     return header, steps
 

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from labkit.errors import InvalidArgument
-from labkit.speculative import expected_speedup, verify
+from labkit.speculative import expected_speedup, judge, verify
 
 N = 100_000
 PAIRS = [
@@ -75,3 +75,16 @@ def test_expected_speedup_closed_forms():
     assert expected_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8 ** 5) / (0.2 * 1.4))
     with pytest.raises(InvalidArgument):
         expected_speedup(1.5, 4, 0.1)
+
+
+@pytest.mark.parametrize("p, q", PAIRS[:3])
+def test_the_loops_one_position_rule_follows_the_target_distribution(p, q):
+    """`judge` (what the decoding loop calls per position) against p; the deterministic-draft form (q=None)
+    against the same p with q one-hot on the drafted token."""
+    n = 20_000
+    g = torch.Generator().manual_seed(3)
+    p_t, q_t = torch.tensor(p, dtype=torch.float64), torch.tensor(q, dtype=torch.float64)
+    drafted = torch.multinomial(q_t, n, replacement=True, generator=g).tolist()
+    deterministic = q_t.max() == 1.0
+    tokens = [judge(p_t, None if deterministic else q_t, x, g)[0] for x in drafted]
+    assert chi2_p(torch.bincount(torch.tensor(tokens), minlength=len(p)).double(), p) > 0.001

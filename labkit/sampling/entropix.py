@@ -234,6 +234,7 @@ class Entropix(Sampler):
     (``sampler.temperature = 0.5`` sets ``sampler.cfg.temperature``). Batch size 1 only."""
 
     name = "entropix"
+    stateless = False
     needs = frozenset({"attention"})
 
     def __init__(self, config: EntropixConfig | None = None, **settings: Any) -> None:

@@ -24,6 +24,7 @@ class Mirostat(Sampler):
     """
 
     name = "mirostat"
+    stateless = False
     params = ("tau", "eta", "temperature")
 
     def __init__(self, tau: float = 5.0, eta: float = 0.1, temperature: float = 1.0) -> None:
