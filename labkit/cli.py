@@ -118,18 +118,28 @@ def _interventions(suppress: tuple[str, ...], boost: tuple[str, ...], force: tup
     return out
 
 
+def _origin(step: Any) -> str:
+    """Speculative column: round and origin, with the rejected drafted token after a rejection."""
+    sp = step.speculative
+    rejected = f" (not {sp['rejected']['token']!r})" if "rejected" in sp else ""
+    return f"r{sp['round']:<3} {sp['origin']}{rejected}"
+
+
 def _print_steps(trace: Any) -> None:
-    """One row per token: token, p, entropy, varentropy, the sampler's branch (Entropix) and top alternatives;
-    ``*`` marks a step whose logits a token-level intervention changed."""
+    """One row per token: token, p, entropy, varentropy, the sampler's branch (Entropix), the speculative round
+    and origin, and top alternatives; ``*`` marks a step whose logits a token-level intervention changed."""
     branch = any("branch" in st.sampler for st in trace.steps)
+    spec = bool(trace.meta.speculative)
     click.echo(f"{'step':>4}  {'token':<16} {'p':>6}  {'H bits':>6}  {'VH bits²':>8}  "
-               + (f"{'branch':<8}  " if branch else "") + "top alternatives")
+               + (f"{'branch':<8}  " if branch else "") + (f"{'round origin':<28}  " if spec else "")
+               + "top alternatives")
     for st in trace.steps:
         alts = "  ".join(f"{a.token!r} {a.prob:.2f}" for a in st.top[:3])
         b = f"{st.sampler.get('branch', ''):<8}  " if branch else ""
+        o = f"{_origin(st):<28}  " if spec else ""
         mark = "*" if st.interventions else " "
         click.echo(f"{st.index:>3}{mark}  {st.token!r:<16} {st.prob:>6.3f}  {st.entropy_bits:>6.3f}  "
-                   f"{st.varentropy_bits:>8.3f}  {b}{alts}")
+                   f"{st.varentropy_bits:>8.3f}  {b}{o}{alts}")
     click.echo(f"[stop: {trace.stop_reason}; {len(trace)} tokens; seed {trace.meta.seed}]")
 
 
@@ -152,6 +162,11 @@ def _print_steps(trace: Any) -> None:
 @click.option("--ablate", multiple=True, help="LAYER:HEAD: zero-ablate an attention head (repeatable).")
 @click.option("--recipe", "recipes", multiple=True, help="A named intervention recipe, e.g. 'suppress-word:word=Paris'"
               " (repeatable; `labkit recipes` lists them).")
+@click.option("--speculative", "speculative_spec", default=None, help="Speculative decoding with a draft: "
+              "prompt-lookup[:ngram=3,max_tokens=10], layer-skip:N[,gamma=4], bf16, fp16, 8bit, 4bit, model:PATH "
+              "(add adaptive=1 for adaptive γ). Prints the round statistics.")
+@click.option("--baseline", is_flag=True, help="With --speculative: also time plain decoding of the same prompt "
+              "and report the measured speedup.")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
 @click.option("--show-steps", is_flag=True, help="One row per token: token, p, entropy, varentropy, top alternatives.")
 @click.option("--save", "save_path", default=None, help="Save the trace (.json or .parquet).")
@@ -159,10 +174,11 @@ def _print_steps(trace: Any) -> None:
 def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature: float | None, top_k: int,
                  top_p: float, min_p: float, sampler_spec: str | None, stop: tuple[str, ...],
                  suppress: tuple[str, ...], boost: tuple[str, ...], force: tuple[str, ...], ablate: tuple[str, ...],
-                 recipes: tuple[str, ...], chat: bool, show_steps: bool, save_path: str | None,
-                 **model_kw: Any) -> None:
+                 recipes: tuple[str, ...], speculative_spec: str | None, baseline: bool, chat: bool,
+                 show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
     """Generate text after PROMPT and optionally show every step."""
     from labkit.sampling import Classic, parse_sampler
+    from labkit.speculative import SpeculativeStats, measure, parse_draft
 
     with _errors():
         sampling = temperature is not None or top_k or top_p != 1.0 or min_p
@@ -174,17 +190,25 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
             sampler = parse_sampler(sampler_spec)
         if save_path is not None:  # fail on a bad suffix before spending time on the model
             format_of(Path(save_path))
+        if baseline and speculative_spec is None:
+            raise InvalidArgument("--baseline needs --speculative")
+        draft = parse_draft(speculative_spec) if speculative_spec is not None else None
         interventions = _interventions(suppress, boost, force, ablate)
         s = _session(**model_kw)
         if recipes:
             from labkit.interventions import recipe
 
             interventions += [i for spec in recipes for i in recipe(s, spec)]
-        trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
-                           stop=list(stop) or None, chat=chat, interventions=interventions)
+        kw = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed, "stop": list(stop) or None,
+              "chat": chat, "interventions": interventions}
+        measured = measure(s, prompt, draft, repeats=3, **kw) if baseline else None
+        trace = measured.trace if measured else s.generate(prompt, speculative=draft, **kw)
         if show_steps:
             _print_steps(trace)
         click.echo(trace.prompt + trace.text)
+        if draft is not None:
+            stats = measured.stats if measured else SpeculativeStats.of(trace)
+            click.echo(f"[speculative {stats}]", err=True)
         if save_path is not None:
             click.echo(f"saved {trace.save(save_path)}", err=True)
 

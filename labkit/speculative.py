@@ -610,8 +610,10 @@ class Measurement:
     speculative_ms_per_token: float
     """Median over repeats."""
     identical: bool
-    """Whether the speculative tokens equal the plain run's (expected for greedy and for a fixed seed only when
-    the sampler is greedy)."""
+    """Whether the speculative tokens equal the plain run's (expected for greedy; sampled runs agree in
+    distribution, not token by token)."""
+    trace: Any = field(repr=False, default=None)
+    """The last speculative Trace."""
 
     @property
     def speedup(self) -> float:
@@ -620,7 +622,8 @@ class Measurement:
 
 def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generate_kw: Any) -> Measurement:
     """Run plain and speculative generation of ``prompt`` ``repeats`` times each, interleaved; compare ms/token
-    (median) and tokens. ``generate_kw`` go to :meth:`Session.generate` for both."""
+    (median, so a first warm-up run does not count with repeats ≥ 3) and tokens. ``generate_kw`` go to
+    :meth:`Session.generate` for both."""
     import statistics
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -636,4 +639,4 @@ def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generat
     stats.plain_ms_per_token = statistics.median(plain_times)
     stats.total_ms = statistics.median(spec_times) * stats.tokens
     return Measurement(stats, stats.plain_ms_per_token, statistics.median(spec_times),
-                       plain.token_ids == spec.token_ids)
+                       plain.token_ids == spec.token_ids, spec)

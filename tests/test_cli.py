@@ -131,3 +131,35 @@ def test_bad_intervention_options_exit_2(args, match):
     r = CliRunner().invoke(main, ["generate", "The capital of France is", "--max-new-tokens", "2", *args])
     assert r.exit_code == 2, r.output
     assert match in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec", ["prompt-lookup", "layer-skip:8", "bf16"])
+def test_generate_speculative_show_steps(run, spec):
+    prompt = "Repeat this sentence exactly: The cat sat on the mat and looked at the dog."
+    plain = run("generate", prompt, "--chat", "--max-new-tokens", "10")
+    r = run("generate", prompt, "--chat", "--max-new-tokens", "10", "--speculative", spec, "--show-steps")
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert "round origin" in lines[0]
+    rows = [ln for ln in lines[1:] if ln[:4].strip().isdigit()]
+    assert rows and all(any(o in ln for o in ("accepted", "resampled", "bonus", "target")) for ln in rows)
+    assert r.stdout.endswith(plain.stdout)  # greedy: the same text as plain decoding
+    assert "tokens/round" in r.stderr and "α=" in r.stderr
+
+
+def test_generate_speculative_baseline_reports_a_measured_speedup(run):
+    r = run("generate", "Say hello", "--max-new-tokens", "4", "--speculative", "prompt-lookup", "--baseline")
+    assert r.exit_code == 0, r.output
+    assert "measured" in r.stderr and "measured n/a" not in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--speculative", "layer-skip"], "speculative spec must be one of"),
+    (["--speculative", "layer-skip:99"], "n_layers must be in [1, 29]"),
+    (["--baseline"], "--baseline needs --speculative"),
+    (["--speculative", "prompt-lookup", "--sampler", "mirostat"], "exact only for samplers"),
+])
+def test_bad_speculative_options_exit_2(args, match):
+    r = CliRunner().invoke(main, ["generate", "The capital of France is", "--max-new-tokens", "2", *args])
+    assert r.exit_code == 2, r.output
+    assert match in r.output and len(r.output.strip().splitlines()) == 1
