@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from labkit import attention, info
 from labkit.interventions.base import InterventionContext, TokenIntervention
 from labkit.sampling.base import Sampler
-from labkit.sampling.measure import sampling_info_of
+from labkit.sampling.measure import sampling_infos
 from labkit.speculative import NOTHING, Speculator, crop
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
@@ -108,42 +108,51 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     inputs = torch.cat([inputs, torch.tensor([proposal.tokens], device=ids.device)], dim=1)
                 t_target = time.perf_counter()
                 out = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=gamma + 1)
-                all_logits = out.logits[0, -(gamma + 1):].float()  # (γ + 1, V) raw
+                raw = out.logits[0, -(gamma + 1):].float()  # (n, V) raw logits at the n = γ + 1 positions
                 target_ms = (time.perf_counter() - t_target) * 1e3
+                # every position at once; row i assumes drafted[:i] were kept (it is used only if they were)
+                logp = info.log_probs(raw)  # (n, V) nats
+                entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (n,), (n,)
+                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
+                captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
+                edited, changed = raw, [[] for _ in range(gamma + 1)]
+                if interventions:
+                    rows = []
+                    for i in range(gamma + 1):
+                        row = raw[i:i + 1]  # (1, V)
+                        ctx = InterventionContext(index + i, trace.token_ids + proposal.tokens[:i], trace.prompt_ids,
+                                                  session)
+                        for item in interventions:
+                            new = item.apply(row, ctx)
+                            if not torch.equal(new, row):
+                                changed[i].append(item.describe())
+                            row = new
+                        rows.append(row)
+                    edited = torch.cat(rows)  # (n, V)
+                if sampler.needs:
+                    sampler.observe({k: captured[k] for k in sampler.needs})
+                scores = sampler(ids.expand(gamma + 1, -1), edited)  # (n, V); stateless when n > 1
+                top_probs = top_lp.exp()  # (n, k)
+                infos, probs = sampling_infos(scores, entropy, top_probs[:, 0])  # n SamplingInfo; (n, V)
+                h_bits, vh_bits, top_p, top_i = entropy.tolist(), varentropy.tolist(), top_probs.tolist(), \
+                    top_ids.tolist()
                 kept = 0
                 for i in range(gamma + 1):
-                    logits = all_logits[i:i + 1]  # (1, V)
-                    logp = info.log_probs(logits)  # (1, V) nats
-                    entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (1,), (1,)
-                    top_lp, top_ids = logp.topk(top_k, dim=-1)  # (1, k)
-                    captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
-                    changed: list[str] = []
-                    if interventions:
-                        ctx = InterventionContext(index, trace.token_ids, trace.prompt_ids, session)
-                        for item in interventions:
-                            edited = item.apply(logits, ctx)
-                            if not torch.equal(edited, logits):
-                                changed.append(item.describe())
-                            logits = edited
-                    if sampler.needs:
-                        sampler.observe({k: captured[k] for k in sampler.needs})
-                    scores = sampler(ids, logits)  # (1, V)
                     if speculator is None:
-                        tid, spec = int(sampler.draw(scores, generator)), {}
+                        tid, spec = int(sampler.draw(scores[i:i + 1], generator)), {}
                     else:
-                        tid, spec = speculator.choose(proposal, i, scores, sampler, generator, token_text)
+                        tid, spec = speculator.choose(proposal, i, scores[i:i + 1], probs[i], sampler, generator,
+                                                      token_text)
                         kept += spec["origin"] == "accepted"
                     step = Step(
                         index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
-                        logprob=float(logp[0, tid]), entropy_bits=float(entropy),
-                        varentropy_bits=float(varentropy),
-                        top=[(token_text(j), j, pr) for j, pr in zip(top_ids[0].tolist(), top_lp[0].exp().tolist(),
-                                                                      strict=True)],
-                        time_ms=0.0, sampler={**sampler.record(scores), **sampling_info_of(logits, scores).as_dict()},
-                        interventions=changed, speculative=spec,
+                        logprob=float(logp[i, tid]), entropy_bits=h_bits[i], varentropy_bits=vh_bits[i],
+                        top=[(token_text(j), j, pr) for j, pr in zip(top_i[i], top_p[i], strict=True)],
+                        time_ms=0.0, sampler={**sampler.record(scores[i:i + 1]), **infos[i].as_dict()},
+                        interventions=changed[i], speculative=spec,
                     )
                     if "logits" in capture:
-                        step.captures["logits"] = logits[0]
+                        step.captures["logits"] = edited[i]
                     if "attention" in capture:
                         step.captures["attention"] = captured["attention"]
                         step.attention = attention.step_metrics(captured["attention"]).summary()
@@ -155,7 +164,9 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     t_mark = time.perf_counter()
                     index += 1
                     reason = rules.reason(tid, trace.token_ids, tokenizer.decode)
-                    if reason or (spec and spec["origin"] == "resampled"):
+                    if not reason and i < gamma and stop_event.is_set():
+                        reason = "stopped"  # within a round too: Stop ends generation after the current token
+                    if reason or spec.get("origin") == "resampled":
                         break
                 if speculator is not None:
                     crop(cache, ids.shape[1] - 1)  # drop the rejected drafted tokens' entries

@@ -543,12 +543,11 @@ class Speculator:
         self.stats.draft_ms += (time.perf_counter() - t0) * 1e3
         return proposal
 
-    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, sampler: Any,
+    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, p: torch.Tensor, sampler: Any,
                generator: torch.Generator | None, token_text: Callable[[int], str]) -> tuple[int, dict[str, Any]]:
-        """The token at position ``i`` of a round (``scores`` (1, V): the sampler's output there) and its
-        ``Step.speculative`` record: the drafted token judged exactly, or, after the last drafted position, the
-        sampler's own draw."""
-        p = torch.softmax(scores[0], dim=-1)  # (V,) the distribution the sampler draws from
+        """The token at position ``i`` of a round (``scores`` (1, V): the sampler's output there; ``p`` (V,):
+        softmax(scores)) and its ``Step.speculative`` record: the drafted token judged exactly, or, after the last
+        drafted position, the sampler's own draw."""
         gamma = len(proposal.tokens)
         if i < gamma:
             q, drafted = proposal.q_row(i), proposal.tokens[i]

@@ -197,3 +197,14 @@ def test_draft_specs(spec, kind, settings):
 def test_bad_draft_specs(spec):
     with pytest.raises(InvalidArgument):
         parse_draft(spec)
+
+
+def test_stop_takes_effect_inside_a_round(session):
+    def on_step(step):
+        if step.index == 2:
+            session.stop()
+
+    trace = session.generate(COPY, max_new_tokens=24, chat=True, on_step=on_step, speculative=PromptLookupDraft())
+    assert len(trace) == 3 and trace.stop_reason == "stopped"
+    assert SpeculativeStats.of(trace).tokens == 3
+    assert len(session.generate(OPEN, max_new_tokens=2)) == 2

@@ -89,8 +89,9 @@ class Sampler(LogitsProcessor):
     needs: ClassVar[frozenset[str]] = frozenset()
     """Captures the decoding loop must switch on for this sampler (e.g. ``{"attention"}``)."""
     stateless: ClassVar[bool] = True
-    """True when the processed scores depend only on (input_ids, logits) and ``draw`` draws from softmax(scores):
-    the condition for exact speculative decoding (scores are computed for drafted positions that may be rejected)."""
+    """True when the processed scores depend only on the logits (row by row) and ``draw`` draws from
+    softmax(scores): the condition for exact speculative decoding (all positions of a round are processed as one
+    batch, including drafted positions that may be rejected)."""
 
     def __setattr__(self, key: str, value: Any) -> None:
         if key in self.params:

@@ -4,6 +4,7 @@ vocabulary, top-token probability. Entropies in bits."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +47,25 @@ def sampling_info_of(logits: torch.Tensor, scores: torch.Tensor) -> SamplingInfo
     if before.shape != after.shape:
         raise InvalidArgument(f"logits and scores must have the same shape; got {tuple(before.shape)} and "
                               f"{tuple(after.shape)}")
-    h0, h1 = float(info.entropy(before, "bits")) + 0.0, float(info.entropy(after, "bits")) + 0.0  # no −0.0
-    return SamplingInfo(entropy_before_bits=h0, entropy_after_bits=h1, entropy_change_bits=h1 - h0,
-                        effective_vocab_after=2.0 ** h1,
-                        kept=int(torch.isfinite(after).sum()), top_prob_before=float(info.top_token_prob(before)),
-                        top_prob_after=float(info.top_token_prob(after)))
+    logp = info.log_probs(before[None])  # (1, V) nats
+    return sampling_infos(after[None], info.entropy(logp, "bits"), logp.amax(-1).exp())[0][0]
+
+
+def sampling_infos(scores: torch.Tensor, entropy_before_bits: torch.Tensor,
+                   top_prob_before: torch.Tensor) -> tuple[list[SamplingInfo], torch.Tensor]:
+    """Batched, for the decoding loop (which already has the raw figures): ``scores`` (N, V) the sampler's output,
+    ``entropy_before_bits`` and ``top_prob_before`` (N,) of the raw distributions → one SamplingInfo per row, and
+    the sampler's probabilities softmax(scores), shape (N, V) (what the loop draws from and verifies drafts
+    against)."""
+    q, qlogq = info.probs_and_plogp(torch.log_softmax(scores.float(), dim=-1))  # (N, V), (N, V) nats
+    h0 = entropy_before_bits.tolist()
+    h1 = (-qlogq.sum(-1) / math.log(2)).tolist()
+    kept = torch.isfinite(scores).sum(-1).tolist()
+    top0, top1 = top_prob_before.tolist(), q.amax(-1).tolist()
+    rows = [SamplingInfo(entropy_before_bits=a + 0.0, entropy_after_bits=b + 0.0, entropy_change_bits=b - a,
+                         effective_vocab_after=2.0 ** b, kept=int(k), top_prob_before=t0, top_prob_after=t1)
+            for a, b, k, t0, t1 in zip(h0, h1, kept, top0, top1, strict=True)]  # + 0.0: no −0.0
+    return rows, q
 
 
 def sampling_info(logits: torch.Tensor, sampler: Any, input_ids: torch.Tensor | None = None) -> SamplingInfo:
