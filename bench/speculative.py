@@ -49,11 +49,11 @@ MODES = {"greedy": ["copy-paragraph", "copy-code", "open-ended"], "sampled": ["c
 def main() -> None:
     session = labkit.Session(device="cpu", dtype="float32", progress=False)
     model, tok = session.model, session.tokenizer
-    bf16 = QuantizedDraft("bfloat16")
+    bf16 = QuantizedDraft("bfloat16", gamma=20, confidence=0.4)  # transformers' assistant defaults: 20 tokens, 0.4
     bf16.bind(session)  # load once; its model is also transformers' assistant
     assistant = bf16._model
     drafts = {"prompt-lookup": PromptLookupDraft(ngram=3, max_tokens=10), f"layer-skip:{EXIT_LAYER}":
-              LayerSkipDraft(EXIT_LAYER, gamma=3), "bf16": bf16}
+              LayerSkipDraft(EXIT_LAYER, gamma=20, confidence=0.4), "bf16": bf16}
     hf_modes = {"prompt-lookup": {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3},
                 f"layer-skip:{EXIT_LAYER}": {"assistant_early_exit": EXIT_LAYER},
                 "bf16": {"assistant_model": assistant}}
@@ -67,14 +67,14 @@ def main() -> None:
             traces: dict[str, labkit.Trace] = {}
             hf_out: dict[str, list[int]] = {}
 
-            def labkit_run(key, draft):
+            def labkit_run(key, draft, prompt=prompt, sampler=sampler, traces=traces):
                 def once() -> int:
                     traces[key] = session.generate(prompt, max_new_tokens=NEW_TOKENS, chat=True, sampler=sampler,
                                                    seed=0, speculative=draft)
                     return len(traces[key])
                 return once
 
-            def hf_run(key, extra):
+            def hf_run(key, extra, ids=ids, hf_sampling=hf_sampling, hf_out=hf_out):
                 def once() -> int:
                     torch.manual_seed(0)
                     with torch.inference_mode():

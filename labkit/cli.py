@@ -163,8 +163,8 @@ def _print_steps(trace: Any) -> None:
 @click.option("--recipe", "recipes", multiple=True, help="A named intervention recipe, e.g. 'suppress-word:word=Paris'"
               " (repeatable; `labkit recipes` lists them).")
 @click.option("--speculative", "speculative_spec", default=None, help="Speculative decoding with a draft: "
-              "prompt-lookup[:ngram=3,max_tokens=10], layer-skip:N[,gamma=4], bf16, fp16, 8bit, 4bit, model:PATH "
-              "(add adaptive=1 for adaptive γ). Prints the round statistics.")
+              "prompt-lookup[:ngram=3,max_tokens=10], layer-skip:N, bf16, fp16, 8bit, 4bit, model:PATH (settings "
+              "after a comma: gamma=10, confidence=0.4, adaptive=1). Prints the round statistics.")
 @click.option("--baseline", is_flag=True, help="With --speculative: also time plain decoding of the same prompt "
               "and report the measured speedup.")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")

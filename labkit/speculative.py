@@ -147,7 +147,8 @@ def crop(cache: Any, length: int) -> None:
 class Draft:
     """Base class of draft kinds. ``gamma``: drafted tokens per round (the most, when ``adaptive``);
     ``adaptive``: choose γ each round to maximise :func:`expected_speedup` from the running acceptance rate and
-    the measured draft/target cost ratio.
+    the measured draft/target cost ratio; ``confidence`` (model drafts): end a round's drafting after a token the
+    draft gave a raw probability below it (transformers' ``assistant_confidence_threshold``, default 0.4 there).
 
     The loop calls ``bind(session)`` once per generation call (before it starts), ``start(prompt_ids)`` per
     generation, ``propose(...)`` per round and ``rollback(length)`` after each verification.
@@ -157,13 +158,17 @@ class Draft:
     deterministic: ClassVar[bool] = False
     """True when the draft does not sample (prompt lookup): q is one-hot and the sampler is not applied to it."""
 
-    def __init__(self, gamma: int = 4, adaptive: bool = False) -> None:
+    def __init__(self, gamma: int = 4, adaptive: bool = False, confidence: float = 0.0) -> None:
         if isinstance(gamma, bool) or not isinstance(gamma, int) or not 1 <= gamma <= 64:
             raise InvalidArgument(f"gamma (drafted tokens per round) must be an integer in [1, 64]; got {gamma!r}")
         if not isinstance(adaptive, bool):
             raise InvalidArgument(f"adaptive must be True or False; got {adaptive!r}")
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence < 1:
+            raise InvalidArgument(f"confidence must be a number in [0, 1) (0: always draft gamma tokens); "
+                                  f"got {confidence!r}")
         self.gamma = gamma
         self.adaptive = adaptive
+        self.confidence = float(confidence)
 
     def bind(self, session: Any) -> None:
         """Check the draft fits ``session``'s model and load what it needs (once per target)."""
@@ -182,7 +187,7 @@ class Draft:
 
     def config(self) -> dict[str, Any]:
         """Name and settings (stored in the Trace metadata)."""
-        return {"name": self.name, "gamma": self.gamma, "adaptive": self.adaptive}
+        return {"name": self.name, "gamma": self.gamma, "adaptive": self.adaptive, "confidence": self.confidence}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -190,10 +195,12 @@ class Draft:
 
 
 def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Tensor, ids: torch.Tensor,
-                 gamma: int, sampler: Any, generator: torch.Generator | None, vocab: int) -> Proposal:
-    """Draw ``gamma`` tokens one by one from a draft model: ``forward(input_ids) -> logits (1, t, V')`` advances
-    the draft's cache; ``feed`` (1, t) is what the draft has not seen yet. q is the sampler-processed draft
-    distribution, cut or padded to the target's ``vocab``."""
+                 gamma: int, sampler: Any, generator: torch.Generator | None, vocab: int,
+                 confidence: float = 0.0) -> Proposal:
+    """Draw up to ``gamma`` tokens one by one from a draft model: ``forward(input_ids) -> logits (1, t, V')``
+    advances the draft's cache; ``feed`` (1, t) is what the draft has not seen yet. q is the sampler-processed draft
+    distribution, cut or padded to the target's ``vocab``. Drafting stops early after a token whose raw draft
+    probability is below ``confidence`` (transformers' ``assistant_confidence_threshold`` rule)."""
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
     for _ in range(gamma):
@@ -205,6 +212,8 @@ def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Te
         token = sampler.draw(scores, generator)  # (1,)
         rows.append(torch.softmax(scores[0], dim=-1))
         tokens.append(int(token))
+        if confidence and float(torch.softmax(logits[0], dim=-1)[tokens[-1]]) < confidence:
+            break
         feed = token.view(1, 1)
         ids = torch.cat([ids, feed.to(ids.device)], dim=1)
     return Proposal(tokens, torch.stack(rows))
@@ -216,8 +225,8 @@ class ModelDraft(Draft):
 
     name = "model"
 
-    def __init__(self, model: Any, gamma: int = 4, adaptive: bool = False) -> None:
-        super().__init__(gamma, adaptive)
+    def __init__(self, model: Any, gamma: int = 10, adaptive: bool = False, confidence: float = 0.4) -> None:
+        super().__init__(gamma, adaptive, confidence)
         from labkit.session import Session
 
         if not isinstance(model, (Session, str, os.PathLike)):
@@ -258,7 +267,8 @@ class ModelDraft(Draft):
                                logits_to_keep=1).logits
 
         seen = self._cache.get_seq_length()
-        return _autoregress(forward, ids[:, seen:], ids, gamma, sampler, generator, self._for.info.vocab_size)
+        return _autoregress(forward, ids[:, seen:], ids, gamma, sampler, generator, self._for.info.vocab_size,
+                            self.confidence)
 
     def rollback(self, length: int) -> None:
         crop(self._cache, length)
@@ -274,9 +284,9 @@ class QuantizedDraft(ModelDraft):
 
     name = "quantized"
 
-    def __init__(self, dtype: str | None = "bfloat16", quantization: str | None = None, gamma: int = 4,
-                 adaptive: bool = False) -> None:
-        Draft.__init__(self, gamma, adaptive)
+    def __init__(self, dtype: str | None = "bfloat16", quantization: str | None = None, gamma: int = 10,
+                 adaptive: bool = False, confidence: float = 0.4) -> None:
+        Draft.__init__(self, gamma, adaptive, confidence)
         from labkit import models
 
         if dtype not in (None, "bfloat16", "float16"):
@@ -322,8 +332,8 @@ class LayerSkipDraft(Draft):
 
     name = "layer-skip"
 
-    def __init__(self, n_layers: int, gamma: int = 4, adaptive: bool = False) -> None:
-        super().__init__(gamma, adaptive)
+    def __init__(self, n_layers: int, gamma: int = 10, adaptive: bool = False, confidence: float = 0.4) -> None:
+        super().__init__(gamma, adaptive, confidence)
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise InvalidArgument(f"n_layers must be a positive integer; got {n_layers!r}")
         self.n_layers = n_layers
@@ -346,7 +356,8 @@ class LayerSkipDraft(Draft):
 
         try:
             with first_layers(self._model, self.n_layers):
-                return _autoregress(forward, ids[:, base:], ids, gamma, sampler, generator, self._vocab)
+                return _autoregress(forward, ids[:, base:], ids, gamma, sampler, generator, self._vocab,
+                                    self.confidence)
         finally:
             crop(cache, base)
 
@@ -385,13 +396,13 @@ class PromptLookupDraft(Draft):
         return {"name": self.name, "ngram": self.ngram, "max_tokens": self.gamma, "adaptive": self.adaptive}
 
 
-DRAFT_SPECS = ("prompt-lookup[:ngram=3,max_tokens=10]", "layer-skip:N[,gamma=4]", "bf16|fp16[:gamma=4]",
-               "8bit|4bit[:gamma=4]", "model:PATH[,gamma=4]")
+DRAFT_SPECS = ("prompt-lookup[:ngram=3,max_tokens=10]", "layer-skip:N[,gamma=10,confidence=0.4]",
+               "bf16|fp16[:gamma=10,confidence=0.4]", "8bit|4bit[:gamma=10]", "model:PATH[,gamma=10]")
 
 
 def parse_draft(spec: str) -> Draft:
     """A draft from a CLI spec: ``prompt-lookup``, ``layer-skip:8``, ``bf16``, ``8bit``, ``model:/path`` (each with
-    optional ``gamma=…``/``adaptive=1`` settings after a comma, e.g. ``layer-skip:8,gamma=3``)."""
+    optional ``gamma=…``/``confidence=…``/``adaptive=1`` settings after a comma, e.g. ``layer-skip:8,gamma=3``)."""
     from labkit.specs import parse_spec
 
     if not isinstance(spec, str) or not spec.strip():
