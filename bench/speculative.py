@@ -112,11 +112,16 @@ def main() -> None:
                                                                                               "transformers": hf}}
             print(f"== {mode} / {name}: labkit plain {lab['labkit plain']['ms_per_token']:.1f} ms/token, "
                   f"transformers plain {hf['transformers plain']['ms_per_token']:.1f} ms/token")
+            write(table)  # after every case, so an interrupted run keeps what it measured
             for kind, r in rows.items():
                 print(f"  {kind:>14}: labkit {r['labkit_speedup']:.2f}× (median {r['labkit_median_speedup']:.2f}×, "
                       f"α={r['alpha']}, {r['tokens_per_round']} tok/round, identical={r['labkit_identical_to_plain']})"
                       f" | transformers {r['transformers_speedup']:.2f}× (median "
                       f"{r['transformers_median_speedup']:.2f}×, identical={r['transformers_identical_to_plain']})")
+    write(table)
+
+
+def write(table: dict) -> None:
     _results.write("speculative", {"new_tokens": NEW_TOKENS, "repeats": REPEATS, "sampled": SAMPLED,
                                    "targets": "copy-heavy greedy ≥ 1.5× with identical output; ≥ transformers' "
                                               "speedup for the same draft kind", "cases": table})
