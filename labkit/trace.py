@@ -162,6 +162,12 @@ class Trace:
         return (f"Trace({len(self.steps)} steps, stop_reason={self.stop_reason!r}, model={self.meta.model!r}, "
                 f"text={self.text[:60]!r}{'…' if len(self.text) > 60 else ''})")
 
+    def _repr_html_(self) -> str:
+        """Coloured tokens (static HTML, for exports); the live view is ``labkit.panels.TokenStream(trace)``."""
+        from labkit.panels.html import trace_html
+
+        return trace_html(self)
+
     # -- tables -----------------------------------------------------------------------------------------
     def to_pandas(self) -> pd.DataFrame:
         """One row per step: token, prob, logprob (nats), surprisal/entropy (bits), varentropy (bits²), ..."""

@@ -1,0 +1,85 @@
+"""Attention images (PNG from :mod:`labkit.imaging` in an ``ipywidgets.Image``): one head with layer and head
+sliders, or all heads of a layer as a grid, with the head's pattern label."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+import torch
+
+from labkit import imaging
+from labkit.attention import AttentionRow
+
+
+def grow(prompt_probs: torch.Tensor, rows: list[AttentionRow]) -> torch.Tensor:
+    """The causal attention matrix of prompt + generated tokens, shape (L, H, N, N) with N = T + n − 1.
+
+    ``prompt_probs`` (L, H, T, T): the prompt's full maps; ``rows``: the n captured rows of a generation (step i's
+    query is the token at position T − 1 + i, its keys positions 0..T − 1 + i; step 0's row repeats the prompt's
+    last row)."""
+    n_layers, n_heads, t, _ = prompt_probs.shape
+    size = t + max(len(rows) - 1, 0)
+    out = prompt_probs.new_zeros((n_layers, n_heads, size, size))
+    out[:, :, :t, :t] = prompt_probs
+    for i, row in enumerate(rows[1:], start=1):
+        probs = row.probs  # (L, H, T + i)
+        out[:, :, t - 1 + i, : probs.shape[-1]] = probs
+    return out
+
+
+class AttentionImage(widgets.VBox):
+    """Layer and head sliders, an all-heads toggle, the image, and the head's pattern label."""
+
+    def __init__(self, n_layers: int, n_heads: int, size: int = 420) -> None:
+        self.size = size
+        self.layer = widgets.IntSlider(value=n_layers - 1, min=0, max=n_layers - 1, description="layer")
+        self.head = widgets.IntSlider(value=0, min=0, max=n_heads - 1, description="head")
+        self.grid = widgets.Checkbox(value=False, description="all heads of the layer")
+        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width=f"{size + 80}px"))
+        self.label = widgets.Label("")
+        self._probs: torch.Tensor | None = None  # (L, H, N, N)
+        self._tokens: list[str] = []
+        self._patterns: list[list[imaging.HeadPattern]] | None = None
+        for w in (self.layer, self.head, self.grid):
+            w.observe(lambda _change: self.render(), names="value")
+        super().__init__([widgets.HBox([self.layer, self.head, self.grid]), self.label, self.image])
+        self.add_class("labkit-attention")
+
+    def set_maps(self, probs: torch.Tensor, tokens: list[str],
+                 patterns: list[list[imaging.HeadPattern]] | None = None) -> None:
+        """Show ``probs`` (L, H, N, N) with one token text per position; ``patterns`` from
+        :func:`labkit.imaging.classify_heads` label the heads (None: keep the current labels)."""
+        self._probs, self._tokens = probs, tokens
+        if patterns is not None:
+            self._patterns = patterns
+        self.render()
+
+    def render(self) -> None:
+        if self._probs is None:
+            return
+        layer, head = self.layer.value, self.head.value
+        if self.grid.value:
+            img = imaging.head_grid(self._probs[layer], cell_size=max(80, self.size // 3))
+        else:
+            n = self._probs.shape[-1]
+            labels = self._tokens[:n] if len(self._tokens) >= n else None
+            img = imaging.heatmap(self._probs[layer, head], labels=labels, size=self.size,
+                                  title=f"layer {layer} head {head}")
+        self.image.value = imaging.to_png(img)
+        text = f"layer {layer}, head {head}: {self._probs.shape[-1]} positions"
+        if self._patterns is not None:
+            p = self._patterns[layer][head]
+            text += f"; pattern in the prompt: {p.label}"
+        self.label.value = text
+
+
+class AttentionView(AttentionImage):
+    """``AttentionView(session, prompt)``: the prompt's full attention maps, one head or a layer's grid, with
+    pattern labels."""
+
+    def __init__(self, session: Any, prompt: str, chat: bool = False, size: int = 420) -> None:
+        maps = session.attention(prompt, chat=chat)
+        super().__init__(maps.n_layers, maps.n_heads, size=size)
+        self.maps = maps
+        self.set_maps(maps.probs, maps.tokens, imaging.classify_heads(maps.probs))

@@ -1,0 +1,292 @@
+"""Lab: one panel for a whole experiment — prompt, Generate / Step / Stop, the token stream (branch by clicking an
+alternative), live probability charts, the attention image, sampler sliders and interventions.
+
+Generation runs in a background thread (the kernel stays responsive); Stop ends it before the next token. UI
+messages are batched (``interval_s``; the attention image at most every ``image_interval_s``)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import ipywidgets as widgets
+
+from labkit import imaging
+from labkit.interventions import AblateHead, Boost, ForceTokens, Suppress
+from labkit.panels.attention_view import AttentionImage, grow
+from labkit.panels.charts import ProbabilityCharts
+from labkit.panels.controls import SamplerControls
+from labkit.panels.stream import Throttle, TokenStream
+from labkit.sampling import Sampler
+from labkit.trace import Step, Trace
+
+
+class Lab(widgets.VBox):
+    """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()``,
+    ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
+
+    def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
+                 max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.1,
+                 image_interval_s: float = 0.5) -> None:
+        self.session = session
+        self.top_k = top_k
+        n_layers, n_heads = session.info.n_layers, session.info.n_heads
+        # -- inputs
+        self.prompt = widgets.Textarea(value=prompt, placeholder="prompt", layout=widgets.Layout(width="98%"))
+        self.prompt.add_class("labkit-prompt")
+        self.chat = widgets.Checkbox(value=False, description="chat template")
+        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max tokens")
+        self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
+        self.buttons = {name: widgets.Button(description=name, button_style=style)
+                        for name, style in (("Generate", "primary"), ("Step", ""), ("Stop", "danger"))}
+        for name, button in self.buttons.items():
+            button.add_class(f"labkit-{name.lower()}")
+        self.status = widgets.Label("ready")
+        self.status.add_class("labkit-status")
+        self.message = widgets.Label("", style={"text_color": "#b00020"})
+        self.message.add_class("labkit-message")
+        # -- views
+        self.stream = TokenStream(interval_s=interval_s)
+        self.color_by = widgets.ToggleButtons(options=["surprisal", "entropy"], description="colour by")
+        self.branch = widgets.Dropdown(options=[], description="run")
+        self.charts = ProbabilityCharts()
+        self.attention = AttentionImage(n_layers, n_heads)
+        self.controls = SamplerControls(sampler)
+        # -- interventions (applied from the next run on)
+        self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
+        self.boost = widgets.Text(placeholder="token text", description="boost")
+        self.boost_factor = widgets.FloatSlider(value=3.0, min=0.1, max=20.0, step=0.1, description="× factor")
+        self.ablate_layer = widgets.BoundedIntText(value=0, min=0, max=n_layers - 1, description="ablate layer")
+        self.ablate_head = widgets.BoundedIntText(value=0, min=0, max=n_heads - 1, description="head")
+        self.ablate_on = widgets.Checkbox(value=False, description="ablate this head")
+        self.interventions_on = widgets.Checkbox(value=True, description="interventions on")
+        # -- state
+        self.traces: list[Trace] = []
+        self.trace: Trace | None = None
+        self._listing = False
+        self._runner: _Runner | None = None  # the open run (running, or paused by Step)
+        self._halt = threading.Event()
+        self._prompt_maps: Any = None  # (L, H, T, T) of the current run's prompt
+        self._throttle = Throttle(interval_s)
+        self._image_throttle = Throttle(image_interval_s)
+        # -- wiring
+        self.buttons["Generate"].on_click(lambda _b: self._guarded(self.run))
+        self.buttons["Step"].on_click(lambda _b: self._guarded(self.step))
+        self.buttons["Stop"].on_click(lambda _b: self._guarded(self.stop))
+        self.color_by.observe(lambda c: setattr(self.stream, "color_by", c["new"]), names="value")
+        self.stream.observe(lambda c: self._guarded(self._on_select, c["new"]), names="selected")
+        self.stream.observe(lambda c: self._guarded(self._on_branch, c["new"]), names="branch")
+        self.branch.observe(lambda c: self._guarded(self._show_run, c["new"]), names="value")
+        self.charts.bars.layout.height = 260
+        left = widgets.VBox([self.prompt, widgets.HBox([*self.buttons.values(), self.status]),
+                             widgets.HBox([self.chat, self.max_new_tokens, self.seed]), self.message,
+                             widgets.HBox([self.color_by, self.branch]), self.stream],
+                            layout=widgets.Layout(width="55%"))
+        right = widgets.VBox([self.charts.bars, self.charts.lines], layout=widgets.Layout(width="45%"))
+        right.add_class("labkit-probs")
+        interventions = widgets.VBox([widgets.HTML("<b>Interventions</b> (from the next run)"), self.interventions_on,
+                                      self.suppress, widgets.HBox([self.boost, self.boost_factor]),
+                                      widgets.HBox([self.ablate_layer, self.ablate_head, self.ablate_on])])
+        lower = widgets.HBox([self.attention, widgets.VBox([widgets.HTML("<b>Sampler</b> (live)"), self.controls,
+                                                            interventions])])
+        super().__init__([widgets.HBox([left, right]), lower])
+        self.add_class("labkit-lab")
+
+    # -- actions -------------------------------------------------------------------------------------------
+    def run(self, prompt: str | None = None, extra: list[Any] | None = None) -> None:
+        """Start a new run from the prompt box (or ``prompt``) in the background; ``extra`` interventions are added
+        to the panel's (the branch mechanism uses ForceTokens)."""
+        if prompt is not None:
+            self.prompt.value = prompt
+        self._start(extra or [])
+        self._pull(None)
+
+    def step(self) -> None:
+        """One more token of the current run (a new run if none is open)."""
+        if self._runner is None or self._runner.finished:
+            self._start([])
+        self._pull(1)
+
+    def stop(self) -> None:
+        """End the current run before its next token (its steps are kept)."""
+        self._halt.set()
+        if self.running:
+            self.session.stop()
+        else:
+            self._close("stopped")
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the background work ends (for scripts and tests)."""
+        if self._runner is not None:
+            self._runner.idle.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None and not self._runner.idle.is_set()
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        """Run a UI callback; any error becomes the panel's message and the session stays usable."""
+        try:
+            self.message.value = ""
+            fn(*args)
+        except Exception as exc:
+            self.message.value = f"{type(exc).__name__}: {exc}"
+
+    def _interventions(self) -> list[Any]:
+        if not self.interventions_on.value:
+            return []
+        items: list[Any] = []
+        if self.suppress.value:
+            items.append(Suppress(self.suppress.value))
+        if self.boost.value:
+            items.append(Boost(self.boost.value, self.boost_factor.value))
+        if self.ablate_on.value:
+            items.append(AblateHead(self.ablate_layer.value, self.ablate_head.value))
+        return items
+
+    def _start(self, extra: list[Any], label: str = "run") -> None:
+        if self.running:
+            raise RuntimeError("a run is in progress; press Stop first")
+        self._close(None)
+        prompt, chat = self.prompt.value, self.chat.value
+        maps = self.session.attention(prompt, chat=chat)  # also checks the prompt (length, emptiness)
+        gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value, sampler=self.controls.sampler,
+                                  seed=self.seed.value, chat=chat, capture=["attention"], top_k=self.top_k,
+                                  interventions=[*self._interventions(), *extra])
+        self._runner, self.trace = _Runner(gen, self), gen.trace
+        self._prompt_maps = maps
+        self._patterns = imaging.classify_heads(maps.probs)
+        self.traces.append(gen.trace)
+        self._listing = True  # the run list changes here: not a user's choice
+        try:
+            self.branch.options = [*self.branch.options, (f"{len(self.traces)}: {label}", len(self.traces) - 1)]
+            self.branch.value = len(self.traces) - 1
+        finally:
+            self._listing = False
+        self.stream.clear(prompt)
+        self.charts.show_step(None)
+        self.charts.show_series([])
+        self.attention.set_maps(maps.probs, maps.tokens, self._patterns)
+
+    def _pull(self, n: int | None) -> None:
+        if self.running:
+            raise RuntimeError("a run is in progress; press Stop first")
+        self._halt.clear()
+        self.status.value = "running"
+        self._runner.pull(n)
+
+    def _close(self, reason: str | None) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if reason is not None and self.trace is not None:
+            self.status.value = f"{reason} after {len(self.trace)} tokens"
+
+    def _on_step(self, step: Step) -> None:
+        self.stream.push(step)
+        if self._throttle.due():
+            self._refresh()
+
+    def _refresh(self, force: bool = False) -> None:
+        trace = self.trace
+        if trace is None:
+            return
+        self.stream.flush()
+        steps = list(trace.steps)
+        if self.stream.selected < 0:
+            self.charts.show_step(steps[-1] if steps else None)
+        self.charts.show_series(steps)
+        if (force or self._image_throttle.due()) and self._prompt_maps is not None:
+            rows = [s.captures["attention"] for s in steps if "attention" in s.captures]
+            tokens = self._prompt_maps.tokens + [s.token for s in steps[:-1]]
+            self.attention.set_maps(grow(self._prompt_maps.probs, rows), tokens)
+
+    def _on_select(self, index: int) -> None:
+        if self.trace is not None and 0 <= index < len(self.trace):
+            self.charts.show_step(self.trace.steps[index], index)
+
+    def _on_branch(self, request: dict[str, Any]) -> None:
+        """Regenerate from ``request["step"]`` with ``request["token_id"]`` forced there (the earlier tokens are
+        forced to the shown run's), keeping the old run in ``traces``."""
+        if not request or self.trace is None:
+            return
+        k, token = int(request["step"]), int(request["token_id"])
+        forced = {**dict(enumerate(self.trace.token_ids[:k])), k: token}
+        if self.running:
+            self.stop()
+            self.wait()
+        self._start_branch(forced)
+
+    def _start_branch(self, forced: dict[int, int]) -> None:
+        k = max(forced)
+        force = ForceTokens(forced)
+        self.prompt.value = self.trace.prompt if self.trace is not None else self.prompt.value
+        self._start([force], label=f"branch at step {k} → {self.session._texts(forced[k])!r}")
+        self._pull(None)
+
+    def _show_run(self, index: int | None) -> None:
+        if self._listing or index is None or self.running or not 0 <= index < len(self.traces):
+            return
+        if self.traces[index] is self.trace:
+            return
+        self._close(None)
+        self.trace = self.traces[index]
+        self.stream.show(self.trace)
+        self._prompt_maps = None
+        self.charts.show_step(self.trace.steps[-1] if self.trace.steps else None)
+        self.charts.show_series(self.trace.steps)
+        self.status.value = f"showing run {index + 1} ({len(self.trace)} tokens)"
+
+
+class _Runner:
+    """One run's Generation and the one thread that iterates it: torch's inference mode and the Session's lock
+    belong to the thread that entered them, so every Step of a run (Generate, then Step, Step...) is made there."""
+
+    _CLOSE = object()
+
+    def __init__(self, gen: Any, lab: Lab) -> None:
+        self.gen, self.lab = gen, lab
+        self.finished = False
+        self.idle = threading.Event()
+        self.idle.set()
+        self._orders: queue.Queue[Any] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="labkit-lab")
+        self._thread.start()
+
+    def pull(self, n: int | None) -> None:
+        """Make ``n`` more steps (None: to the end) in the background."""
+        self.idle.clear()
+        self._orders.put(n)
+
+    def close(self) -> None:
+        """End the generation (keeps its steps; releases the Session) and the thread."""
+        self._orders.put(self._CLOSE)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        lab = self.lab
+        while (n := self._orders.get()) is not self._CLOSE:
+            try:
+                finished = True
+                for done, step in enumerate(self.gen, start=1):
+                    lab._on_step(step)
+                    if lab._halt.is_set() or (n is not None and done >= n):
+                        finished = lab._halt.is_set()
+                        break
+                if finished:
+                    self.gen.close()
+                    self.finished = True
+                    lab.status.value = f"{self.gen.trace.stop_reason or 'stopped'} after {len(self.gen.trace)} tokens"
+                else:
+                    lab.status.value = f"paused after {len(self.gen.trace)} tokens (Step for more)"
+            except Exception as exc:
+                self.gen.close()
+                self.finished = True
+                lab.message.value = f"{type(exc).__name__}: {exc}"
+                lab.status.value = f"error after {len(self.gen.trace)} tokens"
+            finally:
+                lab._refresh(force=True)
+                self.idle.set()
+        self.gen.close()
