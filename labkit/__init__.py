@@ -29,3 +29,10 @@ __all__ = [
     "info",
     "sampling",
 ]
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """Register the ``%labkit`` / ``%%labkit`` magics (:mod:`labkit.magics`)."""
+    from labkit.magics import load_ipython_extension as load
+
+    load(ipython)

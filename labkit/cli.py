@@ -1,4 +1,4 @@
-"""The ``labkit`` command line: next, generate, info, prepare.
+"""The ``labkit`` command line: next, generate, compare, recipes, info, prepare, kernel.
 
 Bad arguments exit with code 2 and a one-line message; a model that cannot be loaded exits with 1.
 """
@@ -304,6 +304,36 @@ def prepare_cmd(verify: bool) -> None:
         folder = models.prepare_default_model(progress=True, verify=verify)
         size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
         click.echo(f"default model ready: {folder} ({math.ceil(size)} MiB)")
+
+
+@main.group("kernel")
+def kernel_group() -> None:
+    """The workshop Jupyter kernel "Python (labkit)": offline, thread-limited, labkit magics preloaded."""
+
+
+@kernel_group.command("install")
+@click.option("--user", is_flag=True, help="Into the user's Jupyter folder.")
+@click.option("--sys-prefix", is_flag=True, help="Into this Python environment (sys.prefix).")
+@click.option("--prefix", default=None, help="Into PREFIX/share/jupyter/kernels.")
+@click.option("--threads", type=int, default=None, help="torch threads per kernel (default: half the CPUs).")
+def kernel_install_cmd(user: bool, sys_prefix: bool, prefix: str | None, threads: int | None) -> None:
+    """Install the kernelspec (default: the system-wide Jupyter folder)."""
+    from labkit import kernelspec
+
+    with _errors():
+        if sum([user, sys_prefix, prefix is not None]) > 1:
+            raise InvalidArgument("choose at most one of --user, --sys-prefix and --prefix")
+        folder = kernelspec.install(user=user, prefix=sys.prefix if sys_prefix else prefix, threads=threads)
+        click.echo(f"installed kernelspec {kernelspec.KERNEL_NAME!r} (Python (labkit)) in {folder}")
+
+
+@kernel_group.command("remove")
+def kernel_remove_cmd() -> None:
+    """Remove the installed kernelspec."""
+    from labkit import kernelspec
+
+    with _errors():
+        click.echo(f"removed {kernelspec.remove()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

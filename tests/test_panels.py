@@ -1,0 +1,253 @@
+"""The notebook panels, driven from Python (the real-browser test drives the same panels in Chromium)."""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import labkit
+from labkit.attention import attn_implementation
+from labkit.errors import InvalidArgument
+from labkit.panels import AttentionView, Lab, NextToken, SamplerControls, SpeculativeView, TokenStream
+from labkit.panels.attention_view import grow
+from labkit.panels.stream import step_view
+from labkit.sampling import Classic, Entropix
+from labkit.speculative import PromptLookupDraft
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "The capital of France is"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    return Image.open(io.BytesIO(bytes(data))).size
+
+
+@pytest.fixture
+def lab(session: labkit.Session):
+    panel = Lab(session, prompt=PROMPT, max_new_tokens=8, sampler=Classic(temperature=0.8))
+    yield panel
+    panel.stop()
+    panel.wait(30)
+    panel._close(None)
+
+
+def test_token_stream_shows_every_step_with_its_measures(session):
+    trace = session.generate(PROMPT, max_new_tokens=6)
+    view = TokenStream(trace)
+    assert view.prompt == PROMPT and len(view.steps) == 6
+    for shown, step in zip(view.steps, trace.steps, strict=True):
+        assert shown["token"] == step.token and shown["id"] == step.token_id
+        assert shown["p"] == pytest.approx(math.exp(step.logprob))
+        assert shown["s"] == pytest.approx(-step.logprob / math.log(2))
+        assert shown["h"] == step.entropy_bits and shown["v"] == step.varentropy_bits
+        assert [a[1] for a in shown["top"]] == [a.token_id for a in step.top]
+    with pytest.raises(InvalidArgument, match="color_by"):
+        view.color_by = "rainbow"
+    assert view.color_by == "surprisal"
+
+
+def test_token_stream_batches_its_messages(session):
+    trace = session.generate(PROMPT, max_new_tokens=10)
+    view = TokenStream(interval_s=3600)
+    sent = []
+    view.observe(lambda change: sent.append(len(change["new"])), names="steps")
+    for step in trace.steps:
+        view.push(step)
+    assert sent == [1]  # the first push is due at once; the other 9 wait for the batch
+    view.flush()
+    assert sent == [1, 10] and [s["id"] for s in view.steps] == trace.token_ids
+
+
+def test_front_end_files_are_loaded_from_the_package_not_a_cdn():
+    text, css = str(TokenStream._esm), str(TokenStream._css)  # anywidget reads the files into FileContents
+    assert "export default" in text and "render" in text
+    assert "http://" not in text and "https://" not in text and "import " not in text.split("export default")[0]
+    assert ".lk-token" in css
+
+
+def test_trace_renders_as_static_html(session):
+    trace = session.generate("Write <b>bold</b> HTML:", max_new_tokens=5)
+    html = trace._repr_html_()
+    assert html.count('<span style="background:') == 5
+    assert "<b>bold</b>" not in html and "&lt;b&gt;bold&lt;/b&gt;" in html
+    for step in trace.steps:
+        assert f"p={step.prob:.3f}" in html
+
+
+def test_lab_generates_and_shows_what_session_generate_gives(session, lab):
+    lab.controls.kind.value = "greedy"
+    lab.buttons["Generate"].click()
+    lab.wait(60)
+    assert lab.message.value == ""
+    expected = session.generate(PROMPT, max_new_tokens=8, capture=["attention"])
+    assert lab.trace.token_ids == expected.token_ids
+    assert [s["id"] for s in lab.stream.steps] == expected.token_ids
+    assert lab.status.value.startswith("max_new_tokens after 8 tokens")
+    last = lab.trace.steps[-1]
+    assert list(lab.charts.bars.data[0].x) == pytest.approx([a.prob for a in last.top])
+    assert list(lab.charts.lines.data[0].y) == [s.entropy_bits for s in lab.trace.steps]
+    assert list(lab.charts.lines.data[1].y) == [s.varentropy_bits for s in lab.trace.steps]
+    assert min(_png_size(lab.attention.image.value)) > 0
+    lab.stream.selected = 2
+    assert list(lab.charts.bars.data[0].x) == pytest.approx([a.prob for a in lab.trace.steps[2].top])
+
+
+def test_grown_attention_equals_a_full_pass_over_prompt_and_generated_tokens(session):
+    trace = session.generate(PROMPT, max_new_tokens=5, capture=["attention"])
+    maps = session.attention(PROMPT)
+    grown = grow(maps.probs, [s.captures["attention"] for s in trace.steps])  # (L, H, N, N)
+    ids = torch.tensor([trace.prompt_ids + trace.token_ids[:-1]])
+    with torch.inference_mode(), attn_implementation(session.model, "eager"):
+        out = session.model(input_ids=ids, output_attentions=True, logits_to_keep=1)
+    full = torch.stack([a[0].float() for a in out.attentions])  # (L, H, N, N)
+    assert grown.shape == full.shape
+    torch.testing.assert_close(grown, full, atol=1e-4, rtol=1e-4)
+
+
+def test_slider_moved_between_steps_changes_the_next_token_and_is_recorded(lab):
+    for _ in range(3):
+        lab.buttons["Step"].click()
+        lab.wait(30)
+    lab.controls.sliders["temperature"].value = 0.3
+    assert lab.controls.sampler.temperature == 0.3
+    assert "temperature=0.3" in lab.controls.values.value
+    for _ in range(3):
+        lab.buttons["Step"].click()
+        lab.wait(30)
+    temps = [s.sampler["temperature"] for s in lab.trace.steps]
+    assert temps == [0.8] * 3 + [0.3] * 3
+    # the recorded entropy after the sampler matches a recomputation at the recorded temperature
+    for step in lab.trace.steps:
+        assert step.sampler["entropy_after_bits"] >= 0
+
+
+def test_stop_ends_the_run_within_one_token(session):
+    lab = Lab(session, prompt="Tell me a long story about a dragon.", max_new_tokens=300)
+    lab.buttons["Generate"].click()
+    deadline = time.time() + 60
+    while len(lab.trace) < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    at_press = len(lab.trace)
+    lab.buttons["Stop"].click()
+    lab.wait(60)
+    assert not lab.running
+    assert lab.trace.stop_reason == "stopped"
+    assert len(lab.trace) <= at_press + 1 < 300
+    assert lab.status.value.startswith("stopped")
+    session.next_token(PROMPT)  # the session is free again
+
+
+def test_clicking_an_alternative_branches_and_keeps_the_old_run(lab):
+    lab.controls.kind.value = "greedy"
+    lab.run()
+    lab.wait(60)
+    old = lab.trace
+    alt = old.steps[2].top[1].token_id
+    lab.stream.branch = {"step": 2, "token_id": alt, "n": 1}
+    lab.wait(60)
+    new = lab.trace
+    assert new is not old and lab.traces == [old, new]
+    assert new.token_ids[:2] == old.token_ids[:2] and new.token_ids[2] == alt and old.token_ids[2] != alt
+    assert len(old) == 8
+    labels = [label for label, _ in lab.branch.options]
+    assert labels[0] == "1: run" and labels[1].startswith("2: branch at step 2")
+    lab.branch.value = 0
+    assert lab.trace is old and [s["id"] for s in lab.stream.steps] == old.token_ids
+
+
+def test_interventions_from_the_panel(session, lab):
+    lab.controls.kind.value = "greedy"
+    assert session.next_token(PROMPT).top(1)[0].token == " Paris"
+    lab.suppress.value = " Paris"
+    lab.run()
+    lab.wait(60)
+    assert lab.trace.steps[0].token != " Paris"
+    assert lab.trace.steps[0].interventions
+
+
+def test_errors_show_in_the_panel_and_leave_the_session_usable(session, lab):
+    lab.prompt.value = ""
+    lab.buttons["Generate"].click()
+    assert "prompt must not be empty" in lab.message.value
+    lab.prompt.value = "word " * 9000
+    lab.buttons["Generate"].click()
+    assert "context" in lab.message.value
+    lab.suppress.value = "two tokens here"
+    lab.prompt.value = PROMPT
+    lab.buttons["Generate"].click()
+    assert "token" in lab.message.value and not lab.running
+    assert session.next_token(PROMPT).top(1)[0].token == " Paris"
+
+
+def test_sampler_controls_reject_a_bad_value_and_keep_the_old_one():
+    controls = SamplerControls(Classic(temperature=0.8, top_p=0.9))
+    assert set(controls.sliders) >= {"temperature", "top_k", "top_p", "min_p"}
+    controls._set("top_p", {"new": 1.5})  # what a widget sending an out-of-range value would do
+    assert "top_p" in controls.error.value and "1.5" in controls.error.value
+    assert controls.sampler.top_p == 0.9
+    controls.kind.value = "entropix"
+    assert isinstance(controls.sampler, Entropix)
+    controls.sliders["high_ent"].value = 4.0
+    assert controls.sampler.high_ent == 4.0 and controls.sampler.cfg.high_ent == 4.0
+
+
+def test_lab_runs_entropix(session):
+    lab = Lab(session, prompt=PROMPT, max_new_tokens=4, sampler=Entropix())
+    lab.run()
+    lab.wait(60)
+    assert lab.message.value == "" and len(lab.trace) == 4
+    assert all("branch" in s.sampler for s in lab.trace.steps)
+
+
+def test_next_token_panel(session):
+    panel = NextToken(session, prompt=PROMPT)
+    d = session.next_token(PROMPT)
+    assert list(panel.chart.data[0].x) == pytest.approx([a.prob for a in d.top(10)])
+    assert f"entropy {d.entropy('bits'):.3f} bits" in panel.summary.value
+    panel.prompt.value = ""
+    assert "empty" in panel.error.value
+
+
+def test_attention_view(session):
+    view = AttentionView(session, "Hello world, hello world")
+    single = _png_size(view.image.value)
+    assert min(single) > 0 and "pattern in the prompt" in view.label.value
+    view.grid.value = True
+    assert _png_size(view.image.value) != single
+    view.layer.value, view.head.value = 0, 1
+    assert view.label.value.startswith("layer 0, head 1")
+
+
+def test_speculative_view(session):
+    trace = session.generate("Repeat: the cat sat on the mat. the cat sat on the mat.", max_new_tokens=12,
+                             speculative=PromptLookupDraft())
+    view = SpeculativeView(trace)
+    assert view.stream.color_by == "origin"
+    assert [s["origin"] for s in view.stream.steps] == [s.speculative["origin"] for s in trace.steps]
+    assert "accepted" in view.summary.value or "α" in view.summary.value
+    with pytest.raises(InvalidArgument, match="speculatively"):
+        SpeculativeView(session.generate(PROMPT, max_new_tokens=2))
+
+
+def test_step_view_is_what_the_front_end_reads(session):
+    step = session.generate(PROMPT, max_new_tokens=1).steps[0]
+    assert set(step_view(step)) == {"id", "token", "p", "s", "h", "v", "top", "origin"}
+
+
+def test_wheel_ships_the_front_end_and_the_kernelspec(tmp_path):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True)
+    wheel = next(tmp_path.glob("labkit-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"labkit/_widgets/token_stream.js", "labkit/_widgets/token_stream.css",
+            "labkit/_kernels_ext/labkit/kernel.json", "labkit/panels/lab.py"} <= names
