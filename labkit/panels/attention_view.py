@@ -33,8 +33,9 @@ class AttentionImage(widgets.VBox):
 
     def __init__(self, n_layers: int, n_heads: int, size: int = 420) -> None:
         self.size = size
-        self.layer = widgets.IntSlider(value=n_layers - 1, min=0, max=n_layers - 1, description="layer")
-        self.head = widgets.IntSlider(value=0, min=0, max=n_heads - 1, description="head")
+        wide = widgets.Layout(width="260px")
+        self.layer = widgets.IntSlider(value=n_layers - 1, min=0, max=n_layers - 1, description="layer", layout=wide)
+        self.head = widgets.IntSlider(value=0, min=0, max=n_heads - 1, description="head", layout=wide)
         self.grid = widgets.Checkbox(value=False, description="all heads of the layer")
         self.image = widgets.Image(format="png", layout=widgets.Layout(max_width=f"{size + 80}px"))
         self.label = widgets.Label("")
