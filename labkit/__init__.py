@@ -31,6 +31,19 @@ __all__ = [
 ]
 
 
+_LAZY = ("interventions", "panels", "speculative", "magics")
+
+
+def __getattr__(name: str) -> object:
+    """``labkit.panels``, ``labkit.interventions``, ... imported on first use (widgets and plotly stay out of the
+    command line's start-up)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"labkit.{name}")
+    raise AttributeError(f"module 'labkit' has no attribute {name!r}")
+
+
 def load_ipython_extension(ipython: object) -> None:
     """Register the ``%labkit`` / ``%%labkit`` magics (:mod:`labkit.magics`)."""
     from labkit.magics import load_ipython_extension as load
