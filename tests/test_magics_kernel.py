@@ -41,7 +41,7 @@ def test_generate_cell_magic_shows_a_token_stream(shell, session, monkeypatch):
                          "Once upon a time\n")
     trace = shell.user_ns["labkit_trace"]
     assert len(trace) == 5 and trace.meta.seed == 3 and trace.meta.sampler["temperature"] == 0.7
-    assert isinstance(shown[0], TokenStream) and [s["id"] for s in shown[0].steps] == trace.token_ids
+    assert isinstance(shown[0], TokenStream) and [s["id"] for s in shown[0].shown] == trace.token_ids
     from labkit.sampling import Classic
 
     assert trace.token_ids == session.generate("Once upon a time", max_new_tokens=5,

@@ -41,8 +41,8 @@ def lab(session: labkit.Session):
 def test_token_stream_shows_every_step_with_its_measures(session):
     trace = session.generate(PROMPT, max_new_tokens=6)
     view = TokenStream(trace)
-    assert view.prompt == PROMPT and len(view.steps) == 6
-    for shown, step in zip(view.steps, trace.steps, strict=True):
+    assert view.prompt == PROMPT and len(view.shown) == 6
+    for shown, step in zip(view.shown, trace.steps, strict=True):
         assert shown["token"] == step.token and shown["id"] == step.token_id
         assert shown["p"] == pytest.approx(math.exp(step.logprob))
         assert shown["s"] == pytest.approx(-step.logprob / math.log(2))
@@ -57,12 +57,27 @@ def test_token_stream_batches_its_messages(session):
     trace = session.generate(PROMPT, max_new_tokens=10)
     view = TokenStream(interval_s=3600)
     sent = []
-    view.observe(lambda change: sent.append(len(change["new"])), names="steps")
+    view.observe(lambda change: sent.append(len(change["new"])), names="tail")
     for step in trace.steps:
         view.push(step)
     assert sent == [1]  # the first push is due at once; the other 9 wait for the batch
     view.flush()
-    assert sent == [1, 10] and [s["id"] for s in view.steps] == trace.token_ids
+    assert sent == [1, 10] and [s["id"] for s in view.shown] == trace.token_ids
+
+
+def test_token_stream_messages_stay_small_on_long_runs(session):
+    trace = session.generate("Once upon a time", max_new_tokens=150, stop=[])
+    view = TokenStream(interval_s=0)  # flush on every push
+    largest = []
+    view.observe(lambda change: largest.append(len(change["new"])), names=["steps", "tail"])
+    for step in trace.steps:
+        view.push(step)
+    view.flush()
+    assert [s["id"] for s in view.shown] == trace.token_ids
+    commits = [n for n in largest if n % TokenStream.COMMIT == 0 and n > 0]
+    assert commits == [64, 128]  # history moves in blocks; every other message is a tail of < 64 steps
+    tails = [n for n in largest if n not in commits]
+    assert max(tails) < TokenStream.COMMIT
 
 
 def test_front_end_files_are_loaded_from_the_package_not_a_cdn():
@@ -88,7 +103,7 @@ def test_lab_generates_and_shows_what_session_generate_gives(session, lab):
     assert lab.message.value == ""
     expected = session.generate(PROMPT, max_new_tokens=8, capture=["attention"])
     assert lab.trace.token_ids == expected.token_ids
-    assert [s["id"] for s in lab.stream.steps] == expected.token_ids
+    assert [s["id"] for s in lab.stream.shown] == expected.token_ids
     assert lab.status.value.startswith("max_new_tokens after 8 tokens")
     last = lab.trace.steps[-1]
     assert list(lab.charts.bars.data[0].x) == pytest.approx([a.prob for a in last.top])
@@ -159,7 +174,7 @@ def test_clicking_an_alternative_branches_and_keeps_the_old_run(lab):
     labels = [label for label, _ in lab.branch.options]
     assert labels[0] == "1: run" and labels[1].startswith("2: branch at step 2")
     lab.branch.value = 0
-    assert lab.trace is old and [s["id"] for s in lab.stream.steps] == old.token_ids
+    assert lab.trace is old and [s["id"] for s in lab.stream.shown] == old.token_ids
 
 
 def test_interventions_from_the_panel(session, lab):
@@ -230,7 +245,7 @@ def test_speculative_view(session):
                              speculative=PromptLookupDraft())
     view = SpeculativeView(trace)
     assert view.stream.color_by == "origin"
-    assert [s["origin"] for s in view.stream.steps] == [s.speculative["origin"] for s in trace.steps]
+    assert [s["origin"] for s in view.stream.shown] == [s.speculative["origin"] for s in trace.steps]
     assert "accepted" in view.summary.value or "α" in view.summary.value
     with pytest.raises(InvalidArgument, match="speculatively"):
         SpeculativeView(session.generate(PROMPT, max_new_tokens=2))

@@ -1,5 +1,6 @@
 // labkit TokenStream view (anywidget ESM; no CDN, no build step).
-// State lives in the model's traitlets: steps (list of {token, p, s, h, v, top: [[text, id, p], ...], origin}),
+// State lives in the model's traitlets: steps + tail (the shown steps, each {id, token, p, s, h, v,
+// top: [[text, id, p], ...], origin}; new steps arrive in tail, which moves into steps now and then),
 // prompt, color_by ("surprisal" | "entropy" | "origin"), selected (step index or -1), branch (set on a click
 // on an alternative: {step, token_id, n}). Units: surprisal s and entropy h in bits, varentropy v in bits².
 
@@ -113,7 +114,7 @@ export default {
       s.title = `p = ${step.p.toFixed(3)}`;
       s.addEventListener("mouseenter", () => {
         hovered = i;
-        describe(details, model.get("steps"), i, model);
+        describe(details, all(), i, model);
       });
       s.addEventListener("click", () => {
         model.set("selected", i);
@@ -122,8 +123,10 @@ export default {
       return s;
     };
 
+    const all = () => model.get("steps").concat(model.get("tail"));
+
     const draw = () => {
-      const steps = model.get("steps");
+      const steps = all();
       const by = model.get("color_by");
       if (steps.length < shown || body.dataset.by !== by) {
         body.replaceChildren();
@@ -145,7 +148,7 @@ export default {
       for (const s of body.querySelectorAll(".lk-token")) {
         s.classList.toggle("lk-selected", Number(s.dataset.step) === selected);
       }
-      const steps = model.get("steps");
+      const steps = all();
       const i = hovered >= 0 ? hovered : selected;
       describe(details, steps, i >= 0 && i < steps.length ? i : -1, model);
     };
@@ -157,6 +160,7 @@ export default {
     };
 
     model.on("change:steps", draw);
+    model.on("change:tail", draw);
     model.on("change:color_by", reset);
     model.on("change:prompt", reset);
     model.on("change:selected", mark);
@@ -164,6 +168,7 @@ export default {
     reset();
     return () => {
       model.off("change:steps", draw);
+      model.off("change:tail", draw);
       model.off("change:color_by", reset);
       model.off("change:prompt", reset);
       model.off("change:selected", mark);

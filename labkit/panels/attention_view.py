@@ -41,19 +41,18 @@ class AttentionImage(widgets.VBox):
         self.label = widgets.Label("")
         self._probs: torch.Tensor | None = None  # (L, H, N, N)
         self._tokens: list[str] = []
-        self._patterns: list[list[imaging.HeadPattern]] | None = None
+        self._prompt: torch.Tensor | None = None  # (L, H, T, T): the maps the pattern labels are computed from
         for w in (self.layer, self.head, self.grid):
             w.observe(lambda _change: self.render(), names="value")
         super().__init__([widgets.HBox([self.layer, self.head, self.grid]), self.label, self.image])
         self.add_class("labkit-attention")
 
-    def set_maps(self, probs: torch.Tensor, tokens: list[str],
-                 patterns: list[list[imaging.HeadPattern]] | None = None) -> None:
-        """Show ``probs`` (L, H, N, N) with one token text per position; ``patterns`` from
-        :func:`labkit.imaging.classify_heads` label the heads (None: keep the current labels)."""
+    def set_maps(self, probs: torch.Tensor, tokens: list[str], prompt: bool = False) -> None:
+        """Show ``probs`` (L, H, N, N) with one token text per position. ``prompt=True``: these are a prompt's full
+        maps, from which the heads' pattern labels are computed (one head at a time, when shown)."""
         self._probs, self._tokens = probs, tokens
-        if patterns is not None:
-            self._patterns = patterns
+        if prompt:
+            self._prompt = probs
         self.render()
 
     def render(self) -> None:
@@ -69,9 +68,8 @@ class AttentionImage(widgets.VBox):
                                   title=f"layer {layer} head {head}")
         self.image.value = imaging.to_png(img)
         text = f"layer {layer}, head {head}: {self._probs.shape[-1]} positions"
-        if self._patterns is not None:
-            p = self._patterns[layer][head]
-            text += f"; pattern in the prompt: {p.label}"
+        if self._prompt is not None:
+            text += f"; pattern in the prompt: {imaging.classify(self._prompt[layer, head]).label}"
         self.label.value = text
 
 
@@ -83,4 +81,4 @@ class AttentionView(AttentionImage):
         maps = session.attention(prompt, chat=chat)
         super().__init__(maps.n_layers, maps.n_heads, size=size)
         self.maps = maps
-        self.set_maps(maps.probs, maps.tokens, imaging.classify_heads(maps.probs))
+        self.set_maps(maps.probs, maps.tokens, prompt=True)

@@ -12,7 +12,6 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from labkit import imaging
 from labkit.interventions import AblateHead, Boost, ForceTokens, Suppress
 from labkit.panels.attention_view import AttentionImage, grow
 from labkit.panels.charts import ProbabilityCharts
@@ -27,8 +26,8 @@ class Lab(widgets.VBox):
     ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
 
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
-                 max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.1,
-                 image_interval_s: float = 0.5) -> None:
+                 max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
+                 image_interval_s: float = 1.0) -> None:
         self.session = session
         self.top_k = top_k
         n_layers, n_heads = session.info.n_layers, session.info.n_heads
@@ -157,7 +156,6 @@ class Lab(widgets.VBox):
                                   interventions=[*self._interventions(), *extra])
         self._runner, self.trace = _Runner(gen, self), gen.trace
         self._prompt_maps = maps
-        self._patterns = imaging.classify_heads(maps.probs)
         self.traces.append(gen.trace)
         self._listing = True  # the run list changes here: not a user's choice
         try:
@@ -168,7 +166,7 @@ class Lab(widgets.VBox):
         self.stream.clear(prompt)
         self.charts.show_step(None)
         self.charts.show_series([])
-        self.attention.set_maps(maps.probs, maps.tokens, self._patterns)
+        self.attention.set_maps(maps.probs, maps.tokens, prompt=True)
 
     def _pull(self, n: int | None) -> None:
         if self.running:

@@ -5,7 +5,7 @@ alternative to ask for a branch (the ``branch`` trait; :class:`labkit.panels.Lab
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import anywidget
 import traitlets
@@ -42,11 +42,17 @@ class Throttle:
 
 class TokenStream(anywidget.AnyWidget):
     """Coloured tokens of one Trace (``TokenStream(trace)``), or of a generation as it runs (``push`` each Step;
-    messages are batched to at most one per ``interval_s``; ``flush`` sends the rest)."""
+    messages are batched to at most one per ``interval_s``; ``flush`` sends the rest).
+
+    The shown steps are ``steps`` + ``tail`` (``shown`` in Python): new steps go to ``tail``, which moves into
+    ``steps`` every ``COMMIT`` steps, so each message carries at most ``COMMIT`` steps however long the run."""
+
+    COMMIT: ClassVar[int] = 64
 
     _esm = asset("token_stream.js")
     _css = asset("token_stream.css")
     steps = traitlets.List(traitlets.Dict()).tag(sync=True)
+    tail = traitlets.List(traitlets.Dict()).tag(sync=True)
     prompt = traitlets.Unicode("").tag(sync=True)
     color_by = traitlets.Unicode("surprisal").tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
@@ -67,18 +73,24 @@ class TokenStream(anywidget.AnyWidget):
             raise invalid_choice("color_by", proposal["value"], COLOR_BY)
         return proposal["value"]
 
+    @property
+    def shown(self) -> list[dict[str, Any]]:
+        """Every step the front end has been sent (``step_view`` dicts)."""
+        return [*self.steps, *self.tail]
+
     def show(self, trace: Trace) -> None:
         """Show every step of ``trace`` (replacing what is shown)."""
-        self._pending = []
-        self.selected = -1
-        self.prompt = trace.prompt
-        self.steps = [step_view(s) for s in trace.steps]
+        self._replace(trace.prompt, [step_view(s) for s in trace.steps])
 
     def clear(self, prompt: str = "") -> None:
+        self._replace(prompt, [])
+
+    def _replace(self, prompt: str, steps: list[dict[str, Any]]) -> None:
         self._pending = []
-        self.selected = -1
-        self.prompt = prompt
-        self.steps = []
+        with self.hold_sync():  # one message
+            self.selected = -1
+            self.prompt = prompt
+            self.steps, self.tail = steps, []
 
     def push(self, step: Step) -> None:
         """Add one step; sent to the front end with the others of its batch."""
@@ -87,6 +99,11 @@ class TokenStream(anywidget.AnyWidget):
             self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            self.steps = [*self.steps, *self._pending]
-            self._pending = []
+        if not self._pending:
+            return
+        tail, self._pending = [*self.tail, *self._pending], []
+        with self.hold_sync():
+            if len(tail) >= self.COMMIT:
+                self.steps, self.tail = [*self.steps, *tail], []
+            else:
+                self.tail = tail
