@@ -34,6 +34,7 @@ model: $(STAMP)
 
 ## lab: open JupyterLab on notebooks/
 lab: setup
+	$(VENV)/bin/labkit kernel install --sys-prefix
 	@echo "labkit: starting JupyterLab on notebooks/ — open the http://127.0.0.1 URL it prints below"
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
