@@ -111,9 +111,6 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 raw = out.logits[0, -(gamma + 1):].float()  # (n, V) raw logits at the n = γ + 1 positions
                 target_ms = (time.perf_counter() - t_target) * 1e3
                 # every position at once; row i assumes drafted[:i] were kept (it is used only if they were)
-                logp = info.log_probs(raw)  # (n, V) nats
-                entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (n,), (n,)
-                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (n, k)
                 captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
                 edited, changed = raw, [[] for _ in range(gamma + 1)]
                 if interventions:
@@ -132,18 +129,31 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 if sampler.needs:
                     sampler.observe({k: captured[k] for k in sampler.needs})
                 scores = sampler(ids.expand(gamma + 1, -1), edited)  # (n, V); stateless when n > 1
-                top_probs = top_lp.exp()  # (n, k)
-                infos, probs = sampling_infos(scores, entropy, top_probs[:, 0])  # n SamplingInfo; (n, V)
-                h_bits, vh_bits, top_p, top_i = entropy.tolist(), varentropy.tolist(), top_probs.tolist(), \
-                    top_ids.tolist()
-                kept = 0
+                # choose the tokens first (up to the first rejection or stop), then measure only the kept rows
+                chosen: list[tuple[int, dict[str, Any]]] = []
+                logq: list[torch.Tensor] = []  # (V,) nats per chosen row: log_softmax of what the sampler draws from
+                ended = ""
                 for i in range(gamma + 1):
+                    logq.append(torch.log_softmax(scores[i].float(), dim=-1))
                     if speculator is None:
                         tid, spec = int(sampler.draw(scores[i:i + 1], generator)), {}
                     else:
-                        tid, spec = speculator.choose(proposal, i, scores[i:i + 1], probs[i], sampler, generator,
-                                                      token_text)
-                        kept += spec["origin"] == "accepted"
+                        tid, spec = speculator.choose(proposal, i, scores[i:i + 1], logq[i].exp(), sampler,
+                                                      generator, token_text)
+                    chosen.append((tid, spec))
+                    ended = rules.reason(tid, trace.token_ids + [t for t, _ in chosen], tokenizer.decode)
+                    if ended or spec.get("origin") == "resampled":
+                        break
+                m = len(chosen)
+                logp = info.log_probs(raw[:m])  # (m, V) nats
+                entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (m,), (m,)
+                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (m, k)
+                top_probs = top_lp.exp()  # (m, k)
+                infos = sampling_infos(scores[:m], entropy, top_probs[:, 0], torch.stack(logq))[0]  # m SamplingInfo
+                h_bits, vh_bits, top_p, top_i = entropy.tolist(), varentropy.tolist(), top_probs.tolist(), \
+                    top_ids.tolist()
+                kept = sum(spec.get("origin") == "accepted" for _, spec in chosen)
+                for i, (tid, spec) in enumerate(chosen):
                     step = Step(
                         index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
                         logprob=float(logp[i, tid]), entropy_bits=h_bits[i], varentropy_bits=vh_bits[i],
@@ -163,10 +173,11 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     yield step
                     t_mark = time.perf_counter()
                     index += 1
-                    reason = rules.reason(tid, trace.token_ids, tokenizer.decode)
-                    if not reason and i < gamma and stop_event.is_set():
+                    if i == m - 1:
+                        reason = ended
+                    elif stop_event.is_set():
                         reason = "stopped"  # within a round too: Stop ends generation after the current token
-                    if reason or spec.get("origin") == "resampled":
+                        kept = sum(sp.get("origin") == "accepted" for _, sp in chosen[:i + 1])
                         break
                 if speculator is not None:
                     crop(cache, ids.shape[1] - 1)  # drop the rejected drafted tokens' entries

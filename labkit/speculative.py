@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from labkit.errors import InvalidArgument
+from labkit.sampling.base import Greedy
 
 ORIGINS = ("accepted", "resampled", "bonus", "target")
 """``Step.speculative["origin"]``: a drafted token the target kept; the target's draw after rejecting a drafted
@@ -203,20 +204,24 @@ def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Te
     probability is below ``confidence`` (transformers' ``assistant_confidence_threshold`` rule)."""
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
+    greedy = isinstance(sampler, Greedy)  # deterministic: q is one-hot on the token (Proposal.q = None)
     for _ in range(gamma):
         logits = forward(feed)[:, -1].float()  # (1, V')
         if logits.shape[-1] != vocab:
             logits = logits[:, :vocab] if logits.shape[-1] > vocab else torch.nn.functional.pad(
                 logits, (0, vocab - logits.shape[-1]), value=float("-inf"))
-        scores = sampler(ids, logits.to(ids.device))  # (1, V)
-        token = sampler.draw(scores, generator)  # (1,)
-        rows.append(torch.softmax(scores[0], dim=-1))
+        if greedy:
+            token = logits.argmax(-1)  # (1,)
+        else:
+            scores = sampler(ids, logits.to(ids.device))  # (1, V)
+            token = sampler.draw(scores, generator)  # (1,)
+            rows.append(torch.softmax(scores[0], dim=-1))
         tokens.append(int(token))
         if confidence and float(torch.softmax(logits[0], dim=-1)[tokens[-1]]) < confidence:
             break
         feed = token.view(1, 1)
         ids = torch.cat([ids, feed.to(ids.device)], dim=1)
-    return Proposal(tokens, torch.stack(rows))
+    return Proposal(tokens, torch.stack(rows) if rows else None)
 
 
 class ModelDraft(Draft):

@@ -51,13 +51,15 @@ def sampling_info_of(logits: torch.Tensor, scores: torch.Tensor) -> SamplingInfo
     return sampling_infos(after[None], info.entropy(logp, "bits"), logp.amax(-1).exp())[0][0]
 
 
-def sampling_infos(scores: torch.Tensor, entropy_before_bits: torch.Tensor,
-                   top_prob_before: torch.Tensor) -> tuple[list[SamplingInfo], torch.Tensor]:
+def sampling_infos(scores: torch.Tensor, entropy_before_bits: torch.Tensor, top_prob_before: torch.Tensor,
+                   log_q: torch.Tensor | None = None) -> tuple[list[SamplingInfo], torch.Tensor]:
     """Batched, for the decoding loop (which already has the raw figures): ``scores`` (N, V) the sampler's output,
     ``entropy_before_bits`` and ``top_prob_before`` (N,) of the raw distributions → one SamplingInfo per row, and
     the sampler's probabilities softmax(scores), shape (N, V) (what the loop draws from and verifies drafts
-    against)."""
-    q, qlogq = info.probs_and_plogp(torch.log_softmax(scores.float(), dim=-1))  # (N, V), (N, V) nats
+    against). ``log_q``: log_softmax(scores) in nats when the caller has it already."""
+    if log_q is None:
+        log_q = torch.log_softmax(scores.float(), dim=-1)
+    q, qlogq = info.probs_and_plogp(log_q)  # (N, V), (N, V) nats
     h0 = entropy_before_bits.tolist()
     h1 = (-qlogq.sum(-1) / math.log(2)).tolist()
     kept = torch.isfinite(scores).sum(-1).tolist()
