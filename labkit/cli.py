@@ -1,4 +1,4 @@
-"""The ``labkit`` command line: next, generate, compare, recipes, info, prepare, kernel.
+"""The ``labkit`` command line: next, generate, compare, recipes, sweep, info, prepare, kernel.
 
 Bad arguments exit with code 2 and a one-line message; a model that cannot be loaded exits with 1.
 """
@@ -258,6 +258,36 @@ def recipes_cmd() -> None:
 
     for r in RECIPES.values():
         click.echo(f"{r.name:<18} {r.description}")
+
+
+@main.command("sweep")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+              help="Where cells run (default: the config's `executor`, else local).")
+@click.option("--workers", type=int, default=None, help="Ray actors (default: the config's `workers`, else 2).")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True, help="GPUs per Ray actor.")
+@click.option("--out", default=None, help="Parquet dataset folder the rows stream into (default: the config's `out`).")
+@click.option("--resume", is_flag=True, help="Keep the rows already in --out and run only the missing cells.")
+@model_options
+def sweep_cmd(config: str, executor: str | None, workers: int | None, num_gpus: float, out: str | None, resume: bool,
+              model: str, device: str, dtype: str, quantization: str | None, attn: str) -> None:
+    """Run the sweep in CONFIG (YAML: prompts, samplers, interventions, seeds, max_new_tokens, metrics); print a
+    summary per sampler × intervention. See examples/sweep.yaml."""
+    from labkit.experiments import SessionSpec, Sweep, load_config
+
+    with _errors():
+        cfg = load_config(config)
+        sweep = Sweep.from_config(cfg)
+        executor = executor or cfg.get("executor", "local")
+        out = out or cfg.get("out")
+        click.echo(f"{sweep!r} on {executor}" + (f", rows into {out}" if out else ""), err=True)
+        spec = SessionSpec(model=model, device="cpu" if device == "auto" else device,
+                           dtype="float32" if dtype == "auto" else dtype, threads=1 if executor == "ray" else None)
+        session = _session(model, device, dtype, quantization, attn) if executor == "local" else None
+        frame = sweep.run(session, executor=executor, workers=workers or cfg.get("workers", 2), num_gpus=num_gpus,
+                          out=out, resume=resume, session_spec=spec)
+        cols = ["mean_entropy_bits", "perplexity", "kl_to_baseline_bits", *sweep.metrics]
+        click.echo(frame.groupby(["sampler", "intervention"], sort=False)[cols].mean().round(3).to_string())
 
 
 @main.command("info")

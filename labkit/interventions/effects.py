@@ -42,7 +42,7 @@ class Effect:
 
 
 @torch.no_grad()
-def _unmodified_logits(session: Any, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+def unmodified_logits(session: Any, prompt_ids: list[int], token_ids: list[int]) -> torch.Tensor:
     """Shape (k, V): the unmodified model's logits before each of the k generated tokens (teacher forcing)."""
     ids = torch.tensor([prompt_ids + token_ids], device=session.model.device)
     logits = session.model(ids).logits[0].float().cpu()  # (T + k, V)
@@ -67,7 +67,7 @@ def analyze_intervention_effects(session: Any, prompt: str, interventions: Any, 
         kw = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed + i, "chat": chat}
         base = session.generate(prompt, **kw)
         inter = session.generate(prompt, interventions=items, capture=["logits"], **kw)
-        p = _unmodified_logits(session, inter.prompt_ids, inter.token_ids)  # (k, V)
+        p = unmodified_logits(session, inter.prompt_ids, inter.token_ids)  # (k, V)
         q = torch.stack([s.captures["logits"].float().cpu() for s in inter.steps])  # (k, V)
         kl = info.kl_divergence(q, p, "bits").tolist() if len(inter) else []
         dh = (info.entropy(q, "bits") - info.entropy(p, "bits")).tolist() if len(inter) else []

@@ -1,0 +1,354 @@
+"""Sweeps: prompts × samplers × interventions × seeds, one row per cell, run locally or on Ray.
+
+A row holds the cell (prompt, sampler, intervention, seed), the generated text, mean/max entropy and varentropy
+(bits, bits²) of the raw next-token distributions, the perplexity of the output under the unmodified model, the KL
+(bits) to the baseline, and the chosen registered metrics (:func:`labkit.info.metrics`, mean over the steps).
+
+The baseline of a cell is the same prompt and seed with no intervention, i.e. the unmodified model:
+``kl_to_baseline_bits`` is the mean over the cell's steps of KL(the cell's next-token distribution after its
+interventions, before the sampler ‖ the unmodified model's distribution at the same context). It is 0 for cells
+without interventions. Registered metrics are computed on that same intervened distribution.
+
+Results stream into ``out`` (a Parquet dataset: a folder of part files, ``pandas.read_parquet(out)`` reads it)
+as cells finish, so an interrupted sweep keeps every finished row; ``resume=True`` skips the cells already there.
+On Ray, each actor loads one Session once and takes cells from a queue (``ray.util.ActorPool``); a killed actor
+is restarted and its cell retried (``max_restarts``, ``max_task_retries``), and rows are keyed by cell, so each
+cell appears once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from labkit import info
+from labkit.errors import InvalidArgument, invalid_choice
+
+EXECUTORS = ("local", "ray")
+BASE_COLUMNS = ("cell", "prompt", "sampler", "intervention", "seed", "text", "tokens", "mean_entropy_bits",
+                "max_entropy_bits", "mean_varentropy_bits", "max_varentropy_bits", "perplexity",
+                "kl_to_baseline_bits", "stop_reason")
+"""Columns of every row (then one ``<metric>`` column per chosen metric, then ``worker``: the process id)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of a sweep: names of the sampler and the intervention set, and the seed."""
+
+    prompt: str
+    sampler: str
+    intervention: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Stable id of the cell (a hash of its four fields), the row's ``cell`` column."""
+        text = json.dumps([self.prompt, self.sampler, self.intervention, self.seed])
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """How each worker loads its Session (picklable; a Ray actor loads it once)."""
+
+    model: str = "default"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    """torch threads in a worker (None: leave torch's default)."""
+
+    def load(self) -> Any:
+        from labkit.session import Session
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        return Session(self.model, device=self.device, dtype=self.dtype, progress=False)
+
+
+class Sweep:
+    """``Sweep(prompts, samplers={name: sampler}, interventions={name: [..]}, seeds=[...], max_new_tokens=...,
+    metrics=[...])``: the cartesian product of cells.
+
+    Samplers are labkit samplers or spec strings (``"classic:temperature=0.7"``; None = greedy); interventions are
+    lists of labkit interventions or recipe specs (``"topic-boost:words=science,factor=4"``, see ``labkit
+    recipes``), resolved against each worker's Session. Defaults: ``{"greedy": None}`` and ``{"none": []}``.
+    """
+
+    def __init__(self, prompts: Sequence[str], samplers: Mapping[str, Any] | None = None,
+                 interventions: Mapping[str, Sequence[Any]] | None = None, seeds: Sequence[int] = (0,),
+                 max_new_tokens: int = 32, metrics: Sequence[str] = (), chat: bool = False) -> None:
+        from labkit.sampling import Sampler, parse_sampler
+
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+            raise InvalidArgument(f"prompts must be a non-empty list of non-empty strings; got {prompts!r}")
+        samplers = dict(samplers) if samplers is not None else {"greedy": None}
+        for name, s in samplers.items():
+            if isinstance(s, str):
+                samplers[name] = parse_sampler(s)
+            elif s is not None and not isinstance(s, Sampler):
+                raise InvalidArgument(f"samplers[{name!r}] must be a labkit sampler, a sampler spec or None; got "
+                                      f"{type(s).__name__}")
+        interventions = dict(interventions) if interventions is not None else {"none": []}
+        for name, items in interventions.items():
+            if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+                raise InvalidArgument(f"interventions[{name!r}] must be a list (of interventions or recipe specs); "
+                                      f"got {items!r}")
+        if not samplers or not interventions:
+            raise InvalidArgument("samplers and interventions must each have at least one entry")
+        if isinstance(seeds, int) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                          and s >= 0 for s in seeds):
+            raise InvalidArgument(f"seeds must be a non-empty list of non-negative integers; got {seeds!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        for m in metrics:
+            info.metric(m)  # unknown names list the registered ones
+        self.prompts, self.samplers, self.interventions = list(prompts), samplers, interventions
+        self.seeds, self.max_new_tokens, self.metrics, self.chat = list(seeds), max_new_tokens, list(metrics), chat
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Sweep:
+        """A Sweep from a mapping (e.g. a parsed YAML file; keys as the constructor's arguments)."""
+        allowed = {"prompts", "samplers", "interventions", "seeds", "max_new_tokens", "metrics", "chat"}
+        unknown = set(config) - allowed - {"executor", "workers", "out", "session"}
+        if unknown:
+            raise InvalidArgument(f"unknown sweep settings {sorted(unknown)}; allowed: {sorted(allowed)}")
+        return cls(**{k: v for k, v in config.items() if k in allowed})
+
+    def cells(self) -> list[Cell]:
+        return [Cell(p, s, i, seed) for p in self.prompts for s in self.samplers for i in self.interventions
+                for seed in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.prompts) * len(self.samplers) * len(self.interventions) * len(self.seeds)
+
+    def __repr__(self) -> str:
+        return (f"Sweep({len(self.prompts)} prompts × {len(self.samplers)} samplers × {len(self.interventions)} "
+                f"interventions × {len(self.seeds)} seeds = {len(self)} cells, {self.max_new_tokens} tokens)")
+
+    # -- one cell ------------------------------------------------------------------------------------------
+    def run_cell(self, session: Any, cell: Cell, resolved: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+        """Generate one cell on ``session`` and measure it (see the module docstring); ``resolved`` caches the
+        interventions bound to this session by name."""
+        from labkit.interventions import recipe
+        from labkit.interventions.effects import unmodified_logits
+
+        resolved = {} if resolved is None else resolved
+        if cell.intervention not in resolved:
+            resolved[cell.intervention] = [x for item in self.interventions[cell.intervention]
+                                           for x in (recipe(session, item) if isinstance(item, str) else [item])]
+        items = resolved[cell.intervention]
+        sampler = copy.deepcopy(self.samplers[cell.sampler])  # a fresh one: state never leaks between cells
+        trace = session.generate(cell.prompt, max_new_tokens=self.max_new_tokens, sampler=sampler, seed=cell.seed,
+                                 chat=self.chat, interventions=items, capture=["logits"])
+        n = len(trace)
+        row: dict[str, Any] = {"cell": cell.key, "prompt": cell.prompt, "sampler": cell.sampler,
+                               "intervention": cell.intervention, "seed": cell.seed, "text": trace.text,
+                               "tokens": n, "stop_reason": trace.stop_reason}
+        h = torch.tensor([s.entropy_bits for s in trace.steps], dtype=torch.float64)
+        v = torch.tensor([s.varentropy_bits for s in trace.steps], dtype=torch.float64)
+        nan = float("nan")
+        row |= {"mean_entropy_bits": float(h.mean()) if n else nan, "max_entropy_bits": float(h.max()) if n else nan,
+                "mean_varentropy_bits": float(v.mean()) if n else nan,
+                "max_varentropy_bits": float(v.max()) if n else nan}
+        if n:
+            with session._exclusive(), torch.inference_mode():
+                p = unmodified_logits(session, trace.prompt_ids, trace.token_ids)  # (n, V)
+            q = torch.stack([s.captures["logits"].float().cpu() for s in trace.steps])  # (n, V) after interventions
+            chosen = info.log_probs(p).gather(-1, torch.tensor(trace.token_ids)[:, None])[:, 0]  # (n,) nats
+            row["perplexity"] = float(info.perplexity(chosen))
+            row["kl_to_baseline_bits"] = float(info.kl_divergence(q, p, "bits").mean()) if items else 0.0
+            for m in self.metrics:
+                row[m] = float(info.metric(m).fn(q).double().mean())
+        else:
+            row |= {"perplexity": nan, "kl_to_baseline_bits": nan, **{m: nan for m in self.metrics}}
+        row["worker"] = os.getpid()
+        return row
+
+    # -- the whole sweep -------------------------------------------------------------------------------------
+    def run(self, session: Any = None, executor: str = "local", workers: int = 2, num_gpus: float = 0,
+            out: str | os.PathLike[str] | None = None, resume: bool = False, progress: bool = True,
+            session_spec: SessionSpec | None = None, on_row: Callable[[dict[str, Any]], None] | None = None) -> Any:
+        """Run every cell; returns a DataFrame with one row per cell, in cell order.
+
+        ``executor="local"`` runs on ``session`` (a Session; loaded from ``session_spec`` when None) with a
+        progress bar. ``executor="ray"`` starts ``workers`` Ray actors (``num_gpus`` each; torch threads from
+        ``session_spec.threads``, default 1) unless a Ray cluster is already initialised. ``out``: the Parquet
+        dataset rows are appended to as they finish; ``resume=True`` keeps the rows there and runs only the
+        missing cells (without it, an existing ``out`` is an error). ``on_row(row)`` is called on each new row.
+        """
+        import pandas as pd
+
+        if executor not in EXECUTORS:
+            raise invalid_choice("executor", executor, EXECUTORS)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise InvalidArgument(f"workers must be a positive integer; got {workers!r}")
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0:
+            raise InvalidArgument(f"num_gpus must be a number ≥ 0; got {num_gpus!r}")
+        sink = _Sink(out, resume)
+        todo = [c for c in self.cells() if c.key not in sink.done]
+        bar = _progress(len(self), len(self) - len(todo), progress)
+        try:
+            if todo:
+                results = (self._local(session, session_spec, todo) if executor == "local" else
+                           self._ray(session_spec, todo, workers, num_gpus))
+                for row in results:
+                    sink.add(row)
+                    bar.update(1)
+                    if on_row is not None:
+                        on_row(row)
+        finally:
+            sink.close()
+            bar.close()
+        rows = {r["cell"]: r for r in sink.rows}
+        order = [c.key for c in self.cells() if c.key in rows]
+        return pd.DataFrame([rows[k] for k in order])
+
+    def _local(self, session: Any, spec: SessionSpec | None, cells: list[Cell]) -> Iterator[dict[str, Any]]:
+        session = session if session is not None else (spec or SessionSpec()).load()
+        resolved: dict[str, list[Any]] = {}
+        for cell in cells:
+            yield self.run_cell(session, cell, resolved)
+
+    def _ray(self, spec: SessionSpec | None, cells: list[Cell], workers: int,
+             num_gpus: float) -> Iterator[dict[str, Any]]:
+        import ray
+        from ray.util import ActorPool
+
+        spec = spec or SessionSpec(threads=1)
+        started = not ray.is_initialized()
+        if started:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(num_cpus=workers, num_gpus=num_gpus * workers if num_gpus else None, include_dashboard=False,
+                     _temp_dir=tempfile.mkdtemp(prefix="labkit-ray-"), log_to_driver=False,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+        try:
+            actor = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1)(SweepWorker)
+            pool = ActorPool([actor.remote(spec, self) for _ in range(workers)])  # the sweep travels inline
+            for cell in cells:
+                pool.submit(lambda a, c: a.run.remote(c), cell)
+            while pool.has_next():
+                yield pool.get_next_unordered()
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class SweepWorker:
+    """A Ray actor's state: one Session (loaded once) and the sweep's interventions bound to it."""
+
+    def __init__(self, spec: SessionSpec, sweep: Sweep) -> None:
+        self.session = spec.load()
+        self.sweep = sweep
+        self.resolved: dict[str, list[Any]] = {}
+
+    def run(self, cell: Cell) -> dict[str, Any]:
+        return self.sweep.run_cell(self.session, cell, self.resolved)
+
+
+class _Sink:
+    """Rows so far; new rows are appended to the Parquet dataset ``out`` in part files (one per flush), so what
+    is written stays readable whatever happens to this process next."""
+
+    def __init__(self, out: str | os.PathLike[str] | None, resume: bool, every_s: float = 2.0) -> None:
+        self.path = Path(out) if out is not None else None
+        self.rows: list[dict[str, Any]] = []
+        self.done: set[str] = set()
+        self._pending: list[dict[str, Any]] = []
+        self._every_s, self._last = every_s, time.monotonic()
+        if self.path is None:
+            return
+        if self.path.exists():
+            if not resume:
+                raise InvalidArgument(f"out {str(self.path)!r} exists; pass resume=True to continue it, or choose "
+                                      f"another path")
+            if not self.path.is_dir():
+                raise InvalidArgument(f"out {str(self.path)!r} is not a Parquet dataset folder written by a sweep")
+            for row in _read_rows(self.path):
+                if row["cell"] not in self.done:
+                    self.done.add(row["cell"])
+                    self.rows.append(row)
+
+    def add(self, row: dict[str, Any]) -> None:
+        if row["cell"] in self.done:  # a retried cell whose first result also arrived
+            return
+        self.done.add(row["cell"])
+        self.rows.append(row)
+        self._pending.append(row)
+        if time.monotonic() - self._last >= self._every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path is None or not self._pending:
+            return
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.path / f".{name}.tmp"
+        pq.write_table(pa.Table.from_pylist(self._pending), tmp)
+        tmp.replace(self.path / name)  # atomic: a reader never sees half a part
+        self._pending, self._last = [], time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for part in sorted(path.glob("part-*.parquet")):
+        rows += pq.read_table(part).to_pylist()
+    return rows
+
+
+def read(out: str | os.PathLike[str]) -> Any:
+    """The rows a sweep wrote to ``out`` as a DataFrame (each cell once)."""
+    import pandas as pd
+
+    path = Path(out)
+    if not path.is_dir():
+        raise InvalidArgument(f"out {str(path)!r} is not a sweep's Parquet dataset folder")
+    rows = {r["cell"]: r for r in _read_rows(path)}
+    return pd.DataFrame(list(rows.values()))
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, done: int, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, unit="cell", desc="sweep")
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A sweep configuration file (YAML) as a mapping."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidArgument(f"config {str(p)!r} does not exist")
+    data = yaml.safe_load(p.read_text())
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"config {str(p)!r} must be a YAML mapping (prompts:, samplers:, ...)")
+    return data
