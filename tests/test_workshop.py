@@ -1,0 +1,133 @@
+"""`labkit workshop`: a real JupyterHub on a free loopback port; a student logs in over HTTP, spawns a server, and a
+kernel cell generates one token with labkit on the default model; everything is stopped by process id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+import websocket
+
+from labkit import workshop
+from labkit.errors import InvalidArgument
+
+BIN = Path(sys.executable).parent
+PASSWORD = "labkit-class-2026"
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _execute(url: str, token: str, kernel: str, code: str) -> str:
+    """Run ``code`` in a kernel over the Jupyter websocket protocol; returns its stdout."""
+    ws = websocket.create_connection(f"ws://{url.split('://')[1]}api/kernels/{kernel}/channels",
+                                     header=[f"Authorization: token {token}"], timeout=180)
+    msg_id = uuid.uuid4().hex
+    ws.send(json.dumps({"header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
+                                   "session": uuid.uuid4().hex, "version": "5.3"},
+                        "parent_header": {}, "metadata": {}, "channel": "shell",
+                        "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
+                                    "allow_stdin": False, "stop_on_error": True}}))
+    out, reply = [], None
+    while reply is None:
+        msg = json.loads(ws.recv())
+        if msg.get("parent_header", {}).get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            out.append("\n".join(msg["content"]["traceback"]))
+        elif msg["msg_type"] == "execute_reply":
+            reply = msg["content"]
+    ws.close()
+    assert reply["status"] == "ok", "".join(out)
+    return "".join(out)
+
+
+def test_workshop_hub_student_kernel_generates(tmp_path):
+    port = workshop.free_port()
+    hub = subprocess.Popen([str(BIN / "labkit"), "workshop", "--users", "2", "--port", str(port), "--dir",
+                            str(tmp_path), "--password", PASSWORD, "--no-measure"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    family: set[int] = set()
+    try:
+        def up():
+            if hub.poll() is not None:
+                raise AssertionError(f"labkit workshop exited: {hub.stdout.read()}")
+            try:
+                return requests.get(f"{url}/hub/api", timeout=2).ok
+            except requests.ConnectionError:
+                return False
+        _wait(up, 120, "the hub")
+        web = requests.Session()
+        web.get(f"{url}/hub/login")
+        xsrf = web.cookies["_xsrf"]
+        r = web.post(f"{url}/hub/login", data={"username": "student1", "password": "wrong-password", "_xsrf": xsrf})
+        assert "Invalid username or password" in r.text
+        r = web.post(f"{url}/hub/login", data={"username": "student1", "password": PASSWORD, "_xsrf": xsrf})
+        assert r.ok and "jupyterhub-session-id" in web.cookies
+        assert "/hub/spawn" in r.url  # logging in starts the student's server
+        # the XSRF token is bound to the login session: read it from a hub page
+        api = {"X-XSRFToken": re.search(r'xsrf_token:\s*"([^"]+)"', web.get(f"{url}/hub/token").text).group(1)}
+        _wait(lambda: web.get(f"{url}/hub/api/users/student1", headers=api).json()["servers"].get("", {})
+              .get("ready"), 120, "student1's server")
+        token = web.post(f"{url}/hub/api/users/student1/tokens", headers=api, json={"note": "test"}).json()["token"]
+        user = f"{url}/user/student1/"
+        auth = {"Authorization": f"token {token}"}
+        notebooks = requests.get(f"{user}api/contents/notebooks", headers=auth, timeout=10).json()
+        assert "07_workshop.ipynb" in {f["name"] for f in notebooks["content"]}  # a personal copy
+        assert (tmp_path / "home" / "student1" / "notebooks" / "07_workshop.ipynb").is_file()
+        kernel = requests.post(f"{user}api/kernels", headers=auth, json={}, timeout=30).json()
+        assert kernel["name"] == "labkit"  # the default kernel is "Python (labkit)"
+        family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
+        out = _execute(user, token, kernel["id"], "import os, labkit\n"
+                       "t = labkit.Session().generate('The capital of France is', max_new_tokens=1)\n"
+                       "print(repr(t.text), os.environ['HF_HUB_OFFLINE'], labkit.models.default_model_dir(), sep='|')")
+        text, offline, model_dir = out.strip().split("|")
+        assert text == repr(" Paris")
+        assert offline == "1"
+        from labkit import models
+
+        assert model_dir == str(models.default_model_dir().resolve())  # the shared, already converted cache
+        family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
+    finally:
+        os.killpg(hub.pid, signal.SIGTERM)  # the CLI forwards it; JupyterHub stops the servers and the proxy
+        try:
+            hub.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(hub.pid, signal.SIGKILL)
+        for pid in family:  # anything left over is killed by process id
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+    left = [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not left, f"processes left running: {left}"
+    assert len(family) >= 3  # hub, proxy, the student's server (+ its kernel)
+
+
+def test_workshop_arguments_and_memory_figure():
+    with pytest.raises(InvalidArgument, match="users"):
+        workshop.check(0, 8000, None, None)
+    with pytest.raises(InvalidArgument, match="password must be at least 8"):
+        workshop.check(2, 8000, "short", None)
+    with pytest.raises(InvalidArgument, match="port"):
+        workshop.check(2, 80, None, None)
+    mib = workshop.per_student_memory_mib()
+    assert 200 < mib < 4096  # the fp32 default model is ~540 MB of weights
