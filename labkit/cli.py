@@ -383,9 +383,11 @@ def workshop_cmd(users: int, port: int, folder: str, password: str | None, noteb
         cfg = workshop.prepare(folder, users=users, port=port, password=password, notebooks=notebooks)
         click.echo(f"labkit workshop: {cfg.url}  users student1..student{users}  password {cfg.password}")
         if not no_measure:
-            mib = workshop.per_student_memory_mib()
-            click.echo(f"per-student memory: {mib:.0f} MiB for a kernel with the default model (+ about 100 MiB "
-                       f"for each JupyterLab server); {users} students ≈ {users * (mib + 100) / 1024:.1f} GiB")
+            mem = workshop.per_student_memory()
+            each = mem["steady"] + workshop.SERVER_MIB
+            click.echo(f"per-student memory: {each:.0f} MiB (a kernel with the default model {mem['steady']:.0f} MiB, "
+                       f"{mem['peak']:.0f} MiB while loading, + {workshop.SERVER_MIB} MiB for its JupyterLab server); "
+                       f"{users} students ≈ {users * each / 1024:.1f} GiB")
         click.echo(f"configuration: {cfg.folder / 'jupyterhub_config.py'}", err=True)
         sys.exit(workshop.serve(cfg))
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from labkit.errors import InvalidArgument
 
 _REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SERVER_MIB = 90
+"""Resident memory of one idle single-user Jupyter server (measured here: 90 MiB)."""
 
 
 @dataclass(frozen=True)
@@ -145,13 +147,18 @@ c.Spawner.pre_spawn_hook = copy_notebooks
 '''
 
 
-def per_student_memory_mib() -> float:
-    """Peak resident memory (MiB) of a fresh Python that loads the default model and generates a few tokens: what
-    each student's kernel costs (JupyterLab's own server adds about 100 MiB)."""
-    code = ("import resource, labkit\ns = labkit.Session(progress=False)\ns.generate('Hello', max_new_tokens=4)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+def per_student_memory(dtype: str = "float32") -> dict[str, float]:
+    """Memory (MiB) of a fresh Python that loads the default model in ``dtype`` and generates a few tokens, i.e.
+    one student's kernel: ``peak`` (during loading) and ``steady`` (resident afterwards). Each student's JupyterLab
+    server adds about 90 MiB."""
+    code = ("import gc, resource, psutil, labkit\n"
+            f"s = labkit.Session(dtype={dtype!r}, progress=False)\n"
+            "s.generate('Hello', max_new_tokens=4)\ngc.collect()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+            "      psutil.Process().memory_info().rss / 2**20)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    peak, steady = (float(x) for x in out.split()[-2:])  # ru_maxrss is in KiB on Linux
+    return {"peak": peak, "steady": steady}
 
 
 def start(cfg: WorkshopConfig) -> subprocess.Popen:
