@@ -33,9 +33,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 def lab(session: labkit.Session):
     panel = Lab(session, prompt=PROMPT, max_new_tokens=8, sampler=Classic(temperature=0.8))
     yield panel
-    panel.stop()
-    panel.wait(30)
-    panel._close(None)
+    panel.close()
 
 
 def test_token_stream_shows_every_step_with_its_measures(session):
@@ -157,6 +155,19 @@ def test_stop_ends_the_run_within_one_token(session):
     assert len(lab.trace) <= at_press + 1 < 300
     assert lab.status.value.startswith("stopped")
     session.next_token(PROMPT)  # the session is free again
+
+
+def test_a_run_paused_by_step_holds_the_session_until_close(session):
+    from labkit.errors import SessionBusy
+
+    lab = Lab(session, prompt=PROMPT, max_new_tokens=8)
+    lab.step()
+    lab.wait(30)
+    assert len(lab.trace) == 1 and lab.status.value.startswith("paused")
+    with pytest.raises(SessionBusy):
+        session.next_token(PROMPT)
+    lab.close()
+    assert session.next_token(PROMPT).top(1)[0].token == " Paris"
 
 
 def test_clicking_an_alternative_branches_and_keeps_the_old_run(lab):

@@ -22,8 +22,8 @@ from labkit.trace import Step, Trace
 
 
 class Lab(widgets.VBox):
-    """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()``,
-    ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
+    """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()`` /
+    ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
 
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
                  max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
@@ -114,6 +114,13 @@ class Lab(widgets.VBox):
             self.session.stop()
         else:
             self._close("stopped")
+
+    def close(self) -> None:
+        """End any open run (a run paused by Step holds the Session) and close the panel's widgets."""
+        self.stop()
+        self.wait()
+        self._close(None)
+        super().close()
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the background work ends (for scripts and tests)."""
