@@ -82,6 +82,7 @@ def test_kernelspec_installs_lists_runs_a_notebook_and_removes(tmp_path, monkeyp
                             env=env, check=True).stdout
     specs = json.loads(listed)["kernelspecs"]
     assert specs["labkit"]["spec"]["display_name"] == "Python (labkit)"
+    assert specs["labkit"]["resource_dir"].startswith(str(tmp_path))
     assert Path(specs["labkit"]["spec"]["argv"][0]).parent == BIN  # this environment's interpreter
 
     nb = nbformat.v4.new_notebook()
@@ -95,9 +96,11 @@ def test_kernelspec_installs_lists_runs_a_notebook_and_removes(tmp_path, monkeyp
     removed = subprocess.run([str(BIN / "labkit"), "kernel", "remove"], capture_output=True, text=True, env=env,
                              check=True).stdout
     assert "removed" in removed
-    assert "labkit" not in json.loads(subprocess.run([str(BIN / "jupyter"), "kernelspec", "list", "--json"],
-                                                     capture_output=True, text=True, env=env,
-                                                     check=True).stdout)["kernelspecs"]
+    after = json.loads(subprocess.run([str(BIN / "jupyter"), "kernelspec", "list", "--json"], capture_output=True,
+                                      text=True, env=env, check=True).stdout)["kernelspecs"]
+    # gone from the prefix (one installed by `make lab` into this environment may still be listed)
+    assert not after.get("labkit", {}).get("resource_dir", "").startswith(str(tmp_path))
+    assert not (tmp_path / "share" / "jupyter" / "kernels" / "labkit").exists()
 
 
 def test_kernelspec_rejects_bad_threads():
