@@ -7,12 +7,16 @@ labkit: plain `Session.generate` vs `speculative=PromptLookupDraft()`, `LayerSki
 (best of the interleaved repeats, medians beside). Prompts: a copy-heavy paragraph edit and code edit, and an
 open-ended story (all with the chat template). Greedy outputs must equal plain greedy token for token.
 
+`python bench/speculative.py greedy/open-ended sampled/open-ended` runs only the named cases and keeps the other
+cases' recorded figures in bench/results/speculative.json.
+
 Targets (issue 7): ≥ 1.5× on the copy-heavy prompt with identical greedy output, and at least transformers' speedup
 for the same draft kind.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -57,11 +61,14 @@ def main() -> None:
     hf_modes = {"prompt-lookup": {"prompt_lookup_num_tokens": 10, "max_matching_ngram_size": 3},
                 f"layer-skip:{EXIT_LAYER}": {"assistant_early_exit": EXIT_LAYER},
                 "bf16": {"assistant_model": assistant}}
-    table: dict[str, dict] = {}
+    only = set(sys.argv[1:])  # e.g. "greedy/open-ended": run these cases only, keep the others' recorded figures
+    table: dict[str, dict] = _recorded() if only else {}
     for mode, names in MODES.items():
         sampler = Classic(**SAMPLED) if mode == "sampled" else None
         hf_sampling = {"do_sample": True, **SAMPLED} if mode == "sampled" else {"do_sample": False}
         for name in names:
+            if only and f"{mode}/{name}" not in only:
+                continue
             prompt = PROMPTS[name]
             ids = session.encode(prompt, chat=True)
             traces: dict[str, labkit.Trace] = {}
@@ -119,6 +126,11 @@ def main() -> None:
                       f" | transformers {r['transformers_speedup']:.2f}× (median "
                       f"{r['transformers_median_speedup']:.2f}×, identical={r['transformers_identical_to_plain']})")
     write(table)
+
+
+def _recorded() -> dict:
+    path = Path(__file__).parent / "results" / "speculative.json"
+    return json.loads(path.read_text())["cases"] if path.exists() else {}
 
 
 def write(table: dict) -> None:

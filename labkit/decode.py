@@ -138,7 +138,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     if speculator is None:
                         tid, spec = int(sampler.draw(scores[i:i + 1], generator)), {}
                     else:
-                        tid, spec = speculator.choose(proposal, i, scores[i:i + 1], logq[i].exp(), sampler,
+                        tid, spec = speculator.choose(proposal, i, scores[i:i + 1], info.probs(logq[i]), sampler,
                                                       generator, token_text)
                     chosen.append((tid, spec))
                     ended = rules.reason(tid, trace.token_ids + [t for t, _ in chosen], tokenizer.decode)

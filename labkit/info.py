@@ -49,6 +49,11 @@ def _p_and_logp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return clamped.exp() * (logp > _FLOOR), clamped
 
 
+def probs(logp: torch.Tensor) -> torch.Tensor:
+    """p = exp(log p), exactly 0 where log p < _FLOOR (without torch's slow exp of very negative values or −inf)."""
+    return _p_and_logp(logp)[0]
+
+
 def probs_and_plogp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(p, p·log p) with 0·log 0 taken as 0."""
     p, logp = _p_and_logp(logp)

@@ -44,7 +44,8 @@ class AttentionImage(widgets.VBox):
         self._prompt: torch.Tensor | None = None  # (L, H, T, T): the maps the pattern labels are computed from
         for w in (self.layer, self.head, self.grid):
             w.observe(lambda _change: self.render(), names="value")
-        super().__init__([widgets.HBox([self.layer, self.head, self.grid]), self.label, self.image])
+        super().__init__([self.layer, self.head, self.grid, self.label, self.image],
+                         layout=widgets.Layout(min_width=f"{size + 80}px"))
         self.add_class("labkit-attention")
 
     def set_maps(self, probs: torch.Tensor, tokens: list[str], prompt: bool = False) -> None:
