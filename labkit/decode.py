@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from labkit import attention, info
 from labkit.interventions.base import InterventionContext, TokenIntervention
+from labkit.models import forward_cached
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import sampling_infos
 from labkit.speculative import NOTHING, Speculator, crop
@@ -107,8 +108,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 if gamma:
                     inputs = torch.cat([inputs, torch.tensor([proposal.tokens], device=ids.device)], dim=1)
                 t_target = time.perf_counter()
-                out = model(input_ids=inputs, past_key_values=cache, use_cache=True, logits_to_keep=gamma + 1)
-                raw = out.logits[0, -(gamma + 1):].float()  # (n, V) raw logits at the n = γ + 1 positions
+                raw = forward_cached(model, inputs, cache, gamma + 1)[0].float()  # (n, V) raw logits, n = γ + 1
                 target_ms = (time.perf_counter() - t_target) * 1e3
                 # every position at once; row i assumes drafted[:i] were kept (it is used only if they were)
                 captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)

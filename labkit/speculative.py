@@ -27,6 +27,7 @@ import torch
 from transformers import DynamicCache
 
 from labkit.errors import InvalidArgument
+from labkit.models import forward_cached
 from labkit.sampling.base import Greedy
 
 ORIGINS = ("accepted", "resampled", "bonus", "target")
@@ -268,8 +269,7 @@ class ModelDraft(Draft):
         device = self._model.device
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return self._model(input_ids=x.to(device), past_key_values=self._cache, use_cache=True,
-                               logits_to_keep=1).logits
+            return forward_cached(self._model, x.to(device), self._cache)
 
         seen = self._cache.get_seq_length()
         return _autoregress(forward, ids[:, seen:], ids, gamma, sampler, generator, self._for.info.vocab_size,
@@ -357,7 +357,7 @@ class LayerSkipDraft(Draft):
         base = cache.get_seq_length()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return self._model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            return forward_cached(self._model, x, cache)
 
         try:
             with first_layers(self._model, self.n_layers):
