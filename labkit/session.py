@@ -187,7 +187,7 @@ class Session:
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
         return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions,
-                          Speculator(draft) if draft is not None else None)
+                          Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,

@@ -179,9 +179,10 @@ class Draft:
         """Clear per-generation state."""
 
     def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
-                generator: torch.Generator | None) -> Proposal:
+                generator: torch.Generator | None, stop: frozenset[int] = frozenset()) -> Proposal:
         """Up to ``gamma`` tokens to follow ``ids`` (shape (1, T)). ``cache`` is the target's KV cache (holding
-        positions 0..T−2); a draft that writes into it must leave it as it found it."""
+        positions 0..T−2); a draft that writes into it must leave it as it found it. ``stop``: token ids that end
+        generation (EOS, stop tokens); a proposal ends at the first of them, since nothing after it is kept."""
         raise NotImplementedError  # every concrete draft overrides it
 
     def rollback(self, length: int) -> None:
@@ -198,11 +199,12 @@ class Draft:
 
 def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Tensor, ids: torch.Tensor,
                  gamma: int, sampler: Any, generator: torch.Generator | None, vocab: int,
-                 confidence: float = 0.0) -> Proposal:
+                 confidence: float = 0.0, stop: frozenset[int] = frozenset()) -> Proposal:
     """Draw up to ``gamma`` tokens one by one from a draft model: ``forward(input_ids) -> logits (1, t, V')``
     advances the draft's cache; ``feed`` (1, t) is what the draft has not seen yet. q is the sampler-processed draft
     distribution, cut or padded to the target's ``vocab``. Drafting stops early after a token whose raw draft
-    probability is below ``confidence`` (transformers' ``assistant_confidence_threshold`` rule)."""
+    probability is below ``confidence`` (transformers' ``assistant_confidence_threshold`` rule) or after a token in
+    ``stop``."""
     tokens: list[int] = []
     rows: list[torch.Tensor] = []
     greedy = isinstance(sampler, Greedy)  # deterministic: q is one-hot on the token (Proposal.q = None)
@@ -218,7 +220,7 @@ def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Te
             token = sampler.draw(scores, generator)  # (1,)
             rows.append(torch.softmax(scores[0], dim=-1))
         tokens.append(int(token))
-        if confidence and float(torch.softmax(logits[0], dim=-1)[tokens[-1]]) < confidence:
+        if tokens[-1] in stop or (confidence and float(torch.softmax(logits[0], dim=-1)[tokens[-1]]) < confidence):
             break
         feed = token.view(1, 1)
         ids = torch.cat([ids, feed.to(ids.device)], dim=1)
@@ -265,7 +267,7 @@ class ModelDraft(Draft):
         self._cache = DynamicCache(config=self._model.config)
 
     def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
-                generator: torch.Generator | None) -> Proposal:
+                generator: torch.Generator | None, stop: frozenset[int] = frozenset()) -> Proposal:
         device = self._model.device
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +275,7 @@ class ModelDraft(Draft):
 
         seen = self._cache.get_seq_length()
         return _autoregress(forward, ids[:, seen:], ids, gamma, sampler, generator, self._for.info.vocab_size,
-                            self.confidence)
+                            self.confidence, stop)
 
     def rollback(self, length: int) -> None:
         crop(self._cache, length)
@@ -353,7 +355,7 @@ class LayerSkipDraft(Draft):
         self._vocab = session.info.vocab_size
 
     def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
-                generator: torch.Generator | None) -> Proposal:
+                generator: torch.Generator | None, stop: frozenset[int] = frozenset()) -> Proposal:
         base = cache.get_seq_length()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +364,7 @@ class LayerSkipDraft(Draft):
         try:
             with first_layers(self._model, self.n_layers):
                 return _autoregress(forward, ids[:, base:], ids, gamma, sampler, generator, self._vocab,
-                                    self.confidence)
+                                    self.confidence, stop)
         finally:
             crop(cache, base)
 
@@ -387,14 +389,16 @@ class PromptLookupDraft(Draft):
         self.ngram = ngram
 
     def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
-                generator: torch.Generator | None) -> Proposal:
+                generator: torch.Generator | None, stop: frozenset[int] = frozenset()) -> Proposal:
         seq = ids[0]
         for n in range(min(self.ngram, seq.numel() - 1), 0, -1):
             earlier = seq[:-1].unfold(0, n, 1)  # (T − n, n): every n-gram that has a token after it
             hits = (earlier == seq[-n:]).all(-1).nonzero()
             if hits.numel():
                 start = int(hits[-1]) + n
-                return Proposal(seq[start:start + gamma].tolist())
+                tokens = seq[start:start + gamma].tolist()
+                end = next((i + 1 for i, token in enumerate(tokens) if token in stop), len(tokens))
+                return Proposal(tokens[:end])
         return NOTHING
 
     def config(self) -> dict[str, Any]:
@@ -531,8 +535,9 @@ class Speculator:
     """One speculative generation's bookkeeping for the decoding loop: picks γ, times the draft and the target,
     rolls the draft back and sums :class:`SpeculativeStats`."""
 
-    def __init__(self, draft: Draft) -> None:
+    def __init__(self, draft: Draft, stop: frozenset[int] = frozenset()) -> None:
         self.draft = draft
+        self.stop = stop  # token ids that end generation: no drafting past them
         self.stats = SpeculativeStats(draft=draft.config())
         self._a = self._d = 0.0  # exponentially decayed accepted / drafted counts for adaptive γ
 
@@ -555,7 +560,7 @@ class Speculator:
         if gamma == 0:
             return NOTHING
         t0 = time.perf_counter()
-        proposal = self.draft.propose(ids, gamma, cache, sampler, generator)
+        proposal = self.draft.propose(ids, gamma, cache, sampler, generator, self.stop)
         self.stats.draft_ms += (time.perf_counter() - t0) * 1e3
         return proposal
 

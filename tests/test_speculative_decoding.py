@@ -224,3 +224,22 @@ def test_confidence_ends_drafting_after_an_unsure_token(session, tiny_model_dir)
     assert full.gammas[0] == 4
     with pytest.raises(InvalidArgument, match="confidence must be a number in"):
         ModelDraft(session, confidence=1.0)
+
+
+def test_drafting_ends_at_a_stop_token(session):
+    """Nothing after EOS or a stop token is kept, so no draft proposes past one (transformers' assistant stops
+    there too): every round's drafted tokens contain a stop id only as their last token."""
+    eos = {session.tokenizer.decode([i]) for i in session.eos_ids}  # Step.speculative["drafted"] holds texts
+    assert eos == {"<|im_end|>"}
+    trace = session.generate("What is the capital of France? Answer in one word.", max_new_tokens=40, chat=True,
+                             speculative=QuantizedDraft("bfloat16", gamma=20, confidence=0.0))
+    assert trace.stop_reason == "eos"
+    rounds = [step.speculative["drafted"] for step in trace if "drafted" in step.speculative]
+    assert rounds and all(token not in eos for drafted in rounds for token in drafted[:-1])
+    assert rounds[-1][-1] in eos  # the bf16 copy drafted the EOS itself and stopped there
+    assert SpeculativeStats.of(trace).drafted == sum(len(drafted) for drafted in rounds)
+    # prompt lookup copies up to (and including) the first stop token after an earlier match
+    ids = torch.tensor([[5, 6, 7, 2, 8, 9, 5, 6, 7]])
+    assert PromptLookupDraft(ngram=3).propose(ids, 10, None, None, None).tokens == [2, 8, 9, 5, 6, 7]
+    assert PromptLookupDraft(ngram=3).propose(ids, 10, None, None, None, frozenset({2})).tokens == [2]
+    assert PromptLookupDraft(ngram=3).propose(ids, 10, None, None, None, frozenset({9})).tokens == [2, 8, 9]
