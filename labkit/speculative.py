@@ -227,32 +227,18 @@ def _autoregress(forward: Callable[[torch.Tensor], torch.Tensor], feed: torch.Te
     return Proposal(tokens, torch.stack(rows) if rows else None)
 
 
-class ModelDraft(Draft):
-    """Another local model with the target's tokenizer drafts (e.g. a smaller model of the same family).
-    ``model``: a :class:`~labkit.session.Session` or a local model folder (loaded on the target's device)."""
+class _ModelDrafting(Draft):
+    """A draft that is a separate model with its own KV cache, loaded by ``_load`` when bound to a target."""
 
-    name = "model"
-
-    def __init__(self, model: Any, gamma: int = 10, adaptive: bool = False, confidence: float = 0.4) -> None:
+    def __init__(self, gamma: int, adaptive: bool, confidence: float) -> None:
         super().__init__(gamma, adaptive, confidence)
-        from labkit.session import Session
-
-        if not isinstance(model, (Session, str, os.PathLike)):
-            raise InvalidArgument(f"ModelDraft needs a Session or a local model folder; got {type(model).__name__}")
-        self.source = model
         self._for: Any = None  # the target session this draft is bound to
         self._model: Any = None
         self._cache: Any = None
 
     def _load(self, session: Any) -> tuple[Any, Any]:
         """(model, tokenizer) of the draft for ``session``."""
-        from labkit import models
-        from labkit.session import Session
-
-        if isinstance(self.source, Session):
-            return self.source.model, self.source.tokenizer
-        model, tokenizer, _ = models.load(self.source, device=session.info.device, progress=False)
-        return model, tokenizer
+        raise NotImplementedError  # ModelDraft and QuantizedDraft override it
 
     def bind(self, session: Any) -> None:
         if self._for is session:
@@ -280,12 +266,36 @@ class ModelDraft(Draft):
     def rollback(self, length: int) -> None:
         crop(self._cache, length)
 
+
+class ModelDraft(_ModelDrafting):
+    """Another local model with the target's tokenizer drafts (e.g. a smaller model of the same family).
+    ``model``: a :class:`~labkit.session.Session` or a local model folder (loaded on the target's device)."""
+
+    name = "model"
+
+    def __init__(self, model: Any, gamma: int = 10, adaptive: bool = False, confidence: float = 0.4) -> None:
+        super().__init__(gamma, adaptive, confidence)
+        from labkit.session import Session
+
+        if not isinstance(model, (Session, str, os.PathLike)):
+            raise InvalidArgument(f"ModelDraft needs a Session or a local model folder; got {type(model).__name__}")
+        self.source = model
+
+    def _load(self, session: Any) -> tuple[Any, Any]:
+        from labkit import models
+        from labkit.session import Session
+
+        if isinstance(self.source, Session):
+            return self.source.model, self.source.tokenizer
+        model, tokenizer, _ = models.load(self.source, device=session.info.device, progress=False)
+        return model, tokenizer
+
     def config(self) -> dict[str, Any]:
         source = self.source.model_id if hasattr(self.source, "model_id") else str(self.source)
         return {**super().config(), "model": source}
 
 
-class QuantizedDraft(ModelDraft):
+class QuantizedDraft(_ModelDrafting):
     """The target model itself at lower precision drafts: ``dtype`` "bfloat16"|"float16" and/or ``quantization``
     "8bit"|"4bit" (bitsandbytes, CUDA). Loaded once from the target's folder, beside the target."""
 
@@ -293,7 +303,7 @@ class QuantizedDraft(ModelDraft):
 
     def __init__(self, dtype: str | None = "bfloat16", quantization: str | None = None, gamma: int = 10,
                  adaptive: bool = False, confidence: float = 0.4) -> None:
-        Draft.__init__(self, gamma, adaptive, confidence)
+        super().__init__(gamma, adaptive, confidence)
         from labkit import models
 
         if dtype not in (None, "bfloat16", "float16"):
@@ -303,19 +313,16 @@ class QuantizedDraft(ModelDraft):
         if dtype is None and quantization is None:
             raise InvalidArgument("QuantizedDraft needs a lower-precision dtype or a quantization; got neither")
         self.dtype, self.quantization = dtype, quantization
-        self.source = ""
-        self._for = self._model = self._cache = None
 
     def _load(self, session: Any) -> tuple[Any, Any]:
         from labkit import models
 
-        dtype = self.dtype or "auto"
-        model, tokenizer, _ = models.load(session.info.path, device=session.info.device, dtype=dtype,
+        model, tokenizer, _ = models.load(session.info.path, device=session.info.device, dtype=self.dtype or "auto",
                                           quantization=self.quantization, attn=session.info.attn, progress=False)
         return model, tokenizer
 
     def config(self) -> dict[str, Any]:
-        return {**Draft.config(self), "dtype": self.dtype, "quantization": self.quantization}
+        return {**super().config(), "dtype": self.dtype, "quantization": self.quantization}
 
 
 @contextlib.contextmanager
@@ -626,7 +633,6 @@ class Measurement:
 
     stats: SpeculativeStats
     """The last speculative run's statistics, with ``plain_ms_per_token`` set (median over repeats)."""
-    plain_ms_per_token: float
     speculative_ms_per_token: float
     """Median over repeats."""
     identical: bool
@@ -634,6 +640,11 @@ class Measurement:
     distribution, not token by token)."""
     trace: Any = field(repr=False, default=None)
     """The last speculative Trace."""
+
+    @property
+    def plain_ms_per_token(self) -> float:
+        """Median over repeats."""
+        return self.stats.plain_ms_per_token
 
     @property
     def speedup(self) -> float:
@@ -658,5 +669,5 @@ def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generat
     stats = SpeculativeStats.of(spec)
     stats.plain_ms_per_token = statistics.median(plain_times)
     stats.total_ms = statistics.median(spec_times) * stats.tokens
-    return Measurement(stats, stats.plain_ms_per_token, statistics.median(spec_times),
+    return Measurement(stats, statistics.median(spec_times),
                        plain.token_ids == spec.token_ids, spec)
