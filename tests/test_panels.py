@@ -196,6 +196,9 @@ def test_interventions_from_the_panel(session, lab):
     lab.wait(60)
     assert lab.trace.steps[0].token != " Paris"
     assert lab.trace.steps[0].interventions
+    lab.stream.selected = 0  # the bars stay the model's raw top-k (" Paris" first); the title says what edited it
+    assert lab.charts.bars.data[0].y[0] == repr(" Paris")
+    assert lab.charts.bars.layout.title.text.endswith("edited by " + ", ".join(lab.trace.steps[0].interventions))
 
 
 def test_errors_show_in_the_panel_and_leave_the_session_usable(session, lab):

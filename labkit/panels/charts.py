@@ -1,5 +1,6 @@
 """Live probability charts (plotly FigureWidgets): the top-k of one step as bars, entropy and varentropy over the
-steps as lines. Probabilities are plain probabilities; entropy in bits, varentropy in bits²."""
+steps as lines. Probabilities are the model's raw ones (before interventions and the sampler, as in ``Step.top``);
+entropy in bits, varentropy in bits²."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ class ProbabilityCharts:
         self.bars = go.FigureWidget(
             [go.Bar(x=[], y=[], orientation="h", marker_color="#1f77b4", name="p")],
             layout=go.Layout(height=height, margin=dict(l=110, r=10, t=30, b=30), title="top alternatives",
-                             xaxis=dict(title="probability", range=[0, 1]), yaxis=dict(autorange="reversed")))
+                             xaxis=dict(title="model probability", range=[0, 1]), yaxis=dict(autorange="reversed")))
         self.lines = go.FigureWidget(
             [go.Scatter(x=[], y=[], mode="lines+markers", name="entropy (bits)"),
              go.Scatter(x=[], y=[], mode="lines+markers", name="varentropy (bits²)")],
@@ -35,7 +36,10 @@ class ProbabilityCharts:
             bar.x = [a.prob for a in step.top]
             bar.y = [repr(a.token) for a in step.top]
             bar.marker.color = ["#d62728" if a.token_id == step.token_id else "#1f77b4" for a in step.top]
-            self.bars.layout.title = f"step {step.index if index is None else index}: chose {step.token!r}"
+            title = f"step {step.index if index is None else index}: chose {step.token!r}"
+            if step.interventions:  # the bars are the model's own; say why the choice may not be among them
+                title += " · edited by " + ", ".join(step.interventions)
+            self.bars.layout.title = title
 
     def show_series(self, steps: Sequence[Step]) -> None:
         """Entropy and varentropy of every step so far."""
