@@ -15,6 +15,7 @@ layers, sharing its weights and cache), :class:`QuantizedDraft` (the target at l
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -108,15 +109,50 @@ def judge(p: torch.Tensor, q: torch.Tensor | None, token: int,
     return int(torch.multinomial(residual(p, q), 1, generator=generator)), False
 
 
-def expected_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
+def expected_speedup(alpha: float, gamma: float, cost_ratio: float, verify_growth: float = 0.0) -> float:
     """Expected speedup of speculative decoding over plain decoding (Leviathan et al., 2023, Theorem 3.8):
     (1 − α^(γ+1)) / ((1 − α)(γ·c + 1)), with α the acceptance rate, γ the drafted tokens per round and c the
-    draft/target cost ratio per token. At α = 1 the first factor is its limit γ + 1. Assumes verifying γ + 1
-    tokens costs one target step (true on a GPU; on a CPU the verify pass grows with γ)."""
-    if not 0 <= alpha <= 1 or gamma < 1 or cost_ratio < 0:
-        raise InvalidArgument(f"need 0 ≤ alpha ≤ 1, gamma ≥ 1, cost_ratio ≥ 0; got {alpha}, {gamma}, {cost_ratio}")
+    draft/target cost ratio per token. At α = 1 the first factor is its limit γ + 1. The theorem assumes verifying
+    γ + 1 tokens costs one target step (true on a GPU); ``verify_growth`` g is the extra cost of each further
+    verified position as a fraction of one target step (on a CPU a pass over n positions costs 1 + g·(n − 1)
+    steps), giving (1 − α^(γ+1)) / ((1 − α)(γ·c + 1 + g·γ))."""
+    if not 0 <= alpha <= 1 or gamma < 1 or cost_ratio < 0 or verify_growth < 0:
+        raise InvalidArgument(f"need 0 ≤ alpha ≤ 1, gamma ≥ 1, cost_ratio ≥ 0, verify_growth ≥ 0; got {alpha}, "
+                              f"{gamma}, {cost_ratio}, {verify_growth}")
     tokens = gamma + 1 if alpha == 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * cost_ratio + 1)
+    return tokens / (gamma * cost_ratio + 1 + verify_growth * gamma)
+
+
+@dataclass
+class VerifyCost:
+    """Least-squares line through the target's verification passes: ms = a + b·n for a pass over n positions
+    (fitted on the rounds of one generation). Gives the cost of one plain step, a + b, and the growth g = b/(a + b)
+    of :func:`expected_speedup`."""
+
+    count: int = 0
+    sum_n: float = 0.0
+    sum_nn: float = 0.0
+    sum_ms: float = 0.0
+    sum_n_ms: float = 0.0
+
+    def add(self, n: int, ms: float) -> None:
+        self.count += 1
+        self.sum_n += n
+        self.sum_nn += n * n
+        self.sum_ms += ms
+        self.sum_n_ms += n * ms
+
+    def fit(self) -> tuple[float, float] | None:
+        """(ms of a one-position pass, growth g ≥ 0), or None until two different pass sizes were seen."""
+        spread = self.count * self.sum_nn - self.sum_n ** 2
+        if self.count < 2 or spread <= 1e-9:
+            return None
+        b = (self.count * self.sum_n_ms - self.sum_n * self.sum_ms) / spread
+        a = (self.sum_ms - b * self.sum_n) / self.count
+        step = a + b
+        if step <= 0:
+            return None
+        return step, max(0.0, b / step)
 
 
 # -- drafts ---------------------------------------------------------------------------------------------------
@@ -148,9 +184,10 @@ def crop(cache: Any, length: int) -> None:
 
 class Draft:
     """Base class of draft kinds. ``gamma``: drafted tokens per round (the most, when ``adaptive``);
-    ``adaptive``: choose γ each round to maximise :func:`expected_speedup` from the running acceptance rate and
-    the measured draft/target cost ratio; ``confidence`` (model drafts): end a round's drafting after a token the
-    draft gave a raw probability below it (transformers' ``assistant_confidence_threshold``, default 0.4 there).
+    ``adaptive``: choose γ each round from the recent accepted run lengths, the measured draft cost and the
+    measured growth of the verification pass (see :meth:`Speculator.gamma`); ``confidence`` (model drafts): end
+    a round's drafting after a token the draft gave a raw probability below it (transformers'
+    ``assistant_confidence_threshold``, default 0.4 there).
 
     The loop calls ``bind(session)`` once per generation call (before it starts), ``start(prompt_ids)`` per
     generation, ``propose(...)`` per round and ``rollback(length)`` after each verification.
@@ -547,18 +584,53 @@ class Speculator:
         self.stop = stop  # token ids that end generation: no drafting past them
         self.stats = SpeculativeStats(draft=draft.config())
         self._a = self._d = 0.0  # exponentially decayed accepted / drafted counts for adaptive γ
+        self.verify = VerifyCost()  # the target's pass time against the positions it verifies
+        self._idle = 0  # adaptive rounds in a row that drafted nothing because no γ was expected to pay
+        self._runs: collections.deque[tuple[int, int]] = collections.deque(maxlen=32)  # (accepted, drafted)
 
     def start(self, prompt_ids: torch.Tensor) -> None:
         self.draft.start(prompt_ids)
 
+    def expected_tokens(self, gamma: int) -> float:
+        """Expected tokens from a round that drafts ``gamma``: 1 + E[min(L, γ)] with L the accepted run length.
+        E is a weighted mean over the recent rounds (weight 0.8^age) and one prior round whose L is geometric at
+        the running acceptance rate α (Leviathan's model: alone it gives (1 − α^(γ+1)) / (1 − α)). A round that
+        stopped at a rejection contributes min(accepted, γ); a round that kept all its d drafts only shows L ≥ d, so
+        beyond d it continues geometrically at α."""
+        alpha = (self._a + 1) / (self._d + 2)  # Laplace estimate of the running acceptance rate
+
+        def geometric(n: int) -> float:  # E[accepted among n more drafts], each kept with probability α in turn
+            return float(n) if alpha == 1 else alpha * (1 - alpha ** n) / (1 - alpha)
+
+        total, weights = geometric(gamma), 1.0
+        for age, (accepted, drafted) in enumerate(reversed(self._runs)):
+            run = min(accepted, gamma) if accepted < drafted or gamma <= drafted else drafted + geometric(
+                gamma - drafted)
+            total += 0.8 ** age * run
+            weights += 0.8 ** age
+        return 1 + total / weights
+
     def gamma(self, limit: int) -> int:
-        """γ for the next round, at most ``limit`` (tokens still allowed after the round's target draw)."""
+        """γ for the next round, at most ``limit`` (tokens still allowed after the round's target draw).
+        Adaptive: the γ ≤ ``gamma`` that maximises expected tokens per round (:meth:`expected_tokens`) over the
+        round's cost in target steps, 1 + γ·c + γ·g (c: measured draft cost per token; g: measured growth of the
+        verification pass per position, see :func:`expected_speedup`); 0 (a plain step) when no γ is expected to
+        beat plain decoding, except every 9th such round, which drafts the best γ anyway to see if drafts pay again."""
         gamma = self.draft.gamma
         if self.draft.adaptive:
-            alpha = (self._a + 1) / (self._d + 2)  # Laplace estimate of the running acceptance rate
-            c = self.stats.cost_ratio
-            c = 0.0 if math.isnan(c) else c
-            gamma = max(range(1, gamma + 1), key=lambda g: expected_speedup(alpha, g, c))
+            fit = self.verify.fit()
+            if fit is None:
+                c, growth = self.stats.cost_ratio, 0.0
+                c = 0.0 if math.isnan(c) else c
+            else:
+                step_ms, growth = fit
+                c = self.stats.draft_ms / self.stats.drafted / step_ms if self.stats.drafted else 0.0
+            speedup = {g: self.expected_tokens(g) / (1 + g * (c + growth)) for g in range(1, gamma + 1)}
+            gamma = max(speedup, key=speedup.__getitem__)
+            if speedup[gamma] < 1:
+                self._idle += 1
+                gamma = gamma if self._idle > 8 else 0
+                self._idle = 0 if gamma else self._idle
         return max(0, min(gamma, limit))
 
     def propose(self, ids: torch.Tensor, cache: Any, limit: int, sampler: Any,
@@ -605,8 +677,11 @@ class Speculator:
         s.tokens += tokens
         s.target_ms += target_ms
         s.gammas.append(gamma)
+        if s.rounds > 1:  # the first pass also reads the prompt; later ones read the new token + γ drafted
+            self.verify.add(gamma + 1, target_ms)
         if gamma:
             self._a, self._d = 0.8 * self._a + accepted, 0.8 * self._d + gamma
+            self._runs.append((accepted, gamma))
         self.draft.rollback(length)
 
 

@@ -8,7 +8,15 @@ import torch
 from scipy.stats import chisquare
 
 from labkit.errors import InvalidArgument
-from labkit.speculative import expected_speedup, judge, verify
+from labkit.speculative import (
+    PromptLookupDraft,
+    Proposal,
+    Speculator,
+    VerifyCost,
+    expected_speedup,
+    judge,
+    verify,
+)
 
 N = 100_000
 PAIRS = [
@@ -73,8 +81,54 @@ def test_expected_speedup_closed_forms():
     assert expected_speedup(0.0, 4, 0.0) == 1.0  # nothing accepted, free draft: one token per round
     assert expected_speedup(1.0, 4, 0.0) == 5.0  # everything accepted: γ + 1 tokens per target pass
     assert expected_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8 ** 5) / (0.2 * 1.4))
+    # a verification pass over n positions costing 1 + g(n − 1) target steps (CPU)
+    assert expected_speedup(0.8, 4, 0.1, 0.05) == pytest.approx((1 - 0.8 ** 5) / (0.2 * (1.4 + 0.2)))
+    assert expected_speedup(0.0, 1, 0.0, 0.25) == pytest.approx(1 / 1.25)  # a rejected free draft still costs
     with pytest.raises(InvalidArgument):
         expected_speedup(1.5, 4, 0.1)
+    with pytest.raises(InvalidArgument):
+        expected_speedup(0.5, 4, 0.1, -0.1)
+
+
+def test_verify_cost_fits_the_pass_time_line():
+    cost = VerifyCost()
+    cost.add(5, 40.0)
+    assert cost.fit() is None  # one pass size: no slope yet
+    for n in (1, 3, 11):
+        cost.add(n, 30.0 + 2.0 * n)
+    cost.add(5, 40.0)
+    step, growth = cost.fit()
+    assert step == pytest.approx(32.0) and growth == pytest.approx(2.0 / 32.0)
+
+
+def test_expected_tokens_per_round_from_recent_runs():
+    spec = Speculator(PromptLookupDraft(adaptive=True))
+    assert spec.expected_tokens(3) == pytest.approx((1 - 0.5 ** 4) / 0.5)  # no rounds yet: Leviathan at α = 1/2
+
+    def geometric(alpha, n):  # expected kept among n drafts, each kept with probability α in turn
+        return sum(alpha ** k for k in range(1, n + 1))
+
+    spec.settle(Proposal([7] * 5), accepted=2, tokens=3, target_ms=50.0, length=0)  # rejected at the 3rd draft
+    alpha = (2 + 1) / (5 + 2)
+    for g in (1, 2, 4, 10):  # the prior round (geometric at α, weight 1) and the observed one (weight 1)
+        assert spec.expected_tokens(g) == pytest.approx(1 + (geometric(alpha, g) + min(2, g)) / 2)
+    spec.settle(Proposal([7] * 5), accepted=5, tokens=6, target_ms=50.0, length=0)  # all 5 kept: L ≥ 5
+    alpha = (0.8 * 2 + 5 + 1) / (0.8 * 5 + 5 + 2)
+    newest = 5 + geometric(alpha, 3)  # beyond the 5 kept drafts, 3 more kept with probability α each in turn
+    assert spec.expected_tokens(8) == pytest.approx(1 + (geometric(alpha, 8) + newest + 0.8 * 2) / 2.8)
+    assert spec.expected_tokens(4) == pytest.approx(1 + (geometric(alpha, 4) + 4 + 0.8 * 2) / 2.8)
+
+
+def test_adaptive_gamma_stops_drafting_when_no_gamma_pays_and_probes_again():
+    """Nothing accepted and each verified position costing a quarter of a step: no γ ≥ 1 is expected to beat a
+    plain step, so the adaptive rule drafts nothing, then probes with the best γ (here 1) every 9th round."""
+    spec = Speculator(PromptLookupDraft(max_tokens=10, adaptive=True))
+    for n in (1, 1, 11, 11, 11, 1):  # first settle is the prefill pass and does not enter the fit
+        spec.settle(Proposal(list(range(n - 1))), accepted=0, tokens=1, target_ms=40.0 + 10.0 * (n - 1), length=0)
+    assert spec.verify.fit() == pytest.approx((40.0, 0.25))
+    assert [spec.gamma(limit=50) for _ in range(10)] == [0] * 8 + [1, 0]
+    fixed = Speculator(PromptLookupDraft(max_tokens=10))
+    assert fixed.gamma(limit=50) == 10 and fixed.gamma(limit=3) == 3
 
 
 @pytest.mark.parametrize("p, q", PAIRS[:3])
