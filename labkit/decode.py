@@ -152,7 +152,6 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 infos = sampling_infos(scores[:m], entropy, top_probs[:, 0], torch.stack(logq))[0]  # m SamplingInfo
                 h_bits, vh_bits, top_p, top_i = entropy.tolist(), varentropy.tolist(), top_probs.tolist(), \
                     top_ids.tolist()
-                kept = sum(spec.get("origin") == "accepted" for _, spec in chosen)
                 for i, (tid, spec) in enumerate(chosen):
                     step = Step(
                         index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
@@ -177,10 +176,10 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                         reason = ended
                     elif stop_event.is_set():
                         reason = "stopped"  # within a round too: Stop ends generation after the current token
-                        kept = sum(sp.get("origin") == "accepted" for _, sp in chosen[:i + 1])
                         break
                 if speculator is not None:
                     crop(cache, ids.shape[1] - 1)  # drop the rejected drafted tokens' entries
+                    kept = sum(sp.get("origin") == "accepted" for _, sp in chosen[:i + 1])  # of the i + 1 made
                     speculator.settle(proposal, kept, i + 1, target_ms, ids.shape[1] - 1)
                 if reason:
                     break

@@ -45,7 +45,8 @@ class TokenStream(anywidget.AnyWidget):
     messages are batched to at most one per ``interval_s``; ``flush`` sends the rest).
 
     The shown steps are ``steps`` + ``tail`` (``shown`` in Python): new steps go to ``tail``, which moves into
-    ``steps`` every ``COMMIT`` steps, so each message carries at most ``COMMIT`` steps however long the run."""
+    ``steps`` once it holds ``COMMIT`` steps. A batch message carries only the tail (fewer than ``COMMIT`` steps);
+    one message in every ``COMMIT`` steps carries the whole history (traitlets sync a list whole)."""
 
     COMMIT: ClassVar[int] = 64
 
