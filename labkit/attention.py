@@ -32,7 +32,9 @@ class AttentionRow:
     """The current query's attention in every layer and head, at one decoding step."""
 
     scores: torch.Tensor
-    """Shape (L, H, T_k): pre-softmax scores q·Kᵀ·scale (+ mask, −inf where masked) of the last query row."""
+    """Shape (L, H, T_k): pre-softmax scores q·Kᵀ·scale (softcapped where the model softcaps; + mask, −inf where
+    masked) of the last query row; column j is sequence position j. A key outside a layer's sliding window
+    scores −inf (weight 0) in every head of that layer: see :attr:`outside_window`."""
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 3:
@@ -43,19 +45,32 @@ class AttentionRow:
         """Shape (L, H, T_k): attention probabilities softmax(scores) (each row sums to 1); computed on access."""
         return torch.softmax(self.scores, dim=-1)
 
+    @property
+    def outside_window(self) -> torch.Tensor:
+        """Shape (L, T_k), bool: key positions the layer does not attend to at all (outside its sliding window;
+        their weight is 0). All False on a model without sliding windows."""
+        return torch.isneginf(self.scores).all(dim=1)
+
 
 class _Recorder:
     """Per-layer slots filled by the capture function during one forward pass (scores only: probabilities are
     a softmax away, taken when needed)."""
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, base: str) -> None:
         self.scores: list[torch.Tensor | None] = [None] * n_layers
+        self.base = base
+        """The attention implementation that computes each layer's output: "sdpa" or "eager"."""
 
     def take(self) -> AttentionRow:
         if any(s is None for s in self.scores):
             missing = [i for i, s in enumerate(self.scores) if s is None]
             raise RuntimeError(f"attention capture missed layers {missing}: does this model use AttentionInterface?")
-        scores = torch.stack(self.scores)  # type: ignore[arg-type]  # (L, H, Tk)
+        rows: list[torch.Tensor] = self.scores  # type: ignore[assignment]
+        width = max(r.shape[-1] for r in rows)
+        # a layer whose cache holds only its sliding window sees the last keys: align every row on positions
+        rows = [r if r.shape[-1] == width else torch.nn.functional.pad(r, (width - r.shape[-1], 0),
+                                                                        value=float("-inf")) for r in rows]
+        scores = torch.stack(rows)  # (L, H, Tk)
         self.scores = [None] * len(self.scores)
         return AttentionRow(scores)
 
@@ -65,40 +80,61 @@ _REGISTER_LOCK = threading.Lock()
 
 
 def _last_row_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                     scaling: float | None) -> torch.Tensor:
-    """Pre-softmax scores of the last query row, shape (B, Hq, Tk), in float32."""
+                     scaling: float | None, softcap: float | None = None) -> torch.Tensor:
+    """Pre-softmax scores of the last query row, shape (B, Hq, Tk), in float32: q·Kᵀ·scale, then
+    softcap·tanh(·/softcap) where the model softcaps attention logits (Gemma 2), then the mask (a boolean mask
+    or an additive one; additive entries at the dtype's minimum count as masked, −inf)."""
     b, hq, _, d = query.shape
     hkv, tk = key.shape[1], key.shape[2]
     scale = d ** -0.5 if scaling is None else scaling
     q = (query[:, :, -1, :].float() * scale).view(b, hkv, hq // hkv, d)  # (B, Hkv, n_rep, D): grouped by KV head
     scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, hq, tk)  # (B, Hq, Tk)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         last = mask[:, :, -1, :tk]  # (B, 1|H, Tk)
-        scores = scores.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else scores + last.float()
+        if last.dtype == torch.bool:
+            scores = scores.masked_fill(~last, float("-inf"))
+        else:
+            blocked = last <= torch.finfo(last.dtype).min / 2
+            scores = (scores + last.float()).masked_fill(blocked, float("-inf"))
     return scores
 
 
 def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, scaling: float | None = None,
-                              dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """AttentionInterface function: SDPA output, plus the last query row recorded when capture is on."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                    **kwargs)
+                              dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """AttentionInterface function: the layer's output from the model's own implementation (SDPA, or its eager
+    function for an eager-only model), plus the last query row recorded when capture is on."""
     recorder = _RECORDERS.get(id(module.config))
+    if recorder is not None and recorder.base == "eager":
+        from labkit.hooks import eager_attention_of
+
+        out, weights = eager_attention_of(module)(module, query, key, value, attention_mask, scaling=scaling,
+                                                  dropout=dropout, **kwargs)
+    else:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)
     if recorder is not None:
-        recorder.scores[module.layer_idx] = _last_row_scores(query, key, attention_mask, scaling)[0]  # (Hq, Tk)
-    return out, None
+        recorder.scores[module.layer_idx] = _last_row_scores(query, key, attention_mask, scaling,
+                                                             kwargs.get("softcap"))[0]  # (Hq, Tk)
+    return out, weights
+
+
+CAPTURE_BASES = {"sdpa": CAPTURE_ATTN, "eager": CAPTURE_ATTN + "_eager"}
+"""Attention implementation the capture runs beside -> the name its capture function is registered under."""
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     with _REGISTER_LOCK:
-        AttentionInterface.register(CAPTURE_ATTN, capture_attention_forward)
-        AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)  # the same masks SDPA gets
+        for base, name in CAPTURE_BASES.items():
+            AttentionInterface.register(name, capture_attention_forward)
+            AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)  # the base's masks
 
 
 @contextlib.contextmanager
@@ -112,17 +148,25 @@ def attn_implementation(model: Any, name: str) -> Iterator[None]:
         model.set_attn_implementation(before)
 
 
+def check_capturable(model: Any) -> str:
+    """The attention implementation capture runs beside ("sdpa" or "eager"); InvalidArgument for another."""
+    impl = model.config._attn_implementation
+    base = {v: k for k, v in CAPTURE_BASES.items()}.get(impl, impl)
+    if base not in CAPTURE_BASES:
+        raise InvalidArgument(f"capture=['attention'] needs the session's attn='sdpa' or 'eager' (attn='auto' picks "
+                              f"one); this model uses {impl!r}")
+    return base
+
+
 @contextlib.contextmanager
 def capturing(model: Any) -> Iterator[_Recorder]:
     """Record the last query row of every layer at each forward pass inside the block."""
-    if model.config._attn_implementation not in ("sdpa", CAPTURE_ATTN):
-        raise InvalidArgument(f"capture=['attention'] needs the session's attn='sdpa' (or 'auto'); this model uses "
-                              f"{model.config._attn_implementation!r}")
+    base = check_capturable(model)
     _register()
-    recorder = _Recorder(model.config.num_hidden_layers)
+    recorder = _Recorder(model.config.get_text_config(decoder=True).num_hidden_layers, base)
     _RECORDERS[id(model.config)] = recorder
     try:
-        with attn_implementation(model, CAPTURE_ATTN):
+        with attn_implementation(model, CAPTURE_BASES[base]):
             yield recorder
     finally:
         _RECORDERS.pop(id(model.config), None)

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from labkit import attention, info
 from labkit.interventions.base import InterventionContext, TokenIntervention
-from labkit.models import forward_cached
+from labkit.models import forward_cached, new_cache
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import sampling_infos
 from labkit.speculative import NOTHING, Speculator, crop
@@ -84,7 +83,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     stop_event = stop_event or threading.Event()
     sampler.reset(tokenizer)
     active = set(capture) | set(sampler.needs)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache()
     ids = prompt_ids  # (1, T + steps so far)
     inputs = prompt_ids  # (1, T) for the prefill, then (1, 1): what the cache has not seen
     reason = "stopped"  # if the consumer closes the iterator early

@@ -45,3 +45,8 @@ def invalid_choice(name: str, value: object, allowed: Iterable[object]) -> Inval
     """Build the standard error for a parameter that must be one of a fixed set."""
     choices = ", ".join(repr(a) for a in allowed)
     return InvalidArgument(f"{name} must be one of {choices}; got {value!r}")
+
+
+class UnsupportedArchitecture(LabkitError):
+    """The model's architecture has no hook-site adapter, or a feature cannot run exactly on it (the message says
+    what is missing and how to declare an adapter with :func:`labkit.hooks.register_adapter`)."""

@@ -1,13 +1,12 @@
 """Logit lens: what each layer would predict if the model stopped there.
 
-For every decoder layer, its output residual stream at the last position goes through the model's final norm
-and unembedding, giving a next-token distribution per layer. The last layer reproduces the model's own
-logits. Entropies and KL divergences are in bits.
+For every decoder block, its output residual stream at the last position goes through the model's final norm,
+unembedding and final logit softcapping (Gemma 2), giving a next-token distribution per layer. The last layer
+reproduces the model's own logits. Entropies and KL divergences are in bits.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,17 +14,8 @@ import torch
 
 from labkit import info
 from labkit.errors import InvalidArgument
+from labkit.hooks import sites_of
 from labkit.trace import Alternative
-
-
-def _parts(model: Any) -> tuple[Any, Any, Any]:
-    """(decoder layers, final norm, unembedding) of a transformers causal LM."""
-    decoder = model.get_decoder()
-    layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
-    if layers is None or norm is None:
-        raise InvalidArgument(f"logit lens needs a decoder with .layers and .norm; {type(decoder).__name__} has "
-                              f"{[n for n, _ in decoder.named_children()]}")
-    return layers, norm, model.get_output_embeddings()
 
 
 @dataclass
@@ -66,20 +56,14 @@ class LogitLens:
 
 
 def logit_lens(model: Any, ids: torch.Tensor, token_text: Any, k: int = 5) -> LogitLens:
-    """Run ``ids`` (shape (1, T)) once, reading every decoder layer's output through norm + unembedding."""
-    layers, norm, unembed = _parts(model)
-    residuals: list[torch.Tensor] = []
-
-    def keep(_module: Any, _inputs: Any, output: Any) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output  # (1, T, d)
-        residuals.append(hidden[:, -1, :])  # (1, d)
-
-    with contextlib.ExitStack() as scope, torch.inference_mode():
-        for layer in layers:  # hooks removed on exit, also after an error
-            scope.callback(layer.register_forward_hook(keep).remove)
+    """Run ``ids`` (shape (1, T)) once, reading every block's output (site ``blocks.L.resid_post``) at the last
+    position through the model's own final norm, unembedding and logit softcapping (:meth:`Sites.logits`)."""
+    sites = sites_of(model)
+    names = [f"blocks.{layer}.resid_post" for layer in range(sites.n_layers)]
+    with sites.read(names, last=True) as seen, torch.inference_mode():
         model(input_ids=ids, logits_to_keep=1)
-        stream = torch.cat(residuals)  # (L, d)
-        logprobs = torch.log_softmax(unembed(norm(stream)).float(), dim=-1).cpu()  # (L, V) nats
+        stream = torch.cat([seen[name][0] for name in names])  # (L, d_model)
+        logprobs = torch.log_softmax(sites.logits(stream).float(), dim=-1).cpu()  # (L, V) nats
     values, index = logprobs.topk(k, dim=-1)  # (L, k)
     top = [[Alternative(token_text(i), i, float(v.exp())) for v, i in zip(vs, ix.tolist(), strict=True)]
            for vs, ix in zip(values, index, strict=True)]

@@ -228,12 +228,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_attn(attn: str, device: torch.device) -> str:
-    """The transformers attention implementation name for ``attn`` (registering xformers when asked)."""
+def resolve_attn(attn: str, device: torch.device) -> str | None:
+    """The transformers attention implementation name for ``attn`` (registering xformers when asked); None for
+    ``"auto"``: transformers then picks SDPA where the architecture supports it and eager otherwise (Gemma 2,
+    whose attention-logit softcapping SDPA cannot do)."""
     if attn not in ATTNS:
         raise invalid_choice("attn", attn, ATTNS)
     if attn == "auto":
-        return "sdpa"
+        return None
     if attn == "xformers":
         if device.type != "cuda":
             raise DeviceUnavailable(f"attn='xformers' runs only on CUDA; this session's device is {device.type!r}. "
@@ -331,6 +333,18 @@ def forward_cached(model: Any, input_ids: torch.Tensor, cache: Any, logits_to_ke
     return model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **{key: cache}).logits
 
 
+def new_cache() -> Any:
+    """An empty KV cache for one generation: a transformers ``DynamicCache`` that keeps every position in every
+    layer. Deliberately built without the model's config: with it, sliding-window layers keep only their last
+    window − 1 keys, so captured attention rows would no longer line up with positions and ``crop`` (speculative
+    rollback) fails once the window is reached. Without it the sliding window is applied by the attention mask
+    alone (transformers builds the mask from ``config.sliding_window``), which gives the same attention: exact,
+    at the memory cost of a full cache."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 @functools.cache
 def _cache_argument(model_type: type) -> str:
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
@@ -375,7 +389,9 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True,
-                              "dtype": torch_dtype, "attn_implementation": impl}
+                              "dtype": torch_dtype}
+    if impl is not None:
+        kwargs["attn_implementation"] = impl
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
@@ -393,11 +409,11 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dt
     hf_model.eval()
     if dev.type == "cpu":
         tune_cpu_allocator()
-    cfg = hf_model.config
+    cfg = hf_model.config.get_text_config(decoder=True)
     n_heads = cfg.num_attention_heads
     info = ModelInfo(
         name=str(model), path=str(path), device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-        quantization=quantization, attn=attn if attn != "auto" else impl,
+        quantization=quantization, attn="xformers" if impl == XFORMERS_ATTN else hf_model.config._attn_implementation,
         n_layers=cfg.num_hidden_layers, n_heads=n_heads,
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,

@@ -59,6 +59,16 @@ class Session:
         """Name recorded in traces: the default model's name, or the folder given."""
         return models.DEFAULT_MODEL_NAME if self.info.name == models.DEFAULT_MODEL else self.info.name
 
+    @property
+    def sites(self) -> Any:
+        """The model's hook sites (:class:`labkit.hooks.Sites`): ``list(s.sites)`` gives every site name
+        (``"blocks.3.resid_post"``...), ``s.sites.table()`` their shapes and meaning, ``s.sites.read([...])`` and
+        ``s.sites.edit({...})`` scoped reads and edits. UnsupportedArchitecture when labkit has no adapter for
+        the model (declare one with :func:`labkit.hooks.register_adapter`)."""
+        from labkit.hooks import sites_of
+
+        return sites_of(self.model)
+
     # -- input -------------------------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False, reserve: int = 0) -> torch.Tensor:
         """Token ids of ``prompt`` (chat template applied when ``chat``), shape (1, T), on the model's device.

@@ -16,19 +16,18 @@ layers, sharing its weights and cache), :class:`QuantizedDraft` (the target at l
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from transformers import DynamicCache
 
 from labkit.errors import InvalidArgument
-from labkit.models import forward_cached
+from labkit.hooks import sites_of
+from labkit.models import forward_cached, new_cache
 from labkit.sampling.base import Greedy
 
 ORIGINS = ("accepted", "resampled", "bonus", "target")
@@ -287,7 +286,7 @@ class _ModelDrafting(Draft):
         self._model, self._for = model, session
 
     def start(self, prompt_ids: torch.Tensor) -> None:
-        self._cache = DynamicCache(config=self._model.config)
+        self._cache = new_cache()
 
     def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
                 generator: torch.Generator | None, stop: frozenset[int] = frozenset()) -> Proposal:
@@ -362,20 +361,6 @@ class QuantizedDraft(_ModelDrafting):
         return {**super().config(), "dtype": self.dtype, "quantization": self.quantization}
 
 
-@contextlib.contextmanager
-def first_layers(model: Any, n: int) -> Iterator[None]:
-    """Inside the block, ``model`` runs only its first ``n`` decoder layers (then its final norm and unembedding):
-    the same weights and modules (hooks included), a shorter layer list."""
-    from labkit.interventions.base import decoder_layers
-
-    layers = decoder_layers(model)
-    model.model.layers = torch.nn.ModuleList(list(layers)[:n])
-    try:
-        yield
-    finally:
-        model.model.layers = layers
-
-
 class LayerSkipDraft(Draft):
     """Self-speculative decoding (LayerSkip, Elhoushi et al., 2024): the target's first ``n_layers`` decoder layers
     plus its final norm and unembedding draft, sharing the target's weights and KV cache (the draft's entries in
@@ -406,7 +391,7 @@ class LayerSkipDraft(Draft):
             return forward_cached(self._model, x, cache)
 
         try:
-            with first_layers(self._model, self.n_layers):
+            with sites_of(self._model).first_blocks(self.n_layers):
                 return _autoregress(forward, ids[:, base:], ids, gamma, sampler, generator, self._vocab,
                                     self.confidence, stop)
         finally:

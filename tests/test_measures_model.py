@@ -146,10 +146,20 @@ def test_capture_is_switched_off_after_an_error(session):
     assert torch.equal(session.next_token(TEXT).logprobs, before)  # bit-identical afterwards
 
 
-def test_capture_needs_sdpa_and_names_the_problem():
+def test_capture_on_an_eager_session_equals_the_sdpa_capture(session):
     import labkit
 
     eager = labkit.Session(device="cpu", attn="eager", progress=False)
-    with pytest.raises(InvalidArgument, match="capture=\\['attention'\\] needs the session's attn='sdpa'"):
-        eager.generate("Once upon a time", max_new_tokens=2, capture=["attention"])
-    assert eager.generate("Once upon a time", max_new_tokens=2).token_ids
+    assert eager.info.attn == "eager"
+    a = eager.generate("Once upon a time", max_new_tokens=4, capture=["attention"])
+    b = session.generate("Once upon a time", max_new_tokens=4, capture=["attention"])
+    assert a.token_ids == b.token_ids
+    for sa, sb in zip(a.steps, b.steps, strict=True):
+        torch.testing.assert_close(sa.captures["attention"].probs, sb.captures["attention"].probs, atol=1e-5, rtol=0)
+    assert eager.model.config._attn_implementation == "eager"  # switched back after the run
+
+
+def test_capture_refuses_a_backend_it_cannot_run_beside(session, monkeypatch):
+    monkeypatch.setattr(session.model.config, "_attn_implementation", "flash_attention_2")
+    with pytest.raises(InvalidArgument, match="capture=\\['attention'\\] needs the session's attn='sdpa' or 'eager'"):
+        session.generate("Once upon a time", max_new_tokens=2, capture=["attention"])

@@ -1,5 +1,5 @@
-"""Activation-level interventions (what TransformerLens and nnsight users expect): forward hooks on a
-Llama-style model, switched on only inside a scope. Residual activations are the outputs of decoder layers."""
+"""Activation-level interventions (what TransformerLens and nnsight users expect), on any architecture labkit has
+an adapter for: hooks at the documented sites of :mod:`labkit.hooks`, switched on only inside a scope."""
 
 from __future__ import annotations
 
@@ -10,48 +10,27 @@ from typing import Any
 import torch
 
 from labkit.errors import InvalidArgument
-from labkit.interventions.base import (
-    ActivationIntervention,
-    check_layer,
-    decoder_layers,
-    hidden_of,
-    module_named,
-    replace_output,
-)
+from labkit.hooks import MODEL_SITES, module_named, sites_of
+from labkit.interventions.base import ActivationIntervention
 
 DEFAULT_REFERENCE = ("The museum opened its doors at nine in the morning. Visitors walked slowly through the halls, "
                      "reading the small cards beside each painting and talking quietly.")
 """The reference text whose mean head output AblateHead(mode="mean") uses when none is given."""
 
 
-def _o_proj(model: Any, layer: int) -> torch.nn.Module:
-    return module_named(model, f"model.layers.{layer}.self_attn.o_proj")
-
-
-def _head_geometry(model: Any) -> tuple[int, int]:
-    cfg = model.config
-    n = cfg.num_attention_heads
-    return n, getattr(cfg, "head_dim", None) or cfg.hidden_size // n
-
-
 @torch.no_grad()
-def _run_capturing(session: Any, ids: torch.Tensor, module: torch.nn.Module, pre: bool) -> torch.Tensor:
-    """The input (``pre``) or output of ``module`` during one forward pass of ``ids``."""
-    seen: list[torch.Tensor] = []
-    if pre:
-        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    else:
-        handle = module.register_forward_hook(lambda m, args, out: seen.append(hidden_of(out).detach()))
-    try:
-        session.model(ids.to(session.model.device))
-    finally:
-        handle.remove()
-    return seen[0]
+def read_sites(session: Any, prompt: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """{site name: its value in one forward pass over ``prompt``} (batch dim dropped: (T, ...)), detached."""
+    ids = session.encode(prompt)
+    with sites_of(session.model).read(names) as seen:
+        session.model(input_ids=ids, logits_to_keep=1)
+    return {name: values[0][0] for name, values in seen.items()}
 
 
 class AblateHead(ActivationIntervention):
-    """Remove one attention head's contribution: its slice of the attention output is set to zero (``"zero"``) or
-    to its mean over the positions of a reference text (``"mean"``) before the output projection ``o_proj``."""
+    """Remove one attention head's contribution: its slice of the attention output (site ``blocks.L.attn.z``) is
+    set to zero (``"zero"``) or to its mean over the positions of a reference text (``"mean"``) before the output
+    projection."""
 
     def __init__(self, layer: int, head: int, mode: str = "zero", reference: str | None = None) -> None:
         if mode not in ("zero", "mean"):
@@ -60,33 +39,34 @@ class AblateHead(ActivationIntervention):
         self._fill: torch.Tensor | None = None
 
     def bind(self, session: Any) -> None:
-        self.layer = check_layer(session.model, self.layer)
-        n, d = _head_geometry(session.model)
-        if isinstance(self.head, bool) or not isinstance(self.head, int) or not 0 <= self.head < n:
-            raise InvalidArgument(f"head must be an integer in [0, {n}): layer {self.layer} has {n} heads; got "
-                                  f"{self.head!r}")
-        self._slice = slice(self.head * d, (self.head + 1) * d)
+        sites = sites_of(session.model)
+        self.layer = sites.check_layer(self.layer)
+        self.head = sites.check_head(self.head)
         if self.mode == "mean":
-            ids = session.encode(self.reference or DEFAULT_REFERENCE)
-            x = _run_capturing(session, ids, _o_proj(session.model, self.layer), pre=True)  # (1, T, H·D)
-            self._fill = x[0, :, self._slice].mean(0)  # (D,)
+            z = read_sites(session, self.reference or DEFAULT_REFERENCE, [self._site])[self._site]  # (T, H, D)
+            self._fill = z[:, self.head].mean(0)  # (D,)
+
+    @property
+    def _site(self) -> str:
+        return f"blocks.{self.layer}.attn.z"
 
     def attach(self, model: Any) -> list[Any]:
-        sl, fill = self._slice, self._fill
+        head, fill = self.head, self._fill
 
-        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0].clone()
-            x[..., sl] = 0.0 if fill is None else fill.to(x.dtype)
-            return (x, *args[1:])
+        def ablate(z: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            z = z.clone()  # (B, T, H, D)
+            z[..., head, :] = 0.0 if fill is None else fill.to(z.dtype)
+            return z
 
-        return [_o_proj(model, self.layer).register_forward_pre_hook(hook)]
+        return sites_of(model).hook(self._site, ablate)
 
     def __repr__(self) -> str:
         return f"AblateHead(layer={self.layer}, head={self.head}, mode={self.mode!r})"
 
 
 class Steer(ActivationIntervention):
-    """Add ``scale · vector`` to the residual stream after decoder layer ``layer``, at every position."""
+    """Add ``scale · vector`` to the residual stream after decoder block ``layer`` (site ``blocks.L.resid_post``),
+    at every position."""
 
     def __init__(self, layer: int, vector: torch.Tensor, scale: float = 1.0) -> None:
         if not isinstance(vector, torch.Tensor) or vector.ndim != 1:
@@ -97,40 +77,39 @@ class Steer(ActivationIntervention):
         self.layer, self.vector, self.scale = layer, vector, float(scale)
 
     def bind(self, session: Any) -> None:
-        self.layer = check_layer(session.model, self.layer)
-        size = session.model.config.hidden_size
-        if self.vector.shape[0] != size:
-            raise InvalidArgument(f"vector must have the model's hidden size {size}; got {self.vector.shape[0]}")
+        sites = sites_of(session.model)
+        self.layer = sites.check_layer(self.layer)
+        if self.vector.shape[0] != sites.d_model:
+            raise InvalidArgument(f"vector must have the model's hidden size {sites.d_model}; got "
+                                  f"{self.vector.shape[0]}")
 
     def attach(self, model: Any) -> list[Any]:
-        layer = decoder_layers(model)[self.layer]
         p = next(model.parameters())
-        delta = (self.scale * self.vector.float()).to(device=p.device, dtype=p.dtype)
+        delta = (self.scale * self.vector.float()).to(device=p.device)
 
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-            return replace_output(output, hidden_of(output) + delta)
+        def steer(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return hidden + delta.to(hidden.dtype)
 
-        return [layer.register_forward_hook(hook)]
+        return sites_of(model).hook(f"blocks.{self.layer}.resid_post", steer)
 
     def __repr__(self) -> str:
         return f"Steer(layer={self.layer}, scale={self.scale:g}, |vector|={float(self.vector.norm()):.3g})"
 
 
 def residual(session: Any, prompt: str, layer: int) -> torch.Tensor:
-    """Shape (T, hidden): the residual stream after decoder layer ``layer`` for ``prompt``, float32."""
-    layer = check_layer(session.model, layer)
-    out = _run_capturing(session, session.encode(prompt), decoder_layers(session.model)[layer], pre=False)
-    return out[0].float()
+    """Shape (T, d_model): the residual stream after decoder block ``layer`` for ``prompt``, float32."""
+    site = f"blocks.{sites_of(session.model).check_layer(layer)}.resid_post"
+    return read_sites(session, prompt, [site])[site].float()
 
 
 def steering_vector(session: Any, positive: str, negative: str, layer: int) -> torch.Tensor:
-    """Shape (hidden,): mean residual activation after ``layer`` over the positions of ``positive`` minus the same
+    """Shape (d_model,): mean residual activation after ``layer`` over the positions of ``positive`` minus the same
     for ``negative`` (a difference-of-means steering vector)."""
     return residual(session, positive, layer).mean(0) - residual(session, negative, layer).mean(0)
 
 
 class Patch(ActivationIntervention):
-    """Activation patching: at the given token positions, the residual stream after decoder layer ``layer`` is
+    """Activation patching: at the given token positions, the residual stream after decoder block ``layer`` is
     replaced by its value in a run on ``source_prompt``. Positions count from 0 in the sequence (negative ones
     from the end of the source prompt); any forward pass that computes such a position is patched."""
 
@@ -144,9 +123,8 @@ class Patch(ActivationIntervention):
         self._source: torch.Tensor | None = None
 
     def bind(self, session: Any) -> None:
-        self.layer = check_layer(session.model, self.layer)
-        src = _run_capturing(session, session.encode(self.source_prompt), decoder_layers(session.model)[self.layer],
-                             pre=False)[0]  # (Ts, hidden)
+        src = residual(session, self.source_prompt, self.layer)  # (Ts, d_model)
+        self.layer = sites_of(session.model).check_layer(self.layer)
         n = src.shape[0]
         bad = [p for p in self.positions if not -n <= p < n]
         if bad:
@@ -157,36 +135,50 @@ class Patch(ActivationIntervention):
     def attach(self, model: Any) -> list[Any]:
         src, wanted = self._source, torch.tensor(self._pos)
 
-        def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
-            hidden = hidden_of(output)
-            pos = kwargs.get("position_ids")
-            pos = pos[0].cpu() if pos is not None else torch.arange(hidden.shape[1])  # (t,) absolute positions
-            hit = torch.isin(pos, wanted)
+        def patch(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+            hit = torch.isin(positions, wanted)  # (t,)
             if not bool(hit.any()):
-                return output
+                return None
             hidden = hidden.clone()
             idx = hit.nonzero().flatten()
-            hidden[:, idx.to(hidden.device)] = src[pos[idx]].to(hidden.dtype).to(hidden.device)
-            return replace_output(output, hidden)
+            hidden[:, idx.to(hidden.device)] = src[positions[idx]].to(hidden.dtype).to(hidden.device)
+            return hidden
 
-        return [decoder_layers(model)[self.layer].register_forward_hook(hook, with_kwargs=True)]
+        return sites_of(model).hook(f"blocks.{self.layer}.resid_post", patch)
 
     def __repr__(self) -> str:
         return f"Patch({self.source_prompt!r}, layer={self.layer}, positions={self.positions})"
 
 
 class ActivationHook(ActivationIntervention):
-    """Any forward hook on a named module (nnsight-style): ``fn(module, inputs, output) -> output | None``."""
+    """Any hook, nnsight-style, at a site name or a module path.
 
-    def __init__(self, module: str, fn: Callable[[torch.nn.Module, Any, Any], Any]) -> None:
+    - A site name (``"blocks.3.resid_post"``, ``"embed"``..., see :mod:`labkit.hooks`): ``fn(value, positions) ->
+      value | None`` with the site's documented shape.
+    - Any other name is a module path of the model (``model.named_modules()``): ``fn`` is a plain PyTorch forward
+      hook ``fn(module, inputs, output) -> output | None``.
+    """
+
+    def __init__(self, module: str, fn: Callable[..., Any]) -> None:
+        if not isinstance(module, str) or not module:
+            raise InvalidArgument(f"module must be a site name or a module path; got {module!r}")
         if not callable(fn):
-            raise InvalidArgument(f"fn must be a callable (module, inputs, output) -> output; got {fn!r}")
+            raise InvalidArgument(f"fn must be a callable; got {fn!r}")
         self.module, self.fn = module, fn
 
+    @property
+    def is_site(self) -> bool:
+        return self.module.startswith("blocks.") or self.module in MODEL_SITES
+
     def bind(self, session: Any) -> None:
-        module_named(session.model, self.module)
+        if self.is_site:
+            sites_of(session.model).resolve(self.module)
+        else:
+            module_named(session.model, self.module)
 
     def attach(self, model: Any) -> list[Any]:
+        if self.is_site:
+            return sites_of(model).hook(self.module, self.fn)
         return [module_named(model, self.module).register_forward_hook(self.fn)]
 
     def __repr__(self) -> str:
@@ -195,18 +187,14 @@ class ActivationHook(ActivationIntervention):
 
 @torch.no_grad()
 def head_importance(session: Any, reference: str | None = None) -> torch.Tensor:
-    """Shape (L, H): each head's mean output norm ‖x_h W_oᵀ[:, h]‖ over the positions of ``reference`` — how much
-    the head writes into the residual stream (a cheap, one-forward-per-layer importance)."""
-    n, d = _head_geometry(session.model)
-    ids = session.encode(reference or DEFAULT_REFERENCE)
-    out = []
-    for layer in range(len(decoder_layers(session.model))):
-        o_proj = _o_proj(session.model, layer)
-        x = _run_capturing(session, ids, o_proj, pre=True)[0].float()  # (T, H·D)
-        w = o_proj.weight.float()  # (hidden, H·D)
-        out.append(torch.stack([(x[:, h * d:(h + 1) * d] @ w[:, h * d:(h + 1) * d].T).norm(dim=-1).mean()
-                                for h in range(n)]))
-    return torch.stack(out)
+    """Shape (L, H): each head's mean output norm ‖W_O,h z_h‖ over the positions of ``reference`` — how much the
+    head writes into the residual stream (one forward pass; each head's output through its block's own output
+    projection)."""
+    sites = sites_of(session.model)
+    names = [f"blocks.{layer}.attn.z" for layer in range(sites.n_layers)]
+    z = read_sites(session, reference or DEFAULT_REFERENCE, names)  # each (T, H, D)
+    return torch.stack([sites.head_outputs(layer, z[name]).float().norm(dim=-1).mean(0)  # (H,)
+                        for layer, name in enumerate(names)])
 
 
 # -- patching sweep ------------------------------------------------------------------------------------------
@@ -258,33 +246,26 @@ def patching_sweep(session: Any, clean: str, corrupt: str, target_token: str | i
         m = logits[:, target].float()
         return m - logits[:, other].float() if other is not None else m
 
-    layers = decoder_layers(model)
-    seen: list[torch.Tensor] = []
-    handles = [layer.register_forward_hook(lambda m, a, out: seen.append(hidden_of(out).detach())) for layer in layers]
-    try:
+    sites = sites_of(model)
+    names = [f"blocks.{layer}.resid_post" for layer in range(sites.n_layers)]
+    with sites.read(names) as seen:
         clean_m = float(metric(model(ci.to(model.device)).logits[:, -1])[0])
-    finally:
-        for h in handles:
-            h.remove()
     corrupt_m = float(metric(model(xi.to(model.device)).logits[:, -1])[0])
     if abs(clean_m - corrupt_m) < 1e-6:
         raise InvalidArgument("clean and corrupt give the same metric for the target token: nothing to recover")
     t = ci.shape[1]
     batch = xi.repeat(t, 1).to(model.device)  # row i patches position i
     rows = torch.arange(t)
-    out = torch.zeros(len(layers), t)
-    for li, layer in enumerate(layers):
-        src = seen[li][0]  # (T, hidden)
+    out = torch.zeros(sites.n_layers, t)
+    for layer, name in enumerate(names):
+        src = seen[name][0][0]  # (T, d_model)
 
-        def hook(module: torch.nn.Module, args: Any, output: Any, src: torch.Tensor = src) -> Any:
-            hidden = hidden_of(output).clone()
+        def patch(hidden: torch.Tensor, positions: torch.Tensor, src: torch.Tensor = src) -> torch.Tensor:
+            hidden = hidden.clone()  # (T rows, T, d_model)
             hidden[rows, rows] = src[rows].to(hidden.dtype)
-            return replace_output(output, hidden)
+            return hidden
 
-        handle = layer.register_forward_hook(hook)
-        try:
+        with sites.edit({name: patch}):
             patched = metric(model(batch).logits[:, -1]).cpu()
-        finally:
-            handle.remove()
-        out[li] = (patched - corrupt_m) / (clean_m - corrupt_m)
+        out[layer] = (patched - corrupt_m) / (clean_m - corrupt_m)
     return PatchingSweep(out, [session._texts(i) for i in xi[0].tolist()], clean_m, corrupt_m)

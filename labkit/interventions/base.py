@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import difflib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +65,8 @@ class TokenIntervention(Intervention, abc.ABC):
 class ActivationIntervention(Intervention, abc.ABC):
     @abc.abstractmethod
     def attach(self, model: Any) -> list[Any]:
-        """Register this intervention's hooks on ``model``; return their handles."""
+        """Register this intervention's hooks on ``model`` (through its :mod:`labkit.hooks` sites); return their
+        handles."""
 
 
 def check_interventions(interventions: Any) -> list[Intervention]:
@@ -90,57 +90,15 @@ def activated(session: Any, interventions: Sequence[Intervention], bind: bool = 
     error) and yield the token-level ones in order."""
     for item in interventions if bind else ():
         item.bind(session)
-    handles: list[Any] = []
-    try:
+    with contextlib.ExitStack() as scope:  # hooks removed on exit, also on error (last attached first)
         for item in interventions:
             if isinstance(item, ActivationIntervention):
-                handles += item.attach(session.model)
+                for handle in item.attach(session.model):
+                    scope.callback(handle.remove)
         yield [i for i in interventions if isinstance(i, TokenIntervention)]
-    finally:
-        for h in reversed(handles):
-            h.remove()
 
 
 def apply_all(logits: torch.Tensor, ctx: InterventionContext, items: Sequence[TokenIntervention]) -> torch.Tensor:
     for item in items:
         logits = item.apply(logits, ctx)
     return logits
-
-
-# -- hook points ----------------------------------------------------------------------------------------------
-
-def decoder_layers(model: Any) -> Any:
-    """The model's list of decoder layers (``model.model.layers`` in Llama-style models)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        names = [n for n, _ in model.named_children()]
-        raise InvalidArgument(f"this model has no decoder layers at model.model.layers (children: {names}); "
-                              "activation interventions need a Llama-style causal LM")
-    return layers
-
-
-def check_layer(model: Any, layer: Any) -> int:
-    n = len(decoder_layers(model))
-    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
-        raise InvalidArgument(f"layer must be an integer in [0, {n}) (or negative from the end); this model has "
-                              f"{n} layers; got {layer!r}")
-    return layer % n
-
-
-def module_named(model: Any, name: str) -> torch.nn.Module:
-    """``model.get_submodule(name)`` with an error that lists the closest names that exist."""
-    modules = dict(model.named_modules())
-    if name not in modules:
-        close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
-        hint = f"; did you mean {close}?" if close else f"; e.g. {list(modules)[1:6]}"
-        raise InvalidArgument(f"the model has no module {name!r}{hint}")
-    return modules[name]
-
-
-def replace_output(output: Any, hidden: torch.Tensor) -> Any:
-    """A module output with its hidden-state tensor replaced (outputs are a tensor or a tuple led by one)."""
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def hidden_of(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output

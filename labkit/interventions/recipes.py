@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from labkit.errors import InvalidArgument, TokenizationError
+from labkit.hooks import sites_of
 from labkit.interventions.activation import AblateHead, Steer, head_importance, steering_vector
-from labkit.interventions.base import Intervention, decoder_layers
+from labkit.interventions.base import Intervention
 from labkit.interventions.token import Boost, EntropyTarget, Suppress
 from labkit.specs import parse_spec
 from labkit.tokens import token_id
@@ -51,7 +52,7 @@ def _steer_sentiment(session: Any, direction: str = "positive", scale: float = 4
                      layer: int | None = None) -> list[Intervention]:
     if direction not in ("positive", "negative"):
         raise InvalidArgument(f"direction must be 'positive' or 'negative'; got {direction!r}")
-    layer = len(decoder_layers(session.model)) // 2 if layer is None else int(layer)
+    layer = sites_of(session.model).n_layers // 2 if layer is None else int(layer)
     vec = steering_vector(session, "I love this. It is wonderful, happy and great.",
                           "I hate this. It is terrible, sad and awful.", layer)
     return [Steer(layer, vec, float(scale) if direction == "positive" else -float(scale))]
