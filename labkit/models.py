@@ -281,6 +281,18 @@ def xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     return out, None
 
 
+def check_xformers_fits(config: Any) -> None:
+    """InvalidArgument when the xformers backend would compute a different attention than the model's: it applies
+    only a plain causal mask, so sliding windows and attention-logit softcapping are refused, not ignored."""
+    cfg = config.get_text_config(decoder=True)
+    window = getattr(cfg, "sliding_window", None)
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    if window is not None or softcap is not None:
+        what = f"sliding_window={window}" if window is not None else f"attn_logit_softcapping={softcap}"
+        raise InvalidArgument(f"attn='xformers' applies a plain causal mask only, but this model has {what}; use "
+                              "attn='auto' (SDPA, or eager where the architecture needs it)")
+
+
 def register_xformers() -> None:
     """Register :func:`xformers_attention` under ``"labkit_xformers"`` (requires xformers installed)."""
     if importlib.util.find_spec("xformers") is None:
@@ -404,6 +416,8 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dt
             hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"could not load a causal language model from {str(path)!r}: {e}") from e
+    if impl == XFORMERS_ATTN:
+        check_xformers_fits(hf_model.config)
     if quantization is None:
         hf_model.to(dev)
     hf_model.eval()

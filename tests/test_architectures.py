@@ -8,6 +8,7 @@ as local folders with the default model's tokenizer; nothing is downloaded. One 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,3 +319,158 @@ def test_8bit_loading_matches_float32(arch, tiny, sessions):
     with s8.intervene(AblateHead(1, 2)):  # hooks work through the quantized projection
         assert not torch.equal(s8.next_token(PROMPT).logprobs, got)
     torch.testing.assert_close(head_importance(s8), head_importance(sessions(arch)), atol=0.05, rtol=0.1)
+
+
+@pytest.mark.parametrize("arch", NAMES)
+def test_lab_generates_what_session_generate_gives_and_its_image_equals_eager(arch, sessions, eager_models):
+    from labkit.panels import Lab
+
+    s = sessions(arch)
+    lab = Lab(s, prompt=PROMPT, max_new_tokens=NEW)
+    try:
+        lab.controls.kind.value = "greedy"
+        lab.buttons["Generate"].click()
+        lab.wait(60)
+        assert lab.message.value == ""
+        assert lab.trace.token_ids == s.generate(PROMPT, max_new_tokens=NEW).token_ids
+        lab._refresh(force=True)
+        shown = lab.attention._probs  # (L, H, N, N): what the image is drawn from
+        full = torch.tensor([lab.trace.prompt_ids + lab.trace.token_ids[:-1]])
+        torch.testing.assert_close(shown, _eager_attentions(eager_models(arch), full), atol=2e-5, rtol=0)
+    finally:
+        lab.close()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt2", "gemma3_window"])
+def test_entropix_decides_on_the_eager_models_numbers(arch, sessions, eager_models):
+    from labkit.sampling import Entropix
+
+    s = sessions(arch)
+    trace = s.generate(PROMPT, max_new_tokens=6, sampler=Entropix(), seed=0)
+    assert len(trace.steps) == 6
+    full = torch.tensor([trace.prompt_ids + trace.token_ids])
+    with torch.no_grad():  # eager reference: the raw logits and the last layer's attention at each step
+        out = eager_models(arch)(input_ids=full, output_attentions=True)
+    t = len(trace.prompt_ids)
+    for i, step in enumerate(trace.steps):
+        row = out.attentions[-1][0, :, t - 1 + i, : t + i].float()  # (H, T_k) eager probabilities
+        attn_entropy = float((torch.special.entr(row).sum(-1) / math.log(2)).mean())  # bits
+        logp = torch.log_softmax(out.logits[0, t - 1 + i].float(), dim=-1)
+        entropy = float(-(logp.exp() * logp).sum() / math.log(2))  # bits
+        assert step.sampler["attn_entropy"] == pytest.approx(attn_entropy, abs=1e-4)
+        assert step.sampler["entropy"] == pytest.approx(entropy, abs=1e-4)
+
+
+# -- the site layer itself ---------------------------------------------------------------------------------------
+
+def test_site_names_are_listed_in_forward_order_and_resolve(sessions):
+    s = sessions("gpt2")
+    names = list(s.sites)
+    assert names[0] == "embed" and names[-1] == "final_norm"
+    assert names[1:6] == ["blocks.0.resid_pre", "blocks.0.attn.z", "blocks.0.attn_out", "blocks.0.mlp_out",
+                          "blocks.0.resid_post"]
+    assert len(names) == 2 + 5 * 2 and "blocks.-1.resid_post" in s.sites
+    assert list(s.sites.table()["name"])[:2] == ["embed", "blocks.L.resid_pre"]
+    with pytest.raises(labkit.errors.InvalidArgument, match=r"unknown site 'blocks.0.resid_pots'; did you mean "
+                                                             r"\['blocks.0.resid_post'"):
+        s.sites.resolve("blocks.0.resid_pots")
+    with pytest.raises(labkit.errors.InvalidArgument, match=r"block index must be an integer in \[0, 2\)"):
+        s.sites.resolve("blocks.7.mlp_out")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gemma2"])
+def test_read_sites_match_the_modules_by_hand_and_chain(arch, sessions):
+    s = sessions(arch)
+    ids = s.encode(PROMPT)
+    block = _module(s.model, ARCHS[arch].block, 1)
+    by_hand: list[torch.Tensor] = []
+    handle = block.register_forward_hook(lambda m, a, out: by_hand.append(_hidden(out)))
+    try:
+        with torch.no_grad(), s.sites.read(["blocks.1.resid_post", "blocks.1.resid_pre", "blocks.0.resid_post",
+                                            "final_norm", "blocks.1.attn.z"]) as seen:
+            logits = s.model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    assert torch.equal(seen["blocks.1.resid_post"][0], by_hand[0])
+    assert torch.equal(seen["blocks.1.resid_pre"][0], seen["blocks.0.resid_post"][0])  # the residual stream chains
+    assert seen["blocks.1.attn.z"][0].shape == (1, ids.shape[1], s.sites.n_heads, s.sites.head_dim)
+    torch.testing.assert_close(s.sites.logits(seen["final_norm"][0], normed=True), logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s.sites.logits(by_hand[0]), logits, atol=1e-5, rtol=0)  # final norm + softcap
+
+
+def test_site_hooks_are_removed_after_an_error_and_logits_are_bit_identical(sessions):
+    s = sessions("gpt_neox")
+    before = s.next_token(PROMPT).logprobs
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in s.model.modules())
+    with pytest.raises(RuntimeError, match="boom"), s.sites.edit({"blocks.0.mlp_out": lambda v, p: v * 0,
+                                                                 "blocks.1.attn.z": lambda v, p: v + 1}):
+        assert not torch.equal(s.next_token(PROMPT).logprobs, before)
+        raise RuntimeError("boom")
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in s.model.modules()) == hooks
+    assert torch.equal(s.next_token(PROMPT).logprobs, before)
+
+
+def test_positions_given_to_site_functions_count_the_kv_cache(sessions):
+    s = sessions("opt")
+    seen: list[list[int]] = []
+    with s.intervene(ActivationHook("blocks.0.resid_post", lambda v, pos: seen.append(pos.tolist()))):
+        trace = s.generate(PROMPT, max_new_tokens=3)
+    t = len(trace.prompt_ids)
+    assert seen == [list(range(t)), [t], [t + 1]]
+
+
+class _Odd(torch.nn.Module):
+    """A causal LM whose layout no adapter knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = tf.PretrainedConfig()
+        self.config.model_type = "oddlm"
+        self.config.num_attention_heads, self.config.hidden_size = 2, 8
+        self.backbone = torch.nn.Module()
+        self.backbone.tok = torch.nn.Embedding(10, 8)
+        self.backbone.stack = torch.nn.ModuleList([torch.nn.Module()])
+        self.backbone.stack[0].mix, self.backbone.stack[0].ffn = torch.nn.Module(), torch.nn.Linear(8, 8)
+        self.backbone.stack[0].mix.proj = torch.nn.Linear(8, 8)
+        self.backbone.norm, self.head = torch.nn.LayerNorm(8), torch.nn.Linear(8, 10)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def test_an_unknown_architecture_is_refused_with_what_is_missing_then_declared_in_a_few_lines():
+    from labkit import hooks
+
+    model = _Odd()
+    with pytest.raises(labkit.errors.UnsupportedArchitecture, match=r"no hook-site adapter for _Odd \(model_type "
+                                                                    r"'oddlm'\).*llama: no list of decoder blocks "
+                                                                    r"at model.layers.*register_adapter"):
+        hooks.sites_of(model)
+    try:
+        hooks.register_adapter(hooks.Adapter("oddlm", ("oddlm",), blocks="backbone.stack", embed="backbone.tok",
+                                             final=("backbone.norm",), attn="mix", out_proj="mix.proj", mlp="ffn"))
+        sites = hooks.sites_of(model)
+        assert sites.n_layers == 1 and sites.head_dim == 4 and sites.final == [model.backbone.norm]
+        with pytest.raises(labkit.errors.InvalidArgument, match="already registered"):
+            hooks.register_adapter(hooks.ADAPTERS["oddlm"])
+    finally:
+        hooks.ADAPTERS.pop("oddlm", None)
+
+
+def test_a_declared_model_type_whose_layout_differs_is_refused():
+    from labkit import hooks
+
+    model = _Odd()
+    model.config.model_type = "gpt2"
+    with pytest.raises(labkit.errors.UnsupportedArchitecture, match=r"does not have the layout of labkit's 'gpt2' "
+                                                                    r"adapter: no list of decoder blocks at "
+                                                                    r"transformer.h"):
+        hooks.sites_of(model)
+
+
+@pytest.mark.parametrize("arch", ["mistral_window", "gemma2", "gemma3_text"])
+def test_xformers_backend_refuses_what_it_cannot_compute(arch):
+    with pytest.raises(labkit.errors.InvalidArgument, match=r"attn='xformers' applies a plain causal mask only, but "
+                                                            r"this model has (sliding_window|attn_logit_softcapping)"):
+        models.check_xformers_fits(ARCHS[arch].make())
+    models.check_xformers_fits(ARCHS["llama"].make())  # no window, no softcap: allowed
