@@ -474,3 +474,32 @@ def test_xformers_backend_refuses_what_it_cannot_compute(arch):
                                                             r"this model has (sliding_window|attn_logit_softcapping)"):
         models.check_xformers_fits(ARCHS[arch].make())
     models.check_xformers_fits(ARCHS["llama"].make())  # no window, no softcap: allowed
+
+
+FEATURES = {  # README column -> the test of this module that checks it on every architecture
+    "log-probs": test_next_token_logprobs_equal_a_plain_eager_forward,
+    "greedy": test_greedy_generation_equals_model_generate,
+    "attention rows": test_captured_attention_rows_equal_eager_output_attentions,
+    "Lab": test_lab_generates_what_session_generate_gives_and_its_image_equals_eager,
+    "head ablation": test_head_ablation_equals_zeroing_the_heads_slice_by_hand,
+    "head importance": test_head_importance_equals_each_heads_slice_through_the_projection_by_hand,
+    "steering": test_steering_equals_a_hand_written_hook,
+    "patching": test_patching_equals_a_hand_written_hook,
+    "lens": test_lens_last_layer_equals_the_models_logits,
+    "prompt lookup": test_speculative_greedy_equals_plain_greedy,
+    "layer skip": test_speculative_greedy_equals_plain_greedy,
+    "8-bit": test_8bit_loading_matches_float32,
+}
+
+
+def test_readme_architecture_table_is_the_matrix():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0].strip().splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    header, body = rows[0], rows[2:]
+    assert header == ["architecture", *FEATURES]
+    assert [r[0] for r in body] == NAMES
+    assert all(cell == "✓" for r in body for cell in r[1:])
+    for test in FEATURES.values():  # each column's test runs on every architecture of the table
+        marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize" and m.args[0] == "arch"]
+        assert marks and list(marks[0].args[1]) == NAMES, test.__name__
