@@ -21,7 +21,8 @@ def test_next_token_golden(session):
     assert top[0].token == " Paris" and top[0].token_id == session.tokenizer.encode(" Paris")[0]
     assert d.prob(" Paris") == pytest.approx(0.7725, abs=0.01)
     assert [a.prob for a in top] == sorted([a.prob for a in top], reverse=True)
-    assert d.probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # float32 log-softmax over 49,152 logits: its normaliser is off by ~2e-5 on some CPUs (AMD EPYC, seen)
+    assert d.probs.double().sum().item() == pytest.approx(1.0, abs=1e-4)
     assert d.logprobs.shape == (session.info.vocab_size,)
     assert d.entropy("nats") == pytest.approx(d.entropy("bits") * 0.6931471805599453, rel=1e-6)
 
