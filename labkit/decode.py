@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from labkit import attention, info
+from labkit.errors import InvalidArgument
 from labkit.interventions.base import InterventionContext, TokenIntervention
 from labkit.models import forward_cached, new_cache
 from labkit.sampling.base import Sampler
@@ -87,6 +88,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     ids = prompt_ids  # (1, T + steps so far)
     inputs = prompt_ids  # (1, T) for the prefill, then (1, 1): what the cache has not seen
     reason = "stopped"  # if the consumer closes the iterator early
+    outside = torch.is_inference_mode_enabled()  # the consumer's own mode, restored while it holds a Step
     if speculator is not None:
         speculator.start(prompt_ids)
     try:
@@ -120,6 +122,10 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                                                   session)
                         for item in interventions:
                             new = item.apply(row, ctx)
+                            if bool(torch.isnan(new).any()) or not bool(torch.isfinite(new).any()):
+                                raise InvalidArgument(f"{item.describe()} returned logits with NaN or no finite "
+                                                      f"value at step {index + i}: an intervention must leave at "
+                                                      "least one token possible (the partial trace is kept)")
                             if not torch.equal(new, row):
                                 changed[i].append(item.describe())
                             row = new
@@ -168,7 +174,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
                     step.time_ms = (time.perf_counter() - t_mark) * 1e3
                     trace.steps.append(step)
-                    yield step
+                    with torch.inference_mode(outside):  # the consumer's code runs as it would without labkit
+                        yield step
                     t_mark = time.perf_counter()
                     index += 1
                     if i == m - 1:
@@ -184,6 +191,9 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     break
     except KeyboardInterrupt:
         reason = "interrupted"
+    except Exception:
+        reason = "error"
+        raise
     finally:
         trace.stop_reason = reason or "stopped"  # "" only if the consumer closed the iterator mid-way
         trace.text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)

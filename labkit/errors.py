@@ -50,3 +50,8 @@ def invalid_choice(name: str, value: object, allowed: Iterable[object]) -> Inval
 class UnsupportedArchitecture(LabkitError):
     """The model's architecture has no hook-site adapter, or a feature cannot run exactly on it (the message says
     what is missing and how to declare an adapter with :func:`labkit.hooks.register_adapter`)."""
+
+
+class SaveError(LabkitError, OSError):
+    """A file could not be written (disk full, no permission, a folder in the way...); the file that was at the path
+    before is untouched and no partial file is left."""

@@ -34,6 +34,7 @@ import torch
 
 from labkit import info
 from labkit.errors import InvalidArgument, invalid_choice
+from labkit.files import atomic_path
 
 EXECUTORS = ("local", "ray")
 BASE_COLUMNS = ("cell", "prompt", "sampler", "intervention", "seed", "text", "tokens", "mean_entropy_bits",
@@ -296,9 +297,8 @@ class _Sink:
 
         self.path.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.path / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(self._pending), tmp)
-        tmp.replace(self.path / name)  # atomic: a reader never sees half a part
+        with atomic_path(self.path / name) as tmp:  # a reader never sees half a part
+            pq.write_table(pa.Table.from_pylist(self._pending), tmp)
         self._pending, self._last = [], time.monotonic()
 
     def close(self) -> None:

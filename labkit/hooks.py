@@ -318,7 +318,17 @@ class Sites:
             raise
         return handles
 
-    def _register(self, kind: str, layer: int | None, fn: SiteFn, positions: _Positions) -> Any:
+    def _register(self, kind: str, layer: int | None, user_fn: SiteFn, positions: _Positions) -> Any:
+        name = kind if layer is None else f"blocks.{layer}.{kind}"
+
+        def fn(value: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
+            new = user_fn(value, pos)
+            if new is not None and (not isinstance(new, torch.Tensor) or new.shape != value.shape):
+                got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+                raise InvalidArgument(f"the function at site {name!r} must return None or a tensor of shape "
+                                      f"{tuple(value.shape)}; got {got}")
+            return new
+
         if kind == "resid_pre":
             def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 hidden = args[0] if args else kwargs["hidden_states"]

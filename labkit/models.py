@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,8 @@ def prepare_default_model(progress: bool = True, verify: bool = False) -> Path:
         return target
     if problem != "missing":
         print(f"labkit: cached default model at {target} is unusable ({problem}); rebuilding it", file=sys.stderr)
-    _convert_default(target, progress=progress)
+    with offline():
+        _convert_default(target, progress=progress)
     problem = check_cache(target, verify=True)
     if problem is not None:  # pragma: no cover - would mean the conversion itself is broken
         raise ModelLoadError(f"converting the default model to {target} failed: {problem}")
@@ -389,6 +391,25 @@ def tune_cpu_allocator() -> bool:
 _TUNED: bool | None = None
 
 
+@contextlib.contextmanager
+def offline() -> Iterator[None]:
+    """Hugging Face offline mode inside the block, whatever the environment says (``HF_HUB_OFFLINE=0`` in it, or
+    huggingface_hub imported before labkit, which reads the variable once): the variable and huggingface_hub's
+    constant are both set, then restored."""
+    import huggingface_hub.constants as hub
+
+    before_env, before_const = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before_const
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env
+
+
 def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
          quantization: str | None = None, attn: str = "auto", progress: bool = True) -> tuple[Any, Any, ModelInfo]:
     """Load ``(model, tokenizer, info)``. Options are validated before anything is read."""
@@ -411,11 +432,13 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dt
                                          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype))
         kwargs["device_map"] = {"": dev}
     try:
-        with _quiet_transformers():
+        with _quiet_transformers(), offline():
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
             hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"could not load a causal language model from {str(path)!r}: {e}") from e
+    except Exception as e:  # transformers, tokenizers and safetensors raise many types: one error, one line
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"could not load a causal language model from {str(path)!r}: "
+                             f"{type(e).__name__}: {first}") from e
     if impl == XFORMERS_ATTN:
         check_xformers_fits(hf_model.config)
     if quantization is None:

@@ -39,10 +39,12 @@ class Session:
         self.model, self.tokenizer, self.info = models.load(model, device=device, dtype=dtype,
                                                             quantization=quantization, attn=attn, progress=progress)
         self.device = torch.device(self.info.device)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # not re-entrant: a generation started from inside another is refused
         self._stop = threading.Event()
         self._texts = TokenTexts(self.tokenizer)
         self._scoped: list[Any] = []  # token-level interventions of open `intervene` scopes, outermost first
+        self.last_trace: Trace | None = None
+        """The Trace of the latest generation, however it ended (also when a callback raised)."""
         eos = self.model.generation_config.eos_token_id
         eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
         if self.tokenizer.eos_token_id is not None:
@@ -79,6 +81,11 @@ class Session:
             raise InvalidArgument(f"prompt must be a str; got {type(prompt).__name__}")
         if prompt == "":
             raise InvalidArgument("prompt must not be empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgument(f"prompt must be valid Unicode text; it holds {prompt[e.start]!r} (a lone surrogate) "
+                                  f"at index {e.start}") from None
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -94,7 +101,8 @@ class Session:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
         if not self._lock.acquire(blocking=False):
-            raise SessionBusy("this Session is generating in another thread; wait for it to finish or call "
+            raise SessionBusy("this Session is busy with a generation (in another thread, or the one this call was "
+                              "made from, e.g. inside on_step or a stream's loop); wait for it to end, or call "
                               "session.stop()")
         try:
             yield
@@ -103,12 +111,24 @@ class Session:
 
     # -- verbs -------------------------------------------------------------------------------------------
     def next_token(self, prompt: str, chat: bool = False) -> Distribution:
-        """The raw next-token distribution after ``prompt`` (no sampler, no intervention)."""
+        """The next-token distribution after ``prompt`` (no sampler). Outside any :meth:`intervene` scope it is the
+        model's raw distribution; inside one, the scope's interventions apply — activation-level ones in the forward
+        pass, token-level ones to the logits as at a generation's first step — and ``Distribution.interventions``
+        names the token-level ones that changed it."""
+        from labkit.interventions.base import InterventionContext
+
         ids = self.encode(prompt, chat=chat, reserve=0)
+        changed: list[str] = []
         with self._exclusive(), torch.inference_mode():
-            logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1]  # (V,)
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (V,) nats
-        return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt)
+            logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1:].float()  # (1, V)
+            ctx = InterventionContext(0, [], ids[0].tolist(), self)
+            for item in self._scoped:
+                new = item.apply(logits, ctx)
+                if not torch.equal(new, logits):
+                    changed.append(item.describe())
+                logits = new
+            logprobs = torch.log_softmax(logits[0], dim=-1).cpu()  # (V,) nats
+        return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt, interventions=changed)
 
     def score(self, text: str, chat: bool = False) -> Score:
         """Per-token surprisal, entropy and rank of ``text``'s own tokens, and its perplexity (one forward pass)."""
@@ -159,6 +179,8 @@ class Session:
         """Logit lens after ``prompt``: each layer's next-token distribution (LogitLens, shape (L, V))."""
         from labkit.lens import logit_lens
 
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.info.vocab_size:
+            raise InvalidArgument(f"k must be an integer in [1, {self.info.vocab_size}]; got {k!r}")
         ids = self.encode(prompt, chat=chat)
         with self._exclusive():
             return logit_lens(self.model, ids, self._texts, k=k)
@@ -173,6 +195,9 @@ class Session:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise InvalidArgument(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        if max_new_tokens >= self.info.context_length:
+            raise InvalidArgument(f"max_new_tokens must be below the model's context of {self.info.context_length} "
+                                  f"tokens (prompt included); got {max_new_tokens}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.info.vocab_size:
             raise InvalidArgument(f"top_k must be an integer in [1, {self.info.vocab_size}]; got {top_k!r}")
         sampler = _check_sampler(sampler)
@@ -183,8 +208,9 @@ class Session:
         if draft is not None:
             with self._exclusive():
                 draft.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise InvalidArgument(f"seed must be a non-negative integer or None; got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise InvalidArgument(f"seed must be an integer in [0, 2**63) or None; got {seed!r}")
+        _check_forced_steps(interventions, max_new_tokens)
         stop_ids, stop_strings = self._stop_rules(stop)
         ids = self.encode(prompt, chat=chat, reserve=max_new_tokens)
         used_seed = seed if seed is not None else secrets.randbits(63)
@@ -220,13 +246,18 @@ class Session:
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
                           capture=capture, top_k=top_k, interventions=interventions, speculative=speculative)
-        try:
-            for step in gen:
-                if on_step is not None:
-                    on_step(step)
-        except KeyboardInterrupt:  # arrived between two steps rather than inside the loop
-            gen.close()
-            gen.trace.stop_reason = "interrupted"
+        with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
+            try:
+                for step in gen:
+                    if on_step is not None:
+                        on_step(step)
+            except KeyboardInterrupt:  # arrived between two steps rather than inside the loop
+                gen.close()
+                gen.trace.stop_reason = "interrupted"
+            except BaseException:
+                gen.close()
+                gen.trace.stop_reason = "error"  # the callback's exception propagates; s.last_trace keeps the steps
+                raise
         return gen.trace
 
     @contextlib.contextmanager
@@ -265,10 +296,24 @@ class Session:
                     raise InvalidArgument("stop strings must not be empty")
                 strings.append(item)
             elif isinstance(item, int) and not isinstance(item, bool):
+                if not 0 <= item < self.info.vocab_size:
+                    raise InvalidArgument(f"stop token ids must be in [0, {self.info.vocab_size}); got {item}")
                 ids.add(token_id(self.tokenizer, item))
             else:
                 raise InvalidArgument(f"stop must hold strings and token ids; got {item!r}")
         return frozenset(ids), tuple(strings)
+
+
+def _check_forced_steps(interventions: Sequence[Any], max_new_tokens: int) -> None:
+    """A ForceTokens step at or beyond ``max_new_tokens`` would never apply: refuse it before the first token."""
+    from labkit.interventions.token import ForceTokens
+
+    for item in interventions:
+        late = sorted(s for s in getattr(item, "tokens", {}) if s >= max_new_tokens) \
+            if isinstance(item, ForceTokens) else []
+        if late:
+            raise InvalidArgument(f"{item!r} forces steps {late}, but max_new_tokens={max_new_tokens} ends the "
+                                  f"generation at step {max_new_tokens - 1}")
 
 
 def _check_sampler(sampler: Any) -> Sampler:
@@ -281,34 +326,52 @@ def _check_sampler(sampler: Any) -> Sampler:
 
 
 class Generation:
-    """A generation in progress: iterate it for Steps; ``trace`` holds every step made so far."""
+    """A generation in progress: iterate it for Steps; ``trace`` holds every step made so far.
+
+    It holds the Session (and any activation hooks) from its first step until it ends, :meth:`close` is called, the
+    ``with`` block it is used in exits, or it is dropped (a ``break`` out of ``for st in s.stream(...)``, an exception
+    in the loop's body): the iterator keeps no reference to this object, so dropping it cleans up at once, without
+    waiting for the garbage collector. The consumer's code between steps runs outside torch's inference mode."""
 
     def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
                  rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...],
                  interventions: list[Any], speculator: Speculator | None = None) -> None:
         self.session = session
         self.trace = trace
-        self._args = (ids, sampler, rules, generator, top_k, capture, interventions, speculator)
-        self._iter: Iterator[Step] | None = None
+        self._steps = _run(session, trace, ids, sampler, rules, generator, top_k, capture, interventions, speculator)
 
-    def __iter__(self) -> Iterator[Step]:
-        if self._iter is None:
-            self._iter = self._run()
-        return self._iter
+    def __iter__(self) -> Generation:
+        return self
 
     def __next__(self) -> Step:
-        return next(iter(self))
+        return next(self._steps)
 
     def close(self) -> None:
-        """End the generation now (keeps the steps made); releases the Session."""
-        if self._iter is not None:
-            self._iter.close()
+        """End the generation now (keeps the steps made); releases the Session and removes the hooks."""
+        self._steps.close()
 
-    def _run(self) -> Iterator[Step]:
-        s = self.session
-        ids, sampler, rules, generator, top_k, capture, interventions, speculator = self._args
+    def __enter__(self) -> Generation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        steps = getattr(self, "_steps", None)
+        if steps is not None:
+            steps.close()
+
+
+def _run(s: Session, trace: Trace, ids: torch.Tensor, sampler: Sampler, rules: decode.StopRules,
+         generator: torch.Generator, top_k: int, capture: tuple[str, ...], interventions: list[Any],
+         speculator: Speculator | None) -> Iterator[Step]:
+    """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
+    method: the generator must not reference its Generation (see there)."""
+    try:
         with s._exclusive(), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
-            yield from decode.decode(s.model, s.tokenizer, ids, self.trace, sampler, rules, generator=generator,
+            yield from decode.decode(s.model, s.tokenizer, ids, trace, sampler, rules, generator=generator,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
                                      interventions=[*s._scoped, *token_level], session=s, speculator=speculator)
+    finally:
+        s.last_trace = trace

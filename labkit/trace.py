@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -18,6 +19,7 @@ import torch
 
 from labkit import info
 from labkit.errors import InvalidArgument, TraceFormatError
+from labkit.files import atomic_path, check_target
 from labkit.tokens import token_id
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
 FORMAT = "labkit.trace"
 FORMAT_VERSION = 1
-STOP_REASONS = ("", "max_new_tokens", "eos", "stop_token", "stop_string", "stopped", "interrupted")
+STOP_REASONS = ("", "max_new_tokens", "eos", "stop_token", "stop_string", "stopped", "interrupted", "error")
 
 
 class Alternative(NamedTuple):
@@ -189,20 +191,31 @@ class Trace:
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the trace to ``path``: ``.json`` or ``.parquet`` (by suffix). Returns the path."""
-        path = Path(path)
+        """Write the trace to ``path``: ``.json`` or ``.parquet`` (by suffix). Returns the path.
+
+        Atomic (:func:`labkit.files.atomic_path`): a failed write leaves the previous file untouched and no partial
+        file; it raises SaveError (OSError) naming the path, InvalidArgument for a bad path, TraceFormatError for
+        content that cannot be serialised (e.g. a sampler record that is not JSON)."""
+        path = check_target(path)
         kind = format_of(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "json":
-            path.write_text(json.dumps(self._header() | {"steps": [_step_to_dict(s) for s in self.steps]},
-                                       ensure_ascii=False, indent=1))
-        else:
-            _save_parquet(self, path)
+        try:
+            text = json.dumps(self._header() | {"steps": [_step_to_dict(s) for s in self.steps]},
+                              ensure_ascii=False, indent=1) if kind == "json" else None
+        except (TypeError, ValueError) as e:
+            raise TraceFormatError(f"cannot save the trace to {str(path)!r}: a field is not JSON-serialisable "
+                                   f"({e})") from e
+        with atomic_path(path) as tmp:
+            if text is not None:
+                tmp.write_text(text, encoding="utf-8")
+            else:
+                _save_parquet(self, tmp)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
         """Read a trace written by :meth:`save` (``.json`` or ``.parquet``)."""
+        if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+            raise InvalidArgument(f"path must be a file path (str or pathlib.Path); got {path!r}")
         path = Path(path)
         kind = format_of(path)
         if not path.is_file():
@@ -321,12 +334,16 @@ def _load_parquet(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 @dataclass(eq=False)
 class Distribution:
-    """The raw next-token distribution after a prompt (no sampler, no intervention)."""
+    """The next-token distribution after a prompt (no sampler): the model's own, or, inside a
+    ``Session.intervene`` scope, after the scope's interventions (named in ``interventions``)."""
 
     logprobs: torch.Tensor
     """Shape (V,): natural-log probabilities over the full vocabulary, float32, on CPU."""
     tokenizer: Any = field(repr=False)
     prompt: str = ""
+    interventions: list[str] = field(default_factory=list)
+    """Token-level interventions of open scopes that changed these logits (activation-level ones are part of the
+    forward pass and always apply inside their scope)."""
 
     def __post_init__(self) -> None:
         if self.logprobs.ndim != 1:

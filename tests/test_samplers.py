@@ -170,9 +170,9 @@ def test_same_seed_same_draws_different_seed_different_draws():
     (lambda: Classic(eta_cutoff=-0.1), r"eta_cutoff must be in \[0, 1\)"),
     (lambda: Classic(top_n_sigma=-1), "top_n_sigma must be ≥ 0"),
     (lambda: Mirostat(tau=0), "tau must be > 0"),
-    (lambda: Mirostat(eta=float("nan")), "eta must be a number"),
+    (lambda: Mirostat(eta=float("nan")), "eta must be a finite number"),
     (lambda: EntropyGuided(entropy_weight=1.5), r"entropy_weight must be in \[0, 1\]; got 1.5"),
-    (lambda: EntropyGuided(entropy_weight=float("nan")), "entropy_weight must be a number"),
+    (lambda: EntropyGuided(entropy_weight=float("nan")), "entropy_weight must be a finite number"),
     (lambda: EntropyGuided(min_entropy=-1), "min_entropy must be ≥ 0 bits"),
     (lambda: EntropyGuided(temperature=0), "temperature must be > 0"),
 ])

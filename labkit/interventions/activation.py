@@ -72,6 +72,9 @@ class Steer(ActivationIntervention):
         if not isinstance(vector, torch.Tensor) or vector.ndim != 1:
             raise InvalidArgument(f"vector must be a 1-D tensor of the model's hidden size; got "
                                   f"{tuple(vector.shape) if isinstance(vector, torch.Tensor) else type(vector)}")
+        if not bool(torch.isfinite(vector).all()):
+            raise InvalidArgument(f"Steer vector must be finite; it has {int((~torch.isfinite(vector)).sum())} "
+                                  "NaN or infinite entries")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(scale)):
             raise InvalidArgument(f"scale must be a finite number; got {scale!r}")
         self.layer, self.vector, self.scale = layer, vector, float(scale)

@@ -57,8 +57,8 @@ def check_param(key: str, value: Any) -> Any:
         return value
     if key in _RANGES:
         allowed, ok = _RANGES[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise InvalidArgument(f"{key} must be a number {allowed}; got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidArgument(f"{key} must be a finite number {allowed}; got {value!r}")
         if not ok(float(value)):
             raise InvalidArgument(f"{key} must be {allowed}; got {value!r}")
         return float(value)
