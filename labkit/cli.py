@@ -11,12 +11,12 @@ import math
 import platform
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 
-from labkit.errors import DeviceUnavailable, InvalidArgument, LabkitError
+from labkit.errors import DeviceUnavailable, InvalidArgument, LabkitError, ModelLoadError
+from labkit.files import check_target
 from labkit.trace import format_of
 
 _MODEL_OPTIONS = [
@@ -40,7 +40,7 @@ def _errors() -> Iterator[None]:
     """labkit errors -> one line on stderr; bad arguments exit 2, other failures exit 1."""
     try:
         yield
-    except (InvalidArgument, DeviceUnavailable) as e:
+    except (InvalidArgument, DeviceUnavailable, ModelLoadError) as e:  # what the user gave is wrong or unusable
         click.echo(f"labkit: error: {e}", err=True)
         sys.exit(2)
     except LabkitError as e:
@@ -54,7 +54,24 @@ def _session(model: str, device: str, dtype: str, quantization: str | None, attn
     return Session(model, device=device, dtype=dtype, quantization=quantization, attn=attn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's usage errors as one line (``labkit: error: ...``, exit 2) instead of Usage / Try / Error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+            click.echo(f"labkit: error: {where}{e.format_message()} (see --help)", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("labkit: aborted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="labkit")
 def main() -> None:
     """labkit: look inside a causal language model while it generates (offline)."""
@@ -188,8 +205,8 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
                           min_p=min_p) if sampling else None
         if sampler_spec is not None:
             sampler = parse_sampler(sampler_spec)
-        if save_path is not None:  # fail on a bad suffix before spending time on the model
-            format_of(Path(save_path))
+        if save_path is not None:  # fail on a bad target before spending time on the model
+            format_of(check_target(save_path, "--save"))
         if baseline and speculative_spec is None:
             raise InvalidArgument("--baseline needs --speculative")
         draft = parse_draft(speculative_spec) if speculative_spec is not None else None

@@ -91,7 +91,7 @@ class Sweep:
                  max_new_tokens: int = 32, metrics: Sequence[str] = (), chat: bool = False) -> None:
         from labkit.sampling import Sampler, parse_sampler
 
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise InvalidArgument(f"prompts must be a non-empty list of non-empty strings; got {prompts!r}")
         samplers = dict(samplers) if samplers is not None else {"greedy": None}
         for name, s in samplers.items():
@@ -348,7 +348,12 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InvalidArgument(f"config {str(p)!r} does not exist")
-    data = yaml.safe_load(p.read_text())
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise InvalidArgument(f"config {str(p)!r} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise InvalidArgument(f"config {str(p)!r} must be a YAML mapping (prompts:, samplers:, ...)")
     return data

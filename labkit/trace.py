@@ -243,7 +243,14 @@ class Trace:
     def _from_parts(cls, header: dict[str, Any], steps: Any, path: Path) -> Trace:
         if not isinstance(steps, list):
             raise TraceFormatError(f"{str(path)!r}: 'steps' must be a list")
-        return cls(prompt=header["prompt"], prompt_ids=[int(i) for i in header["prompt_ids"]],
+        _check_types(cls, {k: v for k, v in header.items() if k not in ("format", "version", "steps")},
+                     f"{str(path)!r}", skip=("meta",))
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in header["prompt_ids"]):
+            raise TraceFormatError(f"{str(path)!r}: prompt_ids must be a list of integers")
+        _check_types(TraceMeta, header["meta"], f"{str(path)!r} meta")
+        for i, step in enumerate(steps):
+            _check_types(Step, step, f"{str(path)!r} step {i}", skip=("captures",))
+        return cls(prompt=header["prompt"], prompt_ids=list(header["prompt_ids"]),
                    steps=[Step(**s) for s in steps], meta=TraceMeta(**header["meta"]),
                    text=header["text"], stop_reason=header["stop_reason"])
 
@@ -256,6 +263,33 @@ def format_of(path: Path) -> str:
     if suffix in (".parquet", ".pq"):
         return "parquet"
     raise InvalidArgument(f"trace path must end in .json or .parquet; got {str(path)!r}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                       "list": (list, tuple), "dict": (dict,)}
+
+
+def _check_types(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> None:
+    """TraceFormatError unless ``data`` is a mapping whose entries have the types of ``cls``'s dataclass fields
+    (read from the annotations: ``int``, ``float``, ``str``, ``bool``, ``list[...]``, ``dict[...]``, ``X | None``);
+    unknown keys are an error too, missing keys are left to the dataclass's defaults."""
+    if not isinstance(data, dict):
+        raise TraceFormatError(f"{where} must be an object; got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise TraceFormatError(f"{where} has unknown fields {unknown}")
+    for name, value in data.items():
+        if name in skip:
+            continue
+        options = [a.strip() for a in str(fields[name].type).split("|")]
+        allowed: tuple[type, ...] = ()
+        for option in options:
+            base = option.split("[", 1)[0]
+            allowed += (type(None),) if base == "None" else _TYPES.get(base, (object,))
+        bad = isinstance(value, bool) and bool not in allowed
+        if bad or not isinstance(value, allowed):
+            raise TraceFormatError(f"{where}: field {name!r} must be {' or '.join(options)}; got {value!r}")
 
 
 def _check_header(data: dict[str, Any], path: Path) -> None:

@@ -83,7 +83,7 @@ def test_bad_arguments_exit_2_with_one_line(args, match):
 
 def test_unknown_model_folder_exits_1(tmp_path):
     r = CliRunner().invoke(main, ["next", "x", "--model", str(tmp_path / "nope")])
-    assert r.exit_code == 1 and "does not exist" in r.output
+    assert r.exit_code == 2 and "does not exist" in r.output and r.output.count("\n") == 1
 
 
 def test_compare_shows_each_sampler_and_entropix_branches(run):

@@ -175,7 +175,7 @@ def test_entropix_in_a_session_records_metrics_and_decisions(session):
 
 
 def test_clarification_token_is_inserted_then_not_repeated(session):
-    s = Entropix(low_ent=0.0, high_ent=0.0, low_vent=1e9)  # every step is HELV
+    s = Entropix(low_ent=0.0, med_ent=0.0, high_ent=0.0, low_vent=1e9, high_vent=1e9)  # every step is HELV
     t = session.generate("Tell me a story", max_new_tokens=6, sampler=s, seed=0)
     clarify = session.tokenizer(" ...", add_special_tokens=False).input_ids[0]
     assert [st.sampler["clarify"] for st in t.steps] == [True, False] * 3

@@ -116,6 +116,9 @@ class EntropixConfig:
             ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok or not math.isfinite(value):
                 raise InvalidArgument(f"{key} must be a finite {kind.__name__}; got {value!r}")
+            allowed, in_range = _FIELD_RANGES.get(_range_kind(key), ("", lambda v: True))
+            if not in_range(value):
+                raise InvalidArgument(f"{key} must be {allowed}; got {value!r}")
             value = kind(value)
         else:
             raise InvalidArgument(f"EntropixConfig has no setting {key!r}")
@@ -123,6 +126,36 @@ class EntropixConfig:
 
 
 _FIELD_TYPES: dict[str, type] = {}  # filled below: field name -> int | float
+_FIELD_RANGES: dict[str, tuple[str, Any]] = {
+    "threshold": ("≥ 0 (bits or bits²)", lambda v: v >= 0),
+    "probability": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "top_k": ("an integer ≥ 1", lambda v: v >= 1),
+    "positive": ("> 0", lambda v: v > 0),
+}
+_ORDERED = (("low_ent", "med_ent", "high_ent"), ("low_vent", "high_vent"), ("ada_top_k_min", "ada_top_k_max"),
+            ("ada_top_p_min", "ada_top_p_max"), ("ada_min_p_min", "ada_min_p_max"))
+"""Settings that must not decrease along each tuple (checked when a generation starts: sliders move one at a time)."""
+
+
+def _range_kind(key: str) -> str:
+    if key.endswith(("_ent", "_vent")) and key.split("_")[0] in ("low", "med", "high"):
+        return "threshold"
+    if "top_p" in key or "min_p" in key:
+        return "probability"
+    if "top_k_min" in key or "top_k_max" in key:
+        return "top_k"
+    if "_temp_" in key and key.endswith(("_max", "_min", "_base")):
+        return "positive"
+    return ""
+
+
+def check_order(cfg: EntropixConfig) -> None:
+    """InvalidArgument when ordered settings are out of order (e.g. low_ent > med_ent)."""
+    for names in _ORDERED:
+        values = [getattr(cfg, n) for n in names]
+        if values != sorted(values):
+            shown = " ≤ ".join(f"{n}={v!r}" for n, v in zip(names, values, strict=True))
+            raise InvalidArgument(f"Entropix settings must satisfy {shown}")
 
 
 @dataclass(frozen=True)
@@ -256,6 +289,7 @@ class Entropix(Sampler):
             super().__setattr__(key, value)
 
     def reset(self, tokenizer: Any = None) -> None:
+        check_order(self.cfg)
         self.clarify_token_id: int | None = None
         if tokenizer is not None:
             ids = tokenizer(self.cfg.clarify_text, add_special_tokens=False).input_ids
