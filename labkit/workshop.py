@@ -151,13 +151,16 @@ def per_student_memory(dtype: str = "float32") -> dict[str, float]:
     """Memory (MiB) of a fresh Python that loads the default model in ``dtype`` and generates a few tokens, i.e.
     one student's kernel: ``peak`` (during loading) and ``steady`` (resident afterwards). Each student's JupyterLab
     server adds about 90 MiB."""
+    # The peak is the new process image's own high-water mark (VmHWM, KiB). Not ru_maxrss: on Linux a child
+    # inherits its parent's maxrss through fork, so a large parent (a test run) would be reported as the child's peak.
     code = ("import gc, resource, psutil, labkit\n"
             f"s = labkit.Session(dtype={dtype!r}, progress=False)\n"
             "s.generate('Hello', max_new_tokens=4)\ngc.collect()\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+            "print(float(hwm[0]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,\n"
             "      psutil.Process().memory_info().rss / 2**20)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    peak, steady = (float(x) for x in out.split()[-2:])  # ru_maxrss is in KiB on Linux
+    peak, steady = (float(x) for x in out.split()[-2:])  # MiB
     return {"peak": peak, "steady": steady}
 
 

@@ -78,7 +78,7 @@ def tokenizer_dir() -> Path:
     return models.prepare_default_model(progress=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # freed after this module
 def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[[str], Path]:
     """``tiny(name)``: the folder of that architecture's tiny random model (built once per run)."""
     folders: dict[str, Path] = {}
@@ -98,7 +98,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Calla
     return build
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # freed after this module
 def sessions(tiny: Callable[[str], Path]) -> Callable[[str], labkit.Session]:
     cache: dict[str, labkit.Session] = {}
 
@@ -110,7 +110,7 @@ def sessions(tiny: Callable[[str], Path]) -> Callable[[str], labkit.Session]:
     return get
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # freed after this module
 def eager_models(tiny: Callable[[str], Path]) -> Callable[[str], Any]:
     """The same weights loaded by transformers alone with eager attention: the reference."""
     cache: dict[str, Any] = {}

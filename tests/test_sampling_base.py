@@ -60,7 +60,7 @@ def test_seeded_draws_repeat_and_follow_the_distribution():
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"temperature": 0}, "temperature must be > 0"),
-    ({"temperature": float("nan")}, "temperature must be a number"),
+    ({"temperature": float("nan")}, "temperature must be a finite number"),
     ({"top_p": 1.5}, r"top_p must be in \(0, 1\]; got 1.5"),
     ({"top_p": 0}, "top_p must be in"),
     ({"top_k": -1}, "top_k must be an integer ≥ 0"),
