@@ -55,3 +55,19 @@ class UnsupportedArchitecture(LabkitError):
 class SaveError(LabkitError, OSError):
     """A file could not be written (disk full, no permission, a folder in the way...); the file that was at the path
     before is untouched and no partial file is left."""
+
+
+def check_int(name: str, value: object, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` when it is an integer (a bool is not) in [lo, hi] (a None bound is open); otherwise the standard
+    InvalidArgument: "``name`` must be a positive integer / an integer ≥ lo / an integer in [lo, hi]; got ...".
+    The one helper for integer parameters, so every such message reads the same."""
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo) or \
+            (hi is not None and value > hi):
+        if lo is not None and hi is not None:
+            allowed = f"an integer in [{lo}, {hi}]"
+        elif lo is not None:
+            allowed = "a positive integer" if lo == 1 else f"an integer ≥ {lo}"
+        else:
+            allowed = "an integer" if hi is None else f"an integer ≤ {hi}"
+        raise InvalidArgument(f"{name} must be {allowed}; got {value!r}")
+    return value

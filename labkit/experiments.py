@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from labkit import info
-from labkit.errors import InvalidArgument, invalid_choice
+from labkit.errors import InvalidArgument, check_int, invalid_choice
 from labkit.files import atomic_path
 
 EXECUTORS = ("local", "ray")
@@ -110,8 +110,7 @@ class Sweep:
         if isinstance(seeds, int) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                           and s >= 0 for s in seeds):
             raise InvalidArgument(f"seeds must be a non-empty list of non-negative integers; got {seeds!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 1)
         for m in metrics:
             info.metric(m)  # unknown names list the registered ones
         self.prompts, self.samplers, self.interventions = list(prompts), samplers, interventions
@@ -192,8 +191,7 @@ class Sweep:
 
         if executor not in EXECUTORS:
             raise invalid_choice("executor", executor, EXECUTORS)
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InvalidArgument(f"workers must be a positive integer; got {workers!r}")
+        check_int("workers", workers, 1)
         if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0:
             raise InvalidArgument(f"num_gpus must be a number ≥ 0; got {num_gpus!r}")
         sink = _Sink(out, resume)

@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from labkit.errors import InvalidArgument
+from labkit.errors import InvalidArgument, check_int
 
 KERNEL_NAME = "labkit"
 _HERE = Path(__file__).resolve().parent
@@ -32,8 +32,7 @@ def default_threads() -> int:
 def spec(threads: int | None = None, python: str | None = None) -> dict:
     """The kernel.json for this interpreter (``python``, default ``sys.executable``) and ``threads``."""
     threads = default_threads() if threads is None else threads
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise InvalidArgument(f"threads must be a positive integer; got {threads!r}")
+    check_int("threads", threads, 1)
     text = (template_dir() / "kernel.json").read_text()
     text = text.replace("{python}", json.dumps(python or sys.executable)[1:-1]).replace("{threads}", str(threads))
     return json.loads(text)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from labkit import __version__, decode, info, models
-from labkit.errors import InvalidArgument, SessionBusy
+from labkit.errors import InvalidArgument, SessionBusy, check_int
 from labkit.interventions.base import activated, check_interventions
 from labkit.sampling.base import Greedy, Sampler
 from labkit.speculative import Speculator, check_speculative
@@ -179,8 +179,7 @@ class Session:
         """Logit lens after ``prompt``: each layer's next-token distribution (LogitLens, shape (L, V))."""
         from labkit.lens import logit_lens
 
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.info.vocab_size:
-            raise InvalidArgument(f"k must be an integer in [1, {self.info.vocab_size}]; got {k!r}")
+        check_int("k", k, 1, self.info.vocab_size)
         ids = self.encode(prompt, chat=chat)
         with self._exclusive():
             return logit_lens(self.model, ids, self._texts, k=k)
@@ -193,13 +192,11 @@ class Session:
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise InvalidArgument(f"max_new_tokens must be a positive integer; got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, 1)
         if max_new_tokens >= self.info.context_length:
             raise InvalidArgument(f"max_new_tokens must be below the model's context of {self.info.context_length} "
                                   f"tokens (prompt included); got {max_new_tokens}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.info.vocab_size:
-            raise InvalidArgument(f"top_k must be an integer in [1, {self.info.vocab_size}]; got {top_k!r}")
+        check_int("top_k", top_k, 1, self.info.vocab_size)
         sampler = _check_sampler(sampler)
         if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
             raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")

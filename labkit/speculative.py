@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from labkit.errors import InvalidArgument
+from labkit.errors import InvalidArgument, check_int
 from labkit.hooks import sites_of
 from labkit.models import forward_cached, new_cache
 from labkit.sampling.base import Greedy
@@ -197,8 +197,7 @@ class Draft:
     """True when the draft does not sample (prompt lookup): q is one-hot and the sampler is not applied to it."""
 
     def __init__(self, gamma: int = 4, adaptive: bool = False, confidence: float = 0.0) -> None:
-        if isinstance(gamma, bool) or not isinstance(gamma, int) or not 1 <= gamma <= 64:
-            raise InvalidArgument(f"gamma (drafted tokens per round) must be an integer in [1, 64]; got {gamma!r}")
+        check_int("gamma (drafted tokens per round)", gamma, 1, 64)
         if not isinstance(adaptive, bool):
             raise InvalidArgument(f"adaptive must be True or False; got {adaptive!r}")
         if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 <= confidence < 1:
@@ -370,8 +369,7 @@ class LayerSkipDraft(Draft):
 
     def __init__(self, n_layers: int, gamma: int = 10, adaptive: bool = False, confidence: float = 0.4) -> None:
         super().__init__(gamma, adaptive, confidence)
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-            raise InvalidArgument(f"n_layers must be a positive integer; got {n_layers!r}")
+        check_int("n_layers", n_layers, 1)
         self.n_layers = n_layers
         self._model: Any = None
 
@@ -410,11 +408,9 @@ class PromptLookupDraft(Draft):
     deterministic = True
 
     def __init__(self, ngram: int = 3, max_tokens: int = 10, adaptive: bool = False) -> None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= 64:
-            raise InvalidArgument(f"max_tokens must be an integer in [1, 64]; got {max_tokens!r}")
+        check_int("max_tokens", max_tokens, 1, 64)
         super().__init__(max_tokens, adaptive)
-        if isinstance(ngram, bool) or not isinstance(ngram, int) or not 1 <= ngram <= 16:
-            raise InvalidArgument(f"ngram must be an integer in [1, 16]; got {ngram!r}")
+        check_int("ngram", ngram, 1, 16)
         self.ngram = ngram
 
     def propose(self, ids: torch.Tensor, gamma: int, cache: Any, sampler: Any,
@@ -717,8 +713,7 @@ def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generat
     :meth:`Session.generate` for both."""
     import statistics
 
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise InvalidArgument(f"repeats must be a positive integer; got {repeats!r}")
+    check_int("repeats", repeats, 1)
     plain_times, spec_times = [], []
     plain = spec = None
     for _ in range(repeats):

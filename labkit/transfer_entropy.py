@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from labkit.errors import InvalidArgument
+from labkit.errors import InvalidArgument, check_int
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,8 @@ def transfer_entropy(source: Any, target: Any, k: int = 1, bins: int = 3, surrog
     x, y = np.asarray(source, dtype=float).ravel(), np.asarray(target, dtype=float).ravel()
     if x.shape != y.shape:
         raise InvalidArgument(f"source and target must have the same length; got {len(x)} and {len(y)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InvalidArgument(f"k must be an integer ≥ 1; got {k!r}")
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise InvalidArgument(f"bins must be an integer ≥ 2; got {bins!r}")
+    check_int("k", k, 1)
+    check_int("bins", bins, 2)
     if len(x) < k + 4:
         raise InvalidArgument(f"series must have at least k + 4 = {k + 4} values; got {len(x)}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.errors import InvalidArgument
+from labkit.errors import InvalidArgument, check_int
 
 _REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SERVER_MIB = 90
@@ -55,10 +55,8 @@ def free_port() -> int:
 
 
 def check(users: int, port: int, password: str | None, notebooks: str | os.PathLike[str] | None) -> None:
-    if isinstance(users, bool) or not isinstance(users, int) or not 1 <= users <= 500:
-        raise InvalidArgument(f"users must be an integer in [1, 500]; got {users!r}")
-    if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
-        raise InvalidArgument(f"port must be an integer in [1024, 65535]; got {port!r}")
+    check_int("users", users, 1, 500)
+    check_int("port", port, 1024, 65535)
     if password is not None and len(password) < 8:
         raise InvalidArgument("password must be at least 8 characters (JupyterHub's shared-password rule)")
     if notebooks is not None and not Path(notebooks).is_dir():

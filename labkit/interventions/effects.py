@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.errors import InvalidArgument, check_int
 from labkit.interventions.base import check_interventions
 
 
@@ -60,8 +60,7 @@ def analyze_intervention_effects(session: Any, prompt: str, interventions: Any, 
     items = check_interventions(interventions)
     if not items:
         raise InvalidArgument("interventions must hold at least one intervention")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InvalidArgument(f"samples must be a positive integer; got {samples!r}")
+    check_int("samples", samples, 1)
     rows, per_sample = [], []
     for i in range(samples):
         kw = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed + i, "chat": chat}
