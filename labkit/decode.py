@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from labkit import attention, info
-from labkit.errors import InvalidArgument
-from labkit.interventions.base import InterventionContext, TokenIntervention
+from labkit.interventions.base import InterventionContext, TokenIntervention, apply_all
 from labkit.models import forward_cached, new_cache
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import sampling_infos
@@ -120,15 +119,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                         row = raw[i:i + 1]  # (1, V)
                         ctx = InterventionContext(index + i, trace.token_ids + proposal.tokens[:i], trace.prompt_ids,
                                                   session)
-                        for item in interventions:
-                            new = item.apply(row, ctx)
-                            if bool(torch.isnan(new).any()) or not bool(torch.isfinite(new).any()):
-                                raise InvalidArgument(f"{item.describe()} returned logits with NaN or no finite "
-                                                      f"value at step {index + i}: an intervention must leave at "
-                                                      "least one token possible (the partial trace is kept)")
-                            if not torch.equal(new, row):
-                                changed[i].append(item.describe())
-                            row = new
+                        row, changed[i] = apply_all(row, ctx, interventions)
                         rows.append(row)
                     edited = torch.cat(rows)  # (n, V)
                 if sampler.needs:

@@ -47,14 +47,14 @@ SiteFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 
 BLOCK_SITES = ("resid_pre", "attn.z", "attn_out", "mlp_out", "resid_post")
 MODEL_SITES = ("embed", "final_norm")
-_SITE_DOCS = {
-    "embed": "(B, T, d_model) token-embedding output",
-    "resid_pre": "(B, T, d_model) residual stream entering the block",
-    "attn.z": "(B, T, H, d_head) per-head attention output before the output projection",
-    "attn_out": "(B, T, d_model) attention output after the output projection",
-    "mlp_out": "(B, T, d_model) MLP output",
-    "resid_post": "(B, T, d_model) residual stream leaving the block",
-    "final_norm": "(B, T, d_model) last block's output after the final norm",
+_SITE_DOCS = {  # kind -> (shape, meaning)
+    "embed": ("(B, T, d_model)", "token-embedding output"),
+    "resid_pre": ("(B, T, d_model)", "residual stream entering the block"),
+    "attn.z": ("(B, T, H, d_head)", "per-head attention output before the output projection"),
+    "attn_out": ("(B, T, d_model)", "attention output after the output projection"),
+    "mlp_out": ("(B, T, d_model)", "MLP output"),
+    "resid_post": ("(B, T, d_model)", "residual stream leaving the block"),
+    "final_norm": ("(B, T, d_model)", "last block's output after the final norm"),
 }
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|attn\.z|attn_out|mlp_out|resid_post)$")
 
@@ -281,11 +281,8 @@ class Sites:
         """A DataFrame of the site names with their shape and meaning (the kinds, with ``L`` for the block)."""
         import pandas as pd
 
-        rows = []
-        for name in ("embed", *(f"blocks.L.{s}" for s in BLOCK_SITES), "final_norm"):
-            doc = _SITE_DOCS[name.removeprefix("blocks.L.")]
-            shape, _, text = doc.partition(") ")
-            rows.append(SiteInfo(name, shape + ")", text))
+        rows = [SiteInfo(name, *_SITE_DOCS[name.removeprefix("blocks.L.")])
+                for name in ("embed", *(f"blocks.L.{s}" for s in BLOCK_SITES), "final_norm")]
         frame = pd.DataFrame([r.__dict__ for r in rows])
         frame.attrs["layers"] = self.n_layers
         return frame

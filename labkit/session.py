@@ -115,18 +115,12 @@ class Session:
         model's raw distribution; inside one, the scope's interventions apply — activation-level ones in the forward
         pass, token-level ones to the logits as at a generation's first step — and ``Distribution.interventions``
         names the token-level ones that changed it."""
-        from labkit.interventions.base import InterventionContext
+        from labkit.interventions.base import InterventionContext, apply_all
 
         ids = self.encode(prompt, chat=chat, reserve=0)
-        changed: list[str] = []
         with self._exclusive(), torch.inference_mode():
             logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1:].float()  # (1, V)
-            ctx = InterventionContext(0, [], ids[0].tolist(), self)
-            for item in self._scoped:
-                new = item.apply(logits, ctx)
-                if not torch.equal(new, logits):
-                    changed.append(item.describe())
-                logits = new
+            logits, changed = apply_all(logits, InterventionContext(0, [], ids[0].tolist(), self), self._scoped)
             logprobs = torch.log_softmax(logits[0], dim=-1).cpu()  # (V,) nats
         return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt, interventions=changed)
 
@@ -306,8 +300,7 @@ def _check_forced_steps(interventions: Sequence[Any], max_new_tokens: int) -> No
     from labkit.interventions.token import ForceTokens
 
     for item in interventions:
-        late = sorted(s for s in getattr(item, "tokens", {}) if s >= max_new_tokens) \
-            if isinstance(item, ForceTokens) else []
+        late = sorted(s for s in item.tokens if s >= max_new_tokens) if isinstance(item, ForceTokens) else []
         if late:
             raise InvalidArgument(f"{item!r} forces steps {late}, but max_new_tokens={max_new_tokens} ends the "
                                   f"generation at step {max_new_tokens - 1}")

@@ -98,7 +98,18 @@ def activated(session: Any, interventions: Sequence[Intervention], bind: bool = 
         yield [i for i in interventions if isinstance(i, TokenIntervention)]
 
 
-def apply_all(logits: torch.Tensor, ctx: InterventionContext, items: Sequence[TokenIntervention]) -> torch.Tensor:
+def apply_all(logits: torch.Tensor, ctx: InterventionContext, items: Sequence[TokenIntervention]
+              ) -> tuple[torch.Tensor, list[str]]:
+    """Shape (1, V) -> (1, V): ``logits`` after each token-level intervention in order, and the descriptions of those
+    that changed them. Logits with a NaN or no finite value raise InvalidArgument naming the intervention (a run
+    stopped this way keeps its partial trace)."""
+    changed: list[str] = []
     for item in items:
-        logits = item.apply(logits, ctx)
-    return logits
+        new = item.apply(logits, ctx)
+        if bool(torch.isnan(new).any()) or not bool(torch.isfinite(new).any()):
+            raise InvalidArgument(f"{item.describe()} returned logits with NaN or no finite value at step {ctx.step}: "
+                                  "an intervention must leave at least one token possible (the partial trace is kept)")
+        if not torch.equal(new, logits):
+            changed.append(item.describe())
+        logits = new
+    return logits, changed
