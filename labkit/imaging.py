@@ -1,114 +1,22 @@
 """Attention matrices as images, and CNN-style pattern analysis of attention heads.
 
-Images are PIL images (``to_png`` gives PNG bytes for ``ipywidgets.Image``), coloured with the perceptual
-Viridis colormap. Pattern analysis convolves a head's (T, T) matrix with fixed 3×3 filters (Sobel x/y,
-Laplacian, diagonal), measures where its mass lies and its spatial entropy (bits), and labels the head.
+The images (``heatmap``, ``head_grid``, ``layer_head_summary``, ``to_png``) are :mod:`labkit.figures`' labelled
+matplotlib figures, re-exported here. Pattern analysis convolves a head's (T, T) matrix with fixed 3×3 filters
+(Sobel x/y, Laplacian, diagonal), measures where its mass lies and its spatial entropy (bits), and labels the head.
 """
 
 from __future__ import annotations
 
 import enum
-import io
-import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from labkit.errors import InvalidArgument
+from labkit.figures import Picture, head_grid, heatmap, layer_head_summary, to_png
 
-# Viridis (matplotlib's perceptual colormap), as plotly ships it: 10 stops, interpolated to 256 entries.
-_VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
-            "#fde725"]
-
-
-def _lut(stops: list[str]) -> np.ndarray:
-    rgb = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in stops], dtype=np.float64)  # (S, 3)
-    x = np.linspace(0, 1, len(stops))
-    grid = np.linspace(0, 1, 256)
-    return np.stack([np.interp(grid, x, rgb[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)  # (256, 3)
-
-
-VIRIDIS_LUT = _lut(_VIRIDIS)
-
-
-def _as_2d(matrix: torch.Tensor | np.ndarray, name: str = "matrix") -> np.ndarray:
-    a = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, float)
-    if a.ndim != 2 or a.size == 0:
-        raise InvalidArgument(f"{name} must be a non-empty 2-D array; got shape {a.shape}")
-    return a
-
-
-def colorize(matrix: torch.Tensor | np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """Shape (H, W) -> (H, W, 3) uint8 Viridis colours; NaN/−inf cells are drawn black."""
-    a = _as_2d(matrix)
-    finite = np.isfinite(a)
-    lo = float(a[finite].min()) if vmin is None and finite.any() else (vmin or 0.0)
-    hi = float(a[finite].max()) if vmax is None and finite.any() else (vmax if vmax is not None else 1.0)
-    scaled = np.clip((np.where(finite, a, lo) - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    rgb = VIRIDIS_LUT[(scaled * 255).round().astype(np.int64)]
-    rgb[~finite] = 0
-    return rgb
-
-
-def heatmap(matrix: torch.Tensor | np.ndarray, labels: list[str] | None = None, size: int = 512,
-            vmin: float | None = 0.0, vmax: float | None = None, title: str | None = None) -> Image.Image:
-    """One matrix as an image about ``size`` pixels wide; ``labels`` (one per row/column) are drawn when cells
-    are large enough to read (≥ 10 px), which keeps a 200-token prompt legible as a picture."""
-    a = _as_2d(matrix)
-    if labels is not None and len(labels) != max(a.shape):
-        raise InvalidArgument(f"labels must have one entry per row/column ({max(a.shape)}); got {len(labels)}")
-    cell = max(1, size // max(a.shape))
-    img = Image.fromarray(colorize(a, vmin, vmax)).resize((a.shape[1] * cell, a.shape[0] * cell), Image.NEAREST)
-    show_labels = labels is not None and cell >= 10
-    margin = 70 if show_labels else 0
-    top = 16 if title else 0
-    canvas = Image.new("RGB", (img.width + margin, img.height + margin + top), "white")
-    canvas.paste(img, (margin, margin + top))
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    if title:
-        draw.text((margin + 2, 2), title, fill="black", font=font)
-    if show_labels:
-        for i, text in enumerate(labels):  # rows: queries on the left; columns: keys on top (rotated)
-            t = repr(text)[1:-1][:10]
-            draw.text((2, margin + top + i * cell + (cell - 10) // 2), t, fill="black", font=font)
-            col = Image.new("RGBA", (margin, cell), (255, 255, 255, 0))
-            ImageDraw.Draw(col).text((2, (cell - 10) // 2), t, fill="black", font=font)
-            canvas.paste(col.rotate(90, expand=True), (margin + i * cell, top), col.rotate(90, expand=True))
-    return canvas
-
-
-def head_grid(maps: torch.Tensor, cols: int | None = None, cell_size: int = 160,
-              titles: list[str] | None = None) -> Image.Image:
-    """Shape (N, T, T) -> a grid of N small heatmaps (e.g. all heads of one layer), each titled."""
-    if maps.ndim != 3:
-        raise InvalidArgument(f"maps must have shape (N, T, T); got {tuple(maps.shape)}")
-    n = maps.shape[0]
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    tiles = [heatmap(maps[i], size=cell_size, title=titles[i] if titles else f"head {i}") for i in range(n)]
-    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
-    grid = Image.new("RGB", (cols * (w + 4), rows * (h + 4)), "white")
-    for i, tile in enumerate(tiles):
-        grid.paste(tile, ((i % cols) * (w + 4), (i // cols) * (h + 4)))
-    return grid
-
-
-def layer_head_summary(values: torch.Tensor, size: int = 480, title: str | None = None) -> Image.Image:
-    """Shape (L, H) -> an image with one cell per (layer, head), e.g. mean attention entropy in bits."""
-    if values.ndim != 2:
-        raise InvalidArgument(f"values must have shape (L, H); got {tuple(values.shape)}")
-    return heatmap(values, size=size, vmin=None, title=title)
-
-
-def to_png(image: Image.Image) -> bytes:
-    """PNG bytes of an image (what ``ipywidgets.Image(value=...)`` takes)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
+__all__ = ["FILTERS", "HeadPattern", "Pattern", "PatternThresholds", "Picture", "classify", "classify_heads",
+           "head_grid", "heatmap", "layer_head_summary", "pattern_features", "to_png"]
 
 # -- pattern analysis ------------------------------------------------------------------------------------
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from labkit import attention, imaging
 from labkit.errors import InvalidArgument
@@ -82,22 +80,6 @@ def test_features_have_known_values():
     assert imaging.pattern_features(sink())["distinct_starts"] == 1
     with pytest.raises(InvalidArgument, match="square"):
         imaging.pattern_features(torch.ones(3, 5))
-
-
-def test_images_have_expected_sizes_and_colours():
-    img = imaging.heatmap(diag(), size=480)
-    assert img.size == (480, 480)
-    px = np.asarray(img)
-    assert tuple(px[5, 5]) == tuple(imaging.VIRIDIS_LUT[-1]) and tuple(px[5, 40]) == tuple(imaging.VIRIDIS_LUT[0])
-    labelled = imaging.heatmap(torch.eye(20), labels=[f"t{i}" for i in range(20)], size=400)
-    assert labelled.size[0] > 400  # room for labels
-    big = imaging.heatmap(uniform().repeat(5, 5)[:200, :200], labels=[str(i) for i in range(200)], size=600)
-    assert big.size == (600, 600)  # 200 tokens: 3 px cells, labels left out
-    png = imaging.to_png(imaging.head_grid(torch.stack([diag(), sink(), local()])))
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert Image.open(__import__("io").BytesIO(png)).size[0] > 0
-    with pytest.raises(InvalidArgument, match="labels must have one entry"):
-        imaging.heatmap(diag(), labels=["a"])
 
 
 def _row(probs: torch.Tensor) -> attention.AttentionRow:

@@ -177,7 +177,10 @@ def test_patching_sweep_recovers_everything_at_the_last_layer_and_position(sessi
     assert sweep.recovered[-1, -1].item() == pytest.approx(1.0, abs=1e-3)
     assert sweep.recovered[0, 3].item() > 0.5  # early layers: the country token carries the answer
     assert sweep.clean > sweep.corrupt
-    assert sweep.image().size[0] > 100 and len(sweep.to_pandas()) == session.info.n_layers
+    assert len(sweep.to_pandas()) == session.info.n_layers
+    ax = sweep.image().figure.axes[0]
+    assert ax.get_ylabel().startswith("layer") and ax.get_xlabel().startswith("position")
+    assert [t.get_text() for t in ax.get_xticklabels()] == [repr(t) for t in sweep.tokens]
     with pytest.raises(InvalidArgument, match="same number of tokens"):
         patching_sweep(session, FRANCE, "The capital city of Italy is", " Paris")
 

@@ -215,13 +215,18 @@ class PatchingSweep:
     """The metric (target logit, or target − other logit) on the clean and the corrupt prompt."""
 
     def image(self, size: int = 480) -> Any:
-        """The matrix as a PNG-ready PIL image (rows = layers, columns = positions, each position widened so the
-        picture is about as wide as it is tall)."""
-        from labkit.imaging import heatmap
+        """The map as a :class:`labkit.figures.Picture`: rows are layers (0 at the top), columns the corrupt
+        prompt's tokens, colour the fraction recovered on a diverging scale centred on 0 (red = recovered, blue =
+        pushed further towards the corrupt answer)."""
+        from labkit.figures import heatmap
 
-        layers, positions = self.recovered.shape
-        wide = self.recovered.repeat_interleave(max(1, layers // positions), dim=1)
-        return heatmap(wide, size=size, vmin=None, title="recovered (layer × position)")
+        layers, _ = self.recovered.shape
+        bound = max(1.0, float(self.recovered.abs().max()))
+        return heatmap(self.recovered, size=size, vmin=-bound, vmax=bound, cmap="RdBu_r",
+                       x_labels=self.tokens, y_labels=[str(i) for i in range(layers)],
+                       xlabel="position patched (corrupt prompt's token)", ylabel="layer patched (resid_post)",
+                       colorbar="fraction of the logit difference recovered",
+                       title="activation patching: clean residual stream into the corrupt run")
 
     def to_pandas(self) -> Any:
         import pandas as pd

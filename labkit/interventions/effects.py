@@ -27,16 +27,18 @@ class Effect:
     summary: dict[str, float] = field(default_factory=dict)
 
     def plot(self) -> Any:
-        """Plotly figure: mean KL and mean entropy change per step (bits), over samples."""
-        import plotly.graph_objects as go
+        """A :class:`labkit.figures.Chart` (plotly, with a static PNG): mean KL and mean entropy change per step
+        (bits), over samples."""
+        from labkit.figures import Chart
 
         per_step = self.table.groupby("step")[["kl_bits", "entropy_change_bits"]].mean()
-        fig = go.Figure()
+        fig = Chart()
         fig.add_scatter(x=per_step.index, y=per_step["kl_bits"], mode="lines+markers",
                         name="KL(intervened ‖ unmodified) bits")
         fig.add_scatter(x=per_step.index, y=per_step["entropy_change_bits"], mode="lines+markers",
                         name="entropy change bits")
-        fig.update_layout(xaxis_title="step", yaxis_title="bits", height=320, margin={"t": 30, "b": 40},
+        fig.update_layout(title="what the intervention changed, per step", xaxis_title="generated step",
+                          yaxis_title="bits", height=320, margin={"t": 40, "b": 40},
                           legend={"orientation": "h"})
         return fig
 

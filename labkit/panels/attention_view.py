@@ -37,7 +37,7 @@ class AttentionImage(widgets.VBox):
         self.layer = widgets.IntSlider(value=n_layers - 1, min=0, max=n_layers - 1, description="layer", layout=wide)
         self.head = widgets.IntSlider(value=0, min=0, max=n_heads - 1, description="head", layout=wide)
         self.grid = widgets.Checkbox(value=False, description="all heads of the layer")
-        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width=f"{size + 80}px"))
+        self.image = widgets.Image(format="png", layout=widgets.Layout(max_width=f"{size + 200}px"))
         self.label = widgets.Label("")
         self._probs: torch.Tensor | None = None  # (L, H, N, N)
         self._tokens: list[str] = []
@@ -45,7 +45,7 @@ class AttentionImage(widgets.VBox):
         for w in (self.layer, self.head, self.grid):
             w.observe(lambda _change: self.render(), names="value")
         super().__init__([self.layer, self.head, self.grid, self.label, self.image],
-                         layout=widgets.Layout(min_width=f"{size + 80}px"))
+                         layout=widgets.Layout(min_width=f"{size + 200}px"))
         self.add_class("labkit-attention")
 
     def set_maps(self, probs: torch.Tensor, tokens: list[str], prompt: bool = False) -> None:
@@ -61,7 +61,8 @@ class AttentionImage(widgets.VBox):
             return
         layer, head = self.layer.value, self.head.value
         if self.grid.value:
-            img = imaging.head_grid(self._probs[layer], cell_size=max(80, self.size // 3))
+            img = imaging.head_grid(self._probs[layer], cell_size=max(100, self.size // 3),
+                                    title=f"layer {layer}: every head (rows attend to columns)")
         else:
             n = self._probs.shape[-1]
             labels = self._tokens[:n] if len(self._tokens) >= n else None

@@ -1,0 +1,114 @@
+"""Static figures: labelled axes, token tick labels, a colour bar with its unit, titles that fit, no missing glyphs,
+a readable minimum size, and plotly charts that carry a PNG for static exports."""
+
+import base64
+import io
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from labkit import figures
+from labkit.errors import InvalidArgument
+
+TOKENS = [" The", " capital", " of", " France", " is"]
+
+
+def colorbar_labels(picture):
+    """The label of every colour bar axis in the figure (matplotlib gives a colour bar its own axes)."""
+    return [ax.get_ylabel() for ax in picture.figure.axes if getattr(ax, "_colorbar", None) is not None]
+
+
+def render_strictly(picture):
+    """PNG bytes, failing on any matplotlib warning (a missing glyph is one: "Glyph ... missing from font")."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return picture.png()
+
+
+def test_heatmap_has_axis_labels_token_ticks_and_a_colour_bar_with_its_unit():
+    pic = figures.heatmap(torch.eye(5), labels=TOKENS, title="layer 2 × head 1", colorbar="attention probability")
+    ax = pic.figure.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("key position", "query position")
+    assert [t.get_text() for t in ax.get_xticklabels()] == [repr(t) for t in TOKENS]  # leading spaces visible
+    assert [t.get_text() for t in ax.get_yticklabels()] == [repr(t) for t in TOKENS]
+    assert colorbar_labels(pic) == ["attention probability"]
+    assert pic.size[0] >= 500 and pic.size[1] >= 360
+
+
+def test_titles_with_special_glyphs_render_without_missing_glyph_warnings():
+    pic = figures.heatmap(torch.rand(4, 4), title="layer × head → KL(p‖q) in bits² for ' ␣'", colorbar="bits")
+    png = render_strictly(pic)
+    assert Image.open(io.BytesIO(png)).size == pic.size
+
+
+def test_a_long_title_stays_inside_the_figure():
+    pic = figures.heatmap(torch.rand(6, 6), size=200, title="a very long title " * 6)
+    pic.png()  # layout and wrapping happen at draw time
+    title = pic.figure.axes[0].title
+    box = title.get_window_extent(pic.figure.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= pic.size[0]
+
+
+def test_layer_head_summary_labels_layers_and_heads_and_stays_a_readable_shape():
+    pic = figures.layer_head_summary(torch.rand(30, 9), title="mean attention entropy", colorbar="entropy (bits)")
+    ax = pic.figure.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("head", "layer")
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(h) for h in range(9)]
+    assert len(ax.get_yticklabels()) == 30
+    assert colorbar_labels(pic) == ["entropy (bits)"]
+    w, h = pic.size
+    assert h <= 1.6 * w  # 30 × 9 cells are drawn oblong, not as a 2,000 px strip
+
+
+def test_long_token_axes_fall_back_to_numbered_ticks():
+    pic = figures.heatmap(torch.rand(200, 200), labels=[str(i) for i in range(200)])
+    assert len(pic.figure.axes[0].get_xticklabels()) < 30
+
+
+def test_head_grid_titles_every_panel_labels_outer_axes_and_shares_one_colour_bar():
+    maps = torch.rand(6, 8, 8).softmax(-1)
+    pic = figures.head_grid(maps, titles=[f"L3 H{h}" for h in range(6)], title="layer 3")
+    panels = [ax for ax in pic.figure.axes if getattr(ax, "_colorbar", None) is None and ax.get_visible()]
+    assert [ax.get_title() for ax in panels if ax.get_title()] == [f"L3 H{h}" for h in range(6)]
+    assert any(ax.get_xlabel() == "key" for ax in panels) and any(ax.get_ylabel() == "query" for ax in panels)
+    assert colorbar_labels(pic) == ["attention probability"]
+    assert pic.title == "layer 3"
+
+
+def test_bad_figure_inputs_name_the_parameter():
+    with pytest.raises(InvalidArgument, match="labels must have one entry per row"):
+        figures.heatmap(torch.eye(3), labels=["a"])
+    with pytest.raises(InvalidArgument, match="labels is for a square matrix"):
+        figures.heatmap(torch.ones(2, 3), labels=["a", "b"])
+    with pytest.raises(InvalidArgument, match="size must be"):
+        figures.heatmap(torch.eye(3), size=5)
+    with pytest.raises(InvalidArgument, match="shape"):
+        figures.heatmap(torch.ones(3))
+
+
+def test_picture_saves_atomically_and_shows_as_png(tmp_path):
+    pic = figures.heatmap(torch.eye(3))
+    assert pic._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    path = pic.save(tmp_path / "map.svg")
+    assert path.read_text().lstrip().startswith("<?xml") and not list(tmp_path.glob(".*tmp"))
+
+
+def test_chart_stays_plotly_and_carries_a_png_of_the_same_bars():
+    chart = figures.Chart()
+    chart.add_bar(x=[repr(t) for t in TOKENS], y=[0.5, 0.2, 0.1, 0.1, 0.1], name="p")
+    chart.update_layout(title="next token", xaxis_title="token", yaxis_title="probability")
+    bundle = chart._repr_mimebundle_()
+    assert "application/vnd.plotly.v1+json" in bundle and "text/html" not in bundle
+    assert base64.b64decode(bundle["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    ax = figures.static_picture(chart).figure.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("token", "probability", "next token")
+    assert [p.get_height() for p in ax.patches] == pytest.approx([0.5, 0.2, 0.1, 0.1, 0.1])
+
+
+def test_static_fallback_refuses_trace_types_it_cannot_draw():
+    chart = figures.Chart()
+    chart.add_pie(values=[1, 2])
+    with pytest.raises(InvalidArgument, match="bar, scatter and heatmap"):
+        figures.static_picture(chart)
