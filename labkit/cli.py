@@ -383,13 +383,26 @@ def kernel_remove_cmd() -> None:
         click.echo(f"removed {kernelspec.remove()}")
 
 
+@main.command("student-copy")
+@click.argument("source", default="notebooks")
+@click.argument("target", default="student-notebooks")
+def student_copy_cmd(source: str, target: str) -> None:
+    """Copy the notebooks in SOURCE to TARGET for students: solution cells removed, outputs cleared."""
+    from labkit import teaching
+
+    with _errors():
+        written = teaching.student_copy(source, target)
+        click.echo(f"{len(written)} student notebooks in {target} (solutions removed, outputs cleared)")
+
+
 @main.command("workshop")
 @click.option("--users", type=int, default=10, show_default=True, help="Students: student1..studentN.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port of the hub on 127.0.0.1.")
 @click.option("--dir", "folder", default="labkit-workshop", show_default=True,
               help="Folder for the hub's configuration, database and the students' home folders.")
 @click.option("--password", default=None, help="The class's shared password (default: a random one, printed).")
-@click.option("--notebooks", default=None, help="Teaching notebooks to copy for each student (default: notebooks/).")
+@click.option("--notebooks", default=None,
+              help="Teaching notebooks (default: notebooks/); students get a copy without the solution cells.")
 @click.option("--no-measure", is_flag=True, help="Skip measuring the memory one student's kernel needs.")
 def workshop_cmd(users: int, port: int, folder: str, password: str | None, notebooks: str | None,
                  no_measure: bool) -> None:

@@ -3,9 +3,10 @@
 Shared-password login for student1..studentN (JupyterHub's SharedPasswordAuthenticator), one single-user
 JupyterLab per student (the simple local spawner: every student's server runs as this Unix user, in its own home
 folder under the workshop folder — fine on a class machine, no isolation between students), a personal copy of the
-teaching notebooks, the labkit kernelspec "Python (labkit)" as the default kernel, and the default model converted
-once into labkit's cache, shared by every kernel (``LABKIT_CACHE``) and made read-only. The proxy is the Python
-``configurable-http-proxy`` package (no Node). Beyond one machine, see the README (Zero to JupyterHub).
+teaching notebooks without their solution cells (:mod:`labkit.teaching`), the labkit kernelspec "Python (labkit)"
+as the default kernel, and the default model converted once into labkit's cache, shared by every kernel
+(``LABKIT_CACHE``) and made read-only. The proxy is the Python ``configurable-http-proxy`` package (no Node).
+Beyond one machine, see the README (Zero to JupyterHub).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import stat
@@ -37,6 +39,7 @@ class WorkshopConfig:
     port: int
     password: str
     notebooks: Path
+    """The students' copy of the teaching notebooks (written by :func:`labkit.teaching.student_copy`)."""
     cache: Path
 
     @property
@@ -76,11 +79,17 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
         raise InvalidArgument("no teaching notebooks found (the repository's notebooks/ folder); pass --notebooks")
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    from labkit import teaching
+
+    students = root / "student-notebooks"  # the students' copy: solution cells removed, outputs cleared
+    if students.exists():
+        shutil.rmtree(students)
+    teaching.student_copy(source, students)
     model = models.prepare_default_model(progress=True)
     _read_only(model)
     cpus = os.cpu_count() or 2
     kernelspec.install(prefix=sys.prefix, threads=max(1, cpus // min(users, cpus)))
-    cfg = WorkshopConfig(root, users, port, password or secrets.token_urlsafe(9), source.resolve(),
+    cfg = WorkshopConfig(root, users, port, password or secrets.token_urlsafe(9), students,
                          models.cache_dir().resolve())
     (root / "jupyterhub_config.py").write_text(hub_config(cfg))
     return cfg
