@@ -235,6 +235,10 @@ def static_picture(fig: go.Figure) -> Picture:
         ax.legend(fontsize=8)
     if fig.layout.xaxis.categoryorder is None and any(t.type == "bar" for t in fig.data):
         ax.tick_params(axis="x", labelrotation=45 if len(fig.data[0].x or []) > 6 else 0)
+    if fig.layout.yaxis.type == "log":
+        ax.set_yscale("log")
+    if fig.layout.yaxis.autorange == "reversed":
+        ax.invert_yaxis()
     ax.set_xlabel(_text(fig.layout.xaxis.title))
     ax.set_ylabel(_text(fig.layout.yaxis.title))
     if _text(fig.layout.title):
@@ -255,3 +259,8 @@ class Chart(go.Figure):
         bundle["image/png"] = base64.b64encode(static_picture(self).png()).decode("ascii")
         bundle["text/plain"] = f"<Chart {_text(self.layout.title)!r}: {len(self.data)} traces>"
         return bundle
+
+    def _ipython_display_(self) -> None:  # plotly's own hook would display its renderer's bundle, without the PNG
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)

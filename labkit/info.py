@@ -77,8 +77,14 @@ def varentropy(logits: torch.Tensor, unit: Unit = "bits") -> torch.Tensor:
 def entropy_and_varentropy(logp: torch.Tensor, unit: Unit = "bits") -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy (``unit``) and varentropy (``unit``²) from already-normalised natural-log probabilities.
 
-    The decoding loop uses this to compute both from one ``log_softmax``.
+    The decoding loop uses this to compute both from one ``log_softmax``. Raw logits are refused (their
+    probabilities would not sum to 1 and both numbers would be silently wrong): use :func:`entropy` and
+    :func:`varentropy`, which normalise.
     """
+    total = torch.logsumexp(logp.float(), dim=-1)
+    if not bool((total.abs() <= 1e-3).all()):
+        raise InvalidArgument(f"logp must be normalised log-probabilities (logsumexp 0); got logsumexp "
+                              f"{float(total.flatten()[0]):.4g}: pass raw logits to entropy() / varentropy()")
     p, logp = _p_and_logp(logp)
     h = -(p * logp).sum(-1)
     dev = logp + h.unsqueeze(-1)  # −(surprisal − H); squared below, weighted by p (0 where p is 0)

@@ -71,3 +71,13 @@ def test_half_precision_inputs_are_upcast():
 def test_unknown_unit_is_rejected():
     with pytest.raises(InvalidArgument, match="unit must be one of 'bits', 'nats'; got 'bans'"):
         info.entropy(torch.zeros(3), unit="bans")
+
+
+def test_entropy_and_varentropy_refuses_raw_logits_instead_of_returning_wrong_numbers():
+    logits = torch.tensor([3.0, 1.0, 0.5, -1.0])
+    with pytest.raises(InvalidArgument, match="normalised log-probabilities"):
+        info.entropy_and_varentropy(logits)
+    h, v = info.entropy_and_varentropy(torch.log_softmax(logits, -1))
+    p = torch.softmax(logits, -1)
+    assert h.item() == pytest.approx(float(-(p * p.log2()).sum()), abs=1e-6)
+    assert v.item() == pytest.approx(float((p * (-p.log2() - h) ** 2).sum()), abs=1e-5)
