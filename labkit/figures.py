@@ -87,7 +87,7 @@ def _as_2d(matrix: torch.Tensor | np.ndarray, name: str = "matrix") -> np.ndarra
     return a
 
 
-def _check_labels(name: str, labels: Sequence[str] | None, n: int) -> list[str] | None:
+def _check_labels(name: str, labels: Sequence[Any] | None, n: int) -> list[Any] | None:
     if labels is None:
         return None
     labels = list(labels)
@@ -101,7 +101,7 @@ def _ticks(ax: Any, axis: str, n: int, labels: list[str] | None, tokens: bool) -
     """Integer ticks on ``axis``; label texts (tokens quoted) when there are few enough to read."""
     set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
     if labels is not None and n <= MAX_TICK_LABELS:
-        shown = [token_label(t) if tokens else str(t) for t in labels]
+        shown = [token_label(t) if tokens and isinstance(t, str) else str(t) for t in labels]  # numbers unquoted
         set_ticks(range(n), shown, fontsize=9 if n <= 24 else 7, rotation=90 if axis == "x" and tokens else 0)
     else:
         step = max(1, math.ceil(n / 12))
@@ -120,7 +120,8 @@ def heatmap(matrix: torch.Tensor | np.ndarray, labels: Sequence[str] | None = No
             tokens: bool = True, cmap: str = "viridis") -> Picture:
     """Shape (R, C) -> a heatmap about ``size`` px wide (never under 500 × 360 px) with both axes labelled, a colour
     bar titled ``colorbar`` (say the unit) and, when given, tick labels: ``labels`` for a square matrix (rows and
-    columns are the same tokens), or ``x_labels`` (C) and ``y_labels`` (R). ``tokens`` quotes labels as tokens.
+    columns are the same tokens), or ``x_labels`` (C) and ``y_labels`` (R). ``tokens`` quotes string labels as
+    tokens (a leading space shows); numbers (layer, head) are drawn as they are.
     NaN and −inf cells are left blank (white)."""
     a = _as_2d(matrix)
     rows, cols = a.shape
@@ -190,7 +191,7 @@ def layer_head_summary(values: torch.Tensor, size: int = 480, title: str | None 
         raise InvalidArgument(f"values must have shape (L, H); got {tuple(values.shape)}")
     layers, heads = values.shape
     return heatmap(values, size=size, vmin=vmin, vmax=vmax, title=title, xlabel="head", ylabel="layer",
-                   x_labels=[str(h) for h in range(heads)], y_labels=[str(layer) for layer in range(layers)],
+                   x_labels=list(range(heads)), y_labels=list(range(layers)),
                    colorbar=colorbar, tokens=False, cmap=cmap)
 
 
@@ -235,6 +236,8 @@ def static_picture(fig: go.Figure) -> Picture:
         ax.legend(fontsize=8)
     if fig.layout.xaxis.categoryorder is None and any(t.type == "bar" for t in fig.data):
         ax.tick_params(axis="x", labelrotation=45 if len(fig.data[0].x or []) > 6 else 0)
+    if fig.layout.xaxis.type == "log":
+        ax.set_xscale("log")
     if fig.layout.yaxis.type == "log":
         ax.set_yscale("log")
     if fig.layout.yaxis.autorange == "reversed":

@@ -223,7 +223,7 @@ class PatchingSweep:
         layers, _ = self.recovered.shape
         bound = max(1.0, float(self.recovered.abs().max()))
         return heatmap(self.recovered, size=size, vmin=-bound, vmax=bound, cmap="RdBu_r",
-                       x_labels=self.tokens, y_labels=[str(i) for i in range(layers)],
+                       x_labels=self.tokens, y_labels=list(range(layers)),
                        xlabel="position patched (corrupt prompt's token)", ylabel="layer patched (resid_post)",
                        colorbar="fraction of the logit difference recovered",
                        title="activation patching: clean residual stream into the corrupt run")
