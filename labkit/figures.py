@@ -101,8 +101,9 @@ def _ticks(ax: Any, axis: str, n: int, labels: list[str] | None, tokens: bool) -
     """Integer ticks on ``axis``; label texts (tokens quoted) when there are few enough to read."""
     set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
     if labels is not None and n <= MAX_TICK_LABELS:
-        shown = [token_label(t) if tokens and isinstance(t, str) else str(t) for t in labels]  # numbers unquoted
-        set_ticks(range(n), shown, fontsize=9 if n <= 24 else 7, rotation=90 if axis == "x" and tokens else 0)
+        texts = tokens and any(isinstance(t, str) for t in labels)  # numbers (layers, heads) are drawn unquoted
+        shown = [token_label(t) if texts and isinstance(t, str) else str(t) for t in labels]
+        set_ticks(range(n), shown, fontsize=9 if n <= 24 else 7, rotation=90 if axis == "x" and texts else 0)
     else:
         step = max(1, math.ceil(n / 12))
         set_ticks(range(0, n, step))

@@ -112,3 +112,23 @@ def test_static_fallback_refuses_trace_types_it_cannot_draw():
     chart.add_pie(values=[1, 2])
     with pytest.raises(InvalidArgument, match="bar, scatter and heatmap"):
         figures.static_picture(chart)
+
+
+def test_every_stored_notebook_image_was_drawn_by_labkit_figures():
+    """Each PNG in the notebooks' outputs comes from a Picture or a Chart (so it has the axes, labels and colour bar
+    tested above), not from a bare PIL image or an unlabelled plot."""
+    import json
+    from pathlib import Path
+
+    images = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        for cell in json.loads(path.read_text())["cells"]:
+            for out in cell.get("outputs", []):
+                data = out.get("data", {})
+                if "image/png" in data:
+                    images += 1
+                    text = "".join(data.get("text/plain", ""))
+                    assert text.startswith(("<Picture", "<Chart")), f"{path.name}: an image from {text[:40]!r}"
+                if "application/vnd.plotly.v1+json" in data:
+                    assert "image/png" in data, f"{path.name}: a plotly chart without its static PNG"
+    assert images >= 10

@@ -93,8 +93,12 @@ def test_workshop_hub_student_kernel_generates(tmp_path):
         user = f"{url}/user/student1/"
         auth = {"Authorization": f"token {token}"}
         notebooks = requests.get(f"{user}api/contents/notebooks", headers=auth, timeout=10).json()
-        assert "07_workshop.ipynb" in {f["name"] for f in notebooks["content"]}  # a personal copy
-        assert (tmp_path / "home" / "student1" / "notebooks" / "07_workshop.ipynb").is_file()
+        assert "01_warmup.ipynb" in {f["name"] for f in notebooks["content"]}  # a personal copy
+        copy = tmp_path / "home" / "student1" / "notebooks" / "06_capstone.ipynb"
+        cells = json.loads(copy.read_text())["cells"]  # the student copy: no solution cells, no outputs
+        assert not [c for c in cells if "solution" in c.get("metadata", {}).get("tags", [])]
+        assert any("check" in c.get("metadata", {}).get("tags", []) for c in cells)
+        assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code")
         kernel = requests.post(f"{user}api/kernels", headers=auth, json={}, timeout=30).json()
         assert kernel["name"] == "labkit"  # the default kernel is "Python (labkit)"
         family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
