@@ -73,7 +73,7 @@ class Picture:
         return f"<Picture {self.title!r}: {w}×{h} px>"
 
 
-def token_label(text: str, width: int = 12) -> str:
+def token_label(text: str, width: int = 16) -> str:
     """A token as a tick label: quoted so a leading space shows (``' Paris'``), control characters escaped, cut
     to ``width`` characters with an ellipsis."""
     shown = repr(text)

@@ -257,8 +257,8 @@ def patching_sweep(session: Any, clean: str, corrupt: str, target_token: str | i
     sites = sites_of(model)
     names = [f"blocks.{layer}.resid_post" for layer in range(sites.n_layers)]
     with sites.read(names) as seen:
-        clean_m = float(metric(model(ci.to(model.device)).logits[:, -1])[0])
-    corrupt_m = float(metric(model(xi.to(model.device)).logits[:, -1])[0])
+        clean_m = float(metric(model(ci.to(model.device), logits_to_keep=1).logits[:, -1])[0])
+    corrupt_m = float(metric(model(xi.to(model.device), logits_to_keep=1).logits[:, -1])[0])
     if abs(clean_m - corrupt_m) < 1e-6:
         raise InvalidArgument("clean and corrupt give the same metric for the target token: nothing to recover")
     t = ci.shape[1]
@@ -274,6 +274,6 @@ def patching_sweep(session: Any, clean: str, corrupt: str, target_token: str | i
             return hidden
 
         with sites.edit({name: patch}):
-            patched = metric(model(batch).logits[:, -1]).cpu()
+            patched = metric(model(batch, logits_to_keep=1).logits[:, -1]).cpu()  # only the last position is read
         out[layer] = (patched - corrupt_m) / (clean_m - corrupt_m)
     return PatchingSweep(out, [session._texts(i) for i in xi[0].tolist()], clean_m, corrupt_m)
