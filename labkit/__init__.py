@@ -13,13 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 __version__ = "0.1.0"
 
 from labkit import errors, info, sampling
+from labkit.results import Distribution, Score
 from labkit.session import Generation, Session
-from labkit.trace import Alternative, Distribution, Step, Trace, TraceMeta
+from labkit.trace import Alternative, Step, Trace, TraceMeta
 
 __all__ = [
     "Alternative",
     "Distribution",
     "Generation",
+    "Score",
     "Session",
     "Step",
     "Trace",

@@ -242,13 +242,13 @@ class StepAttention:
 def step_metrics(row: AttentionRow) -> StepAttention:
     """Per-head entropy, varentropy across heads, agreement and interaction strength of one captured row.
 
-    Runs at every decoding step, so it makes few passes over the (L, H, T_k) scores: one log-softmax, and the
-    masked-key bookkeeping only when some key is masked (score −inf).
+    Runs at every decoding step, so it makes few passes over the (L, H, T_k) scores: one softmax, and the
+    masked-key bookkeeping only when some key is masked (score −inf). Entropix's attention metrics are this
+    function on the last layer.
     """
     scores = row.scores.float()
-    logp = torch.log_softmax(scores, dim=-1)  # (L, H, Tk) nats, −inf at masked keys
-    probs = logp.exp()
-    ent = -(probs * logp.clamp(min=-1e30)).sum(-1) / _LN2  # (L, H) bits; 0·(−inf) := 0
+    probs = torch.softmax(scores, dim=-1)  # (L, H, Tk), 0 at masked keys
+    ent = head_entropy(probs)  # (L, H) bits
     var = ent.var(dim=-1, unbiased=False).mean()  # across heads, then layers
     agreement = probs.sub_(probs.mean(dim=1, keepdim=True)).abs_().mean()  # in place: probs is a fresh tensor
     if bool(scores.min() > float("-inf")):

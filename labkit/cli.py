@@ -99,42 +99,6 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
             click.echo(f"{rank:>4}  {tok!r:<20} {tid:>6}  {p:>7.4f}")
 
 
-def _token_arg(text: str) -> str | int:
-    """A token given on the command line: an integer is an id, anything else is text (spaces kept)."""
-    return int(text) if text.strip().lstrip("-").isdigit() else text
-
-
-def _interventions(suppress: tuple[str, ...], boost: tuple[str, ...], force: tuple[str, ...],
-                   ablate: tuple[str, ...]) -> list[Any]:
-    """Interventions from the generate options (checked before the model loads)."""
-    from labkit.interventions import AblateHead, Boost, ForceTokens, Suppress
-
-    out: list[Any] = [Suppress([_token_arg(t) for t in suppress])] if suppress else []
-    for item in boost:
-        tok, _, factor = item.rpartition("=")
-        try:
-            value = float(factor)
-        except ValueError:
-            tok = ""
-        if not tok:
-            raise InvalidArgument(f"--boost must look like TOKEN=FACTOR (e.g. ' science=3'); got {item!r}")
-        out.append(Boost(_token_arg(tok), value))
-    forced = {}
-    for item in force:
-        step, eq, tok = item.partition("=")
-        if not eq or not step.strip().isdigit() or not tok:
-            raise InvalidArgument(f"--force must look like STEP=TOKEN (e.g. '0= Rome'); got {item!r}")
-        forced[int(step)] = _token_arg(tok)
-    if forced:
-        out.append(ForceTokens(forced))
-    for item in ablate:
-        layer, colon, head = item.partition(":")
-        if not colon or not layer.strip().isdigit() or not head.strip().isdigit():
-            raise InvalidArgument(f"--ablate must look like LAYER:HEAD (e.g. '3:1'); got {item!r}")
-        out.append(AblateHead(int(layer), int(head)))
-    return out
-
-
 def _origin(step: Any) -> str:
     """Speculative column: round and origin, with the rejected drafted token after a rejection."""
     sp = step.speculative
@@ -210,12 +174,11 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
         if baseline and speculative_spec is None:
             raise InvalidArgument("--baseline needs --speculative")
         draft = parse_draft(speculative_spec) if speculative_spec is not None else None
-        interventions = _interventions(suppress, boost, force, ablate)
-        s = _session(**model_kw)
-        if recipes:
-            from labkit.interventions import recipe
+        from labkit.interventions.specs import from_text, parse
 
-            interventions += [i for spec in recipes for i in recipe(s, spec)]
+        interventions = from_text(suppress, boost, force, ablate, prefix="--")  # checked before the model loads
+        s = _session(**model_kw)
+        interventions += [i for spec in recipes for i in parse(s, spec)]
         kw = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed, "stop": list(stop) or None,
               "chat": chat, "interventions": interventions}
         measured = measure(s, prompt, draft, repeats=3, **kw) if baseline else None

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
-from labkit import attention, info
-from labkit.interventions.base import InterventionContext, TokenIntervention, apply_all
-from labkit.models import forward_cached, new_cache
+from labkit import attention
+from labkit.cache import forward_cached, new_cache
+from labkit.info import StepMeasures, metric, probs, step_measures
+from labkit.interventions.base import TokenIntervention, apply_rows
 from labkit.sampling.base import Sampler
-from labkit.sampling.measure import sampling_infos
-from labkit.speculative import NOTHING, Speculator, crop
+from labkit.sampling.measure import SamplingInfo, sampling_infos
+from labkit.speculative.drafts import NOTHING, Proposal
+from labkit.speculative.speculator import Speculator
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
 
@@ -56,12 +58,41 @@ class StopRules:
         return ""
 
 
+class PlainRounds:
+    """The round of plain decoding: propose nothing, draw the sampler's token, nothing to settle. A
+    :class:`~labkit.speculative.Speculator` is the other kind of round (same three methods)."""
+
+    stats = None
+
+    def propose(self, ids: torch.Tensor, cache: Any, limit: int, sampler: Sampler,
+                generator: torch.Generator | None) -> Proposal:
+        return NOTHING
+
+    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, p: torch.Tensor, sampler: Sampler,
+               generator: torch.Generator | None, token_text: TokenTexts) -> tuple[int, dict[str, Any]]:
+        return int(sampler.draw(scores, generator)), {}
+
+    def end_round(self, proposal: Proposal, records: list[dict[str, Any]], cache: Any, target_ms: float,
+                  length: int) -> None:
+        pass
+
+
+def make_step(i: int, index: int, position: int, token_id: int, spec: dict[str, Any], m: StepMeasures,
+              sampler_record: dict[str, Any], changed: list[str], token_text: TokenTexts) -> Step:
+    """The Step of row ``i`` of a round's measures ``m`` (``time_ms`` is set when the Step is handed out)."""
+    top = [(token_text(j), j, pr) for j, pr in zip(m.top_ids[i].tolist(), m.top_probs[i].tolist(), strict=True)]
+    return Step(index=index, position=position, token_id=token_id, token=token_text(token_id),
+                logprob=float(m.logprobs[i, token_id]), entropy_bits=float(m.entropy_bits[i]),
+                varentropy_bits=float(m.varentropy_bits[i]), top=top, time_ms=0.0, sampler=sampler_record,
+                interventions=changed, speculative=spec)
+
+
 def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, sampler: Sampler,
            rules: StopRules, *, generator: torch.Generator | None = None,
            stop_event: threading.Event | None = None, top_k: int = 10,
            token_text: TokenTexts | None = None, capture: Sequence[str] = (),
            interventions: Sequence[TokenIntervention] = (), session: Any = None,
-           speculator: Speculator | None = None) -> Iterator[Step]:
+           speculator: Speculator | None = None, metrics: Sequence[str] = ()) -> Iterator[Step]:
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
@@ -70,22 +101,26 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     ``Step.sampler`` holds the sampler's record and the SamplingInfo of the step (entropy before/after, bits).
     Token-level ``interventions`` edit each step's logits in order, after the metrics and before the sampler
     (their context holds ``session``); ``capture=["logits"]`` keeps those edited logits, shape (V,), per Step.
+    ``metrics`` names registered metrics (:func:`labkit.info.register`) computed on each step's raw logits into
+    ``Step.metrics``.
 
-    Each iteration is one *round*: one target forward pass over the newest token plus the tokens a
-    ``speculator`` drafted (none in plain decoding), then one Step per kept position, verified exactly
-    (:mod:`labkit.speculative`); the cache is cropped back to the kept tokens. ``Step.speculative`` records the
-    round and the token's origin; ``trace.meta.speculative`` the run's SpeculativeStats.
+    Each iteration is one *round*: propose (a ``speculator`` drafts γ tokens; plain decoding, :class:`PlainRounds`,
+    none) → one target forward pass over the newest token plus the drafted ones → choose one token per position,
+    up to the first rejection or stop (verified exactly, :mod:`labkit.speculative`) → one Step per kept position →
+    settle (the cache cropped back to the kept tokens). ``Step.speculative`` records the round and the token's
+    origin; ``trace.meta.speculative`` the run's SpeculativeStats.
 
-    Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each round), or
-    KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
+    Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each round and after each
+    Step), or KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
     """
     token_text = token_text or TokenTexts(tokenizer)
     stop_event = stop_event or threading.Event()
+    rounds = speculator if speculator is not None else PlainRounds()
     sampler.reset(tokenizer)
     active = set(capture) | set(sampler.needs)
     cache = new_cache()
     ids = prompt_ids  # (1, T + steps so far)
-    inputs = prompt_ids  # (1, T) for the prefill, then (1, 1): what the cache has not seen
+    unseen = prompt_ids  # (1, T) for the prefill, then (1, 1): the tokens the cache has not seen
     reason = "stopped"  # if the consumer closes the iterator early
     outside = torch.is_inference_mode_enabled()  # the consumer's own mode, restored while it holds a Step
     if speculator is not None:
@@ -93,91 +128,43 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     try:
         with torch.inference_mode(), contextlib.ExitStack() as scope:
             recorder = scope.enter_context(attention.capturing(model)) if "attention" in active else None
-            while True:
-                index = len(trace.steps)
-                if index >= rules.max_new_tokens:
-                    reason = "max_new_tokens"
-                    break
-                if stop_event.is_set():
-                    reason = "stopped"
-                    break
-                t_mark = time.perf_counter()
-                proposal = (speculator.propose(ids, cache, rules.max_new_tokens - index - 1, sampler, generator)
-                            if speculator is not None else NOTHING)
-                gamma = len(proposal.tokens)
-                if gamma:
-                    inputs = torch.cat([inputs, torch.tensor([proposal.tokens], device=ids.device)], dim=1)
+            while not (reason := _before_round(len(trace.steps), rules, stop_event)):
+                index, t_mark = len(trace.steps), time.perf_counter()
+                proposal = rounds.propose(ids, cache, rules.max_new_tokens - index - 1, sampler, generator)
+                drafted = proposal.tokens  # (γ,) token ids; n = γ + 1 positions to judge
+                inputs = torch.cat([unseen, torch.tensor([drafted], dtype=ids.dtype, device=ids.device)], dim=1)
                 t_target = time.perf_counter()
-                raw = forward_cached(model, inputs, cache, gamma + 1)[0].float()  # (n, V) raw logits, n = γ + 1
+                raw = forward_cached(model, inputs, cache, len(drafted) + 1)[0].float()  # (n, V) raw logits
                 target_ms = (time.perf_counter() - t_target) * 1e3
-                # every position at once; row i assumes drafted[:i] were kept (it is used only if they were)
                 captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
-                edited, changed = raw, [[] for _ in range(gamma + 1)]
-                if interventions:
-                    rows = []
-                    for i in range(gamma + 1):
-                        row = raw[i:i + 1]  # (1, V)
-                        ctx = InterventionContext(index + i, trace.token_ids + proposal.tokens[:i], trace.prompt_ids,
-                                                  session)
-                        row, changed[i] = apply_all(row, ctx, interventions)
-                        rows.append(row)
-                    edited = torch.cat(rows)  # (n, V)
+                edited, changed = apply_rows(raw, index, trace.token_ids, drafted, trace.prompt_ids, session,
+                                             interventions)  # (n, V): row i assumes drafted[:i] are kept
                 if sampler.needs:
                     sampler.observe({k: captured[k] for k in sampler.needs})
-                scores = sampler(ids.expand(gamma + 1, -1), edited)  # (n, V); stateless when n > 1
-                # choose the tokens first (up to the first rejection or stop), then measure only the kept rows
-                chosen: list[tuple[int, dict[str, Any]]] = []
-                logq: list[torch.Tensor] = []  # (V,) nats per chosen row: log_softmax of what the sampler draws from
-                ended = ""
-                for i in range(gamma + 1):
-                    logq.append(torch.log_softmax(scores[i].float(), dim=-1))
-                    if speculator is None:
-                        tid, spec = int(sampler.draw(scores[i:i + 1], generator)), {}
-                    else:
-                        tid, spec = speculator.choose(proposal, i, scores[i:i + 1], info.probs(logq[i]), sampler,
-                                                      generator, token_text)
-                    chosen.append((tid, spec))
-                    ended = rules.reason(tid, trace.token_ids + [t for t, _ in chosen], tokenizer.decode)
-                    if ended or spec.get("origin") == "resampled":
-                        break
-                m = len(chosen)
-                logp = info.log_probs(raw[:m])  # (m, V) nats
-                entropy, varentropy = info.entropy_and_varentropy(logp, "bits")  # (m,), (m,)
-                top_lp, top_ids = logp.topk(top_k, dim=-1)  # (m, k)
-                top_probs = top_lp.exp()  # (m, k)
-                infos = sampling_infos(scores[:m], entropy, top_probs[:, 0], torch.stack(logq))[0]  # m SamplingInfo
-                h_bits, vh_bits, top_p, top_i = entropy.tolist(), varentropy.tolist(), top_probs.tolist(), \
-                    top_ids.tolist()
+                scores = sampler(ids.expand(len(drafted) + 1, -1), edited)  # (n, V); stateless when n > 1
+                chosen, ended = _choose(rounds, proposal, scores, sampler, generator, token_text, rules,
+                                        trace.token_ids, tokenizer)  # [(token id, Step.speculative)] × m ≤ n
+                m = _measure(raw[:len(chosen)], scores[:len(chosen)], top_k, metrics)  # kept rows only
+                made = 0  # Steps handed out in this round
                 for i, (tid, spec) in enumerate(chosen):
-                    step = Step(
-                        index=index, position=ids.shape[1], token_id=tid, token=token_text(tid),
-                        logprob=float(logp[i, tid]), entropy_bits=h_bits[i], varentropy_bits=vh_bits[i],
-                        top=[(token_text(j), j, pr) for j, pr in zip(top_i[i], top_p[i], strict=True)],
-                        time_ms=0.0, sampler={**sampler.record(scores[i:i + 1]), **infos[i].as_dict()},
-                        interventions=changed[i], speculative=spec,
-                    )
-                    if "logits" in capture:
-                        step.captures["logits"] = edited[i]
-                    if "attention" in capture:
-                        step.captures["attention"] = captured["attention"]
-                        step.attention = attention.step_metrics(captured["attention"]).summary()
-                    inputs = torch.tensor([[tid]], device=ids.device)  # (1, 1)
-                    ids = torch.cat([ids, inputs], dim=1)  # (1, T + index + 1)
+                    step = make_step(i, index + i, ids.shape[1], tid, spec, m.step,
+                                     {**sampler.record(scores[i:i + 1]), **m.sampling[i].as_dict()}, changed[i],
+                                     token_text)
+                    step.metrics = {name: values[i] for name, values in m.registered.items()}
+                    _keep_captures(step, capture, edited[i], captured)
+                    unseen = torch.tensor([[tid]], device=ids.device)  # (1, 1)
+                    ids = torch.cat([ids, unseen], dim=1)  # (1, T + index + i + 1)
                     step.time_ms = (time.perf_counter() - t_mark) * 1e3
                     trace.steps.append(step)
                     with torch.inference_mode(outside):  # the consumer's code runs as it would without labkit
                         yield step
-                    t_mark = time.perf_counter()
-                    index += 1
-                    if i == m - 1:
+                    t_mark, made = time.perf_counter(), made + 1
+                    if made == len(chosen):
                         reason = ended
                     elif stop_event.is_set():
                         reason = "stopped"  # within a round too: Stop ends generation after the current token
                         break
-                if speculator is not None:
-                    crop(cache, ids.shape[1] - 1)  # drop the rejected drafted tokens' entries
-                    kept = sum(sp.get("origin") == "accepted" for _, sp in chosen[:i + 1])  # of the i + 1 made
-                    speculator.settle(proposal, kept, i + 1, target_ms, ids.shape[1] - 1)
+                rounds.end_round(proposal, [spec for _, spec in chosen[:made]], cache, target_ms, ids.shape[1] - 1)
                 if reason:
                     break
     except KeyboardInterrupt:
@@ -191,3 +178,52 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
         if speculator is not None:
             speculator.stats.total_ms = sum(s.time_ms for s in trace.steps)
             trace.meta.speculative = speculator.stats.as_dict()
+
+
+def _before_round(index: int, rules: StopRules, stop_event: threading.Event) -> str:
+    """The stop reason before a round starts, or "" to run it."""
+    if index >= rules.max_new_tokens:
+        return "max_new_tokens"
+    return "stopped" if stop_event.is_set() else ""
+
+
+def _choose(rounds: Any, proposal: Proposal, scores: torch.Tensor, sampler: Sampler,
+            generator: torch.Generator | None, token_text: TokenTexts, rules: StopRules, generated: list[int],
+            tokenizer: Any) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+    """Choose a round's tokens position by position (``scores`` (n, V)), up to the first rejected draft or stop
+    rule: the chosen (token id, Step.speculative) pairs and the stop reason ("" to go on)."""
+    chosen: list[tuple[int, dict[str, Any]]] = []
+    for i in range(scores.shape[0]):
+        p = probs(torch.log_softmax(scores[i].float(), dim=-1))  # (V,) what the sampler draws from
+        tid, spec = rounds.choose(proposal, i, scores[i:i + 1], p, sampler, generator, token_text)
+        chosen.append((tid, spec))
+        ended = rules.reason(tid, generated + [t for t, _ in chosen], tokenizer.decode)
+        if ended or spec.get("origin") == "resampled":
+            return chosen, ended
+    return chosen, ""
+
+
+@dataclass(frozen=True)
+class _RoundMeasures:
+    step: StepMeasures
+    """Of the raw logits (m rows)."""
+    sampling: list[SamplingInfo]
+    """Of the sampler's output against the raw distribution, one per row."""
+    registered: dict[str, list[float]]
+    """Each requested registered metric of the raw logits, one value per row."""
+
+
+def _measure(raw: torch.Tensor, scores: torch.Tensor, top_k: int, metrics: Sequence[str]) -> _RoundMeasures:
+    """Shape (m, V) raw logits and (m, V) sampler scores of the kept rows -> their measures."""
+    step = step_measures(raw, top_k)
+    registered = {name: metric(name).fn(raw).double().reshape(-1).tolist() for name in metrics}
+    return _RoundMeasures(step, sampling_infos(scores, step.entropy_bits, step.top_probs[:, 0])[0], registered)
+
+
+def _keep_captures(step: Step, capture: Sequence[str], edited: torch.Tensor, captured: dict[str, Any]) -> None:
+    """Store what ``capture`` asked for in ``step``: the edited logits (V,), the attention row and its summary."""
+    if "logits" in capture:
+        step.captures["logits"] = edited
+    if "attention" in capture:
+        step.captures["attention"] = captured["attention"]
+        step.attention = attention.step_metrics(captured["attention"]).summary()

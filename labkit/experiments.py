@@ -140,13 +140,13 @@ class Sweep:
     def run_cell(self, session: Any, cell: Cell, resolved: dict[str, list[Any]] | None = None) -> dict[str, Any]:
         """Generate one cell on ``session`` and measure it (see the module docstring); ``resolved`` caches the
         interventions bound to this session by name."""
-        from labkit.interventions import recipe
         from labkit.interventions.effects import unmodified_logits
+        from labkit.interventions.specs import parse
 
         resolved = {} if resolved is None else resolved
         if cell.intervention not in resolved:
             resolved[cell.intervention] = [x for item in self.interventions[cell.intervention]
-                                           for x in (recipe(session, item) if isinstance(item, str) else [item])]
+                                           for x in (parse(session, item) if isinstance(item, str) else [item])]
         items = resolved[cell.intervention]
         sampler = copy.deepcopy(self.samplers[cell.sampler])  # a fresh one: state never leaks between cells
         trace = session.generate(cell.prompt, max_new_tokens=self.max_new_tokens, sampler=sampler, seed=cell.seed,

@@ -92,6 +92,30 @@ def entropy_and_varentropy(logp: torch.Tensor, unit: Unit = "bits") -> tuple[tor
     return h * s, (p * dev * dev).sum(-1) * s * s
 
 
+@dataclass(frozen=True)
+class StepMeasures:
+    """What the decoding loop records of each step's raw distribution, for m positions at once."""
+
+    logprobs: torch.Tensor
+    """Shape (m, V): natural-log probabilities (nats)."""
+    entropy_bits: torch.Tensor
+    """Shape (m,)."""
+    varentropy_bits: torch.Tensor
+    """Shape (m,): bits²."""
+    top_probs: torch.Tensor
+    """Shape (m, k): the k largest probabilities, descending."""
+    top_ids: torch.Tensor
+    """Shape (m, k): their token ids."""
+
+
+def step_measures(logits: torch.Tensor, top_k: int) -> StepMeasures:
+    """Shape (m, V) raw logits -> the step measures of each row (one log_softmax shared by all of them)."""
+    logp = log_probs(logits)  # (m, V) nats
+    entropy, varentropy = entropy_and_varentropy(logp, "bits")  # (m,), (m,)
+    top_lp, top_ids = logp.topk(top_k, dim=-1)  # (m, k)
+    return StepMeasures(logp, entropy, varentropy, top_lp.exp(), top_ids)
+
+
 def surprisal(logits: torch.Tensor, token_ids: torch.Tensor, unit: Unit = "bits") -> torch.Tensor:
     """Surprisal −log p(token) of ``token_ids`` under softmax(logits), in ``unit``. Shape: leading dims."""
     token_ids = torch.as_tensor(token_ids, device=logits.device)

@@ -15,10 +15,11 @@ import torch
 from labkit import __version__, decode, info, models
 from labkit.errors import InvalidArgument, SessionBusy, check_int
 from labkit.interventions.base import activated, check_interventions
+from labkit.results import Distribution, Score
 from labkit.sampling.base import Greedy, Sampler
 from labkit.speculative import Speculator, check_speculative
 from labkit.tokens import TokenTexts, token_id
-from labkit.trace import Distribution, Score, Step, Trace, TraceMeta
+from labkit.trace import Step, Trace, TraceMeta
 
 CAPTURES: tuple[str, ...] = ("attention", "logits")
 """Extra per-step captures ``generate(capture=...)`` accepts."""
@@ -181,7 +182,7 @@ class Session:
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
-               speculative: Any = None) -> Generation:
+               speculative: Any = None, metrics: Sequence[str] = ()) -> Generation:
         """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all).
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
@@ -194,6 +195,9 @@ class Session:
         sampler = _check_sampler(sampler)
         if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
             raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")
+        if isinstance(metrics, str):
+            raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
+        metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
         draft = check_speculative(speculative, sampler, capture)
         interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
         if draft is not None:
@@ -214,12 +218,13 @@ class Session:
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
         return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions,
-                          Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None)
+                          Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None, metrics)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                  capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
-                 on_step: Callable[[Step], None] | None = None, speculative: Any = None) -> Trace:
+                 on_step: Callable[[Step], None] | None = None, speculative: Any = None,
+                 metrics: Sequence[str] = ()) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
@@ -231,12 +236,15 @@ class Session:
         ``speculative`` (a draft from :mod:`labkit.speculative`, e.g. ``PromptLookupDraft()``) decodes
         speculatively: same output distribution (same tokens for greedy), each Step records its round and whether
         it was drafted; ``trace.meta.speculative`` holds the SpeculativeStats. Not with a stateful sampler
-        (Mirostat, Entropix) or ``capture=["attention"]``.
+        (Mirostat, Entropix) or ``capture=["attention"]``. ``metrics`` names registered metrics
+        (:func:`labkit.info.register`, e.g. ``"effective_vocab_size"``) recorded per Step in ``Step.metrics``
+        and as ``metric.<name>`` columns of ``to_pandas()``.
         """
         if on_step is not None and not callable(on_step):
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
-                          capture=capture, top_k=top_k, interventions=interventions, speculative=speculative)
+                          capture=capture, top_k=top_k, interventions=interventions, speculative=speculative,
+                          metrics=metrics)
         with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
             try:
                 for step in gen:
@@ -325,10 +333,11 @@ class Generation:
 
     def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
                  rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...],
-                 interventions: list[Any], speculator: Speculator | None = None) -> None:
+                 interventions: list[Any], speculator: Speculator | None = None, metrics: tuple[str, ...] = ()) -> None:
         self.session = session
         self.trace = trace
-        self._steps = _run(session, trace, ids, sampler, rules, generator, top_k, capture, interventions, speculator)
+        self._steps = _run(session, trace, ids, sampler, rules, generator, top_k, capture, interventions, speculator,
+                           metrics)
 
     def __iter__(self) -> Generation:
         return self
@@ -354,7 +363,7 @@ class Generation:
 
 def _run(s: Session, trace: Trace, ids: torch.Tensor, sampler: Sampler, rules: decode.StopRules,
          generator: torch.Generator, top_k: int, capture: tuple[str, ...], interventions: list[Any],
-         speculator: Speculator | None) -> Iterator[Step]:
+         speculator: Speculator | None, metrics: tuple[str, ...]) -> Iterator[Step]:
     """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
     method: the generator must not reference its Generation (see there)."""
     try:
@@ -362,6 +371,7 @@ def _run(s: Session, trace: Trace, ids: torch.Tensor, sampler: Sampler, rules: d
             s._stop.clear()
             yield from decode.decode(s.model, s.tokenizer, ids, trace, sampler, rules, generator=generator,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
-                                     interventions=[*s._scoped, *token_level], session=s, speculator=speculator)
+                                     interventions=[*s._scoped, *token_level], session=s, speculator=speculator,
+                                     metrics=metrics)
     finally:
         s.last_trace = trace

@@ -146,9 +146,43 @@ def test_trace_records_rounds_and_saves_them(session, tmp_path):
 
 def test_measure_reports_a_speedup_against_plain_decoding(session):
     m = measure(session, COPY, PromptLookupDraft(), repeats=1, max_new_tokens=12, chat=True)
+    assert m.identical and m.trace.meta.speculative
+    plain_ms = m.plain_ms_per_token
+    assert plain_ms > 0 and m.speculative_ms_per_token > 0  # real timings; their ratio is tested with known ones below
+
+
+class _TimedTrace:
+    """A trace stand-in with 4 steps of ``ms`` each (what ``measure`` reads: steps, length, token ids, meta)."""
+
+    def __init__(self, ms, speculative):
+        from types import SimpleNamespace
+
+        self.steps = [SimpleNamespace(time_ms=ms)] * 4
+        self.token_ids = [1, 2, 3, 4]
+        self.meta = SimpleNamespace(speculative={"draft": {"name": "fake"}, "rounds": 2, "tokens": 4}
+                                    if speculative else {})
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self):
+        return len(self.steps)
+
+
+def test_measure_computes_its_speedup_from_the_step_timings_as_medians():
+    """A stand-in session whose runs take known times: plain 10, 30, 12 ms/token; speculative 4, 9, 5 ms/token."""
+
+    class TimedSession:
+        plain, spec = iter([10.0, 30.0, 12.0]), iter([4.0, 9.0, 5.0])
+
+        def generate(self, prompt, speculative=None, **kw):
+            return _TimedTrace(next(self.spec if speculative else self.plain), speculative is not None)
+
+    m = measure(TimedSession(), "p", PromptLookupDraft(), repeats=3)
+    assert m.plain_ms_per_token == 12.0 and m.speculative_ms_per_token == 5.0  # medians: the 30 ms outlier ignored
+    assert m.speedup == pytest.approx(2.4)
+    assert m.stats.measured_speedup == pytest.approx(2.4)
     assert m.identical
-    assert m.stats.plain_ms_per_token == m.plain_ms_per_token > 0
-    assert m.speedup == pytest.approx(m.stats.measured_speedup)
 
 
 def test_bad_speculative_settings_fail_clearly(session, tiny_model_dir, tmp_path):

@@ -4,10 +4,9 @@
 // prompt, color_by ("surprisal" | "entropy" | "origin"), selected (step index or -1), branch (set on a click
 // on an alternative: {step, token_id, n}). Units: surprisal s and entropy h in bits, varentropy v in bits².
 
-const SCALES = {
-  surprisal: { key: "s", max: 10, unit: "bits", label: "surprisal −log₂ p", rgb: [214, 39, 40] },
-  entropy: { key: "h", max: 8, unit: "bits", label: "entropy H", rgb: [31, 119, 180] },
-};
+// The colour scales come from Python (labkit.render.SCALES, the `scales` trait), so the static HTML and this view
+// agree: {surprisal: {key: "s", max: 10, unit: "bits", label, rgb: [r, g, b]}, entropy: {...}}.
+const SCALES = {};
 const ORIGINS = {
   accepted: "#8fd18f", resampled: "#f2a09b", bonus: "#9cc3f0", target: "#dddddd",
 };
@@ -94,6 +93,7 @@ function describe(details, steps, i, model) {
 
 export default {
   render({ model, el }) {
+    Object.assign(SCALES, model.get("scales"));
     el.classList.add("lk-stream");
     const legendEl = document.createElement("div");
     legendEl.className = "lk-legend";

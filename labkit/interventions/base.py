@@ -113,3 +113,20 @@ def apply_all(logits: torch.Tensor, ctx: InterventionContext, items: Sequence[To
             changed.append(item.describe())
         logits = new
     return logits, changed
+
+
+def apply_rows(logits: torch.Tensor, step: int, generated: list[int], drafted: list[int], prompt_ids: list[int],
+               session: Any, items: Sequence[TokenIntervention]) -> tuple[torch.Tensor, list[list[str]]]:
+    """Shape (n, V) -> (n, V): the logits of one round after ``items`` (:func:`apply_all` per row), and what changed
+    each row. Row i is step ``step + i``, generated after ``generated + drafted[:i]`` (its edit is used only if those
+    drafted tokens are kept)."""
+    if not items:
+        return logits, [[] for _ in range(logits.shape[0])]
+    rows, changed = [], []
+    for i in range(logits.shape[0]):
+        ctx = InterventionContext(step + i, generated + drafted[:i], prompt_ids, session)
+        row, names = apply_all(logits[i:i + 1], ctx, items)  # (1, V)
+        rows.append(row)
+        changed.append(names)
+    return torch.cat(rows), changed
+

@@ -1,16 +1,30 @@
 """Notebook panels (ipywidgets + anywidget; front-end code in the top-level ``widgets/`` folder, loaded offline).
 
 ``Lab(session)`` is the whole lab; the smaller panels work alone: ``NextToken(session)``, ``TokenStream(trace)``,
-``AttentionView(session, prompt)``, ``SamplerControls(sampler)``, ``SpeculativeView(trace)``.
+``AttentionView(session, prompt)``, ``SamplerControls(sampler)``, ``SpeculativeView(trace)``. Each is imported on
+first use, so ``import labkit.panels`` alone loads no widget library.
 """
 
-from labkit.panels.attention_view import AttentionImage, AttentionView
-from labkit.panels.charts import ProbabilityCharts
-from labkit.panels.controls import SamplerControls
-from labkit.panels.lab import Lab
-from labkit.panels.next_token import NextToken
-from labkit.panels.speculative_view import SpeculativeView
-from labkit.panels.stream import TokenStream
+from __future__ import annotations
 
-__all__ = ["AttentionImage", "AttentionView", "Lab", "NextToken", "ProbabilityCharts", "SamplerControls",
-           "SpeculativeView", "TokenStream"]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "AttentionImage": "attention_view", "AttentionView": "attention_view", "Lab": "lab", "NextToken": "next_token",
+    "ProbabilityCharts": "charts", "SamplerControls": "controls", "SpeculativeView": "speculative_view",
+    "TokenStream": "stream",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'labkit.panels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"labkit.panels.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -12,7 +12,8 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from labkit.interventions import AblateHead, Boost, ForceTokens, Suppress
+from labkit.interventions import ForceTokens
+from labkit.interventions.specs import from_text
 from labkit.panels.attention_view import AttentionImage, grow
 from labkit.panels.charts import ProbabilityCharts
 from labkit.panels.controls import SamplerControls
@@ -143,14 +144,9 @@ class Lab(widgets.VBox):
     def _interventions(self) -> list[Any]:
         if not self.interventions_on.value:
             return []
-        items: list[Any] = []
-        if self.suppress.value:
-            items.append(Suppress(self.suppress.value))
-        if self.boost.value:
-            items.append(Boost(self.boost.value, self.boost_factor.value))
-        if self.ablate_on.value:
-            items.append(AblateHead(self.ablate_layer.value, self.ablate_head.value))
-        return items
+        return from_text(suppress=[self.suppress.value] if self.suppress.value else [],
+                         boost=[f"{self.boost.value}={self.boost_factor.value}"] if self.boost.value else [],
+                         ablate=[f"{self.ablate_layer.value}:{self.ablate_head.value}"] if self.ablate_on.value else [])
 
     def _start(self, extra: list[Any], label: str = "run") -> None:
         if self.running:

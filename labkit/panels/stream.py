@@ -12,6 +12,7 @@ import traitlets
 
 from labkit.errors import invalid_choice
 from labkit.panels._assets import asset
+from labkit.render import scales_for_front_end
 from labkit.trace import Step, Trace
 
 COLOR_BY = ("surprisal", "entropy", "origin")
@@ -56,6 +57,8 @@ class TokenStream(anywidget.AnyWidget):
     tail = traitlets.List(traitlets.Dict()).tag(sync=True)
     prompt = traitlets.Unicode("").tag(sync=True)
     color_by = traitlets.Unicode("surprisal").tag(sync=True)
+    scales = traitlets.Dict(scales_for_front_end()).tag(sync=True)
+    """The colour scales (:data:`labkit.render.SCALES`), read by the front end."""
     selected = traitlets.Int(-1).tag(sync=True)
     """Index of the selected step (clicked in the view), −1 for none."""
     branch = traitlets.Dict().tag(sync=True)

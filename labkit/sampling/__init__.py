@@ -9,6 +9,7 @@ from labkit.sampling.mirostat import Mirostat
 __all__ = ["Classic", "Entropix", "EntropixConfig", "EntropyGuided", "Greedy", "Mirostat", "Sampler",
            "SamplingInfo", "TopNSigmaLogitsWarper", "check_param", "sampling_info", "sampling_info_of"]
 
-from labkit.sampling.compare import SAMPLERS, distinct_n, evaluate, label, parse_sampler, repetition_rate, summarize
+from labkit.sampling.compare import distinct_n, evaluate, repetition_rate, summarize
+from labkit.sampling.registry import SAMPLERS, label, parse_sampler
 
 __all__ += ["SAMPLERS", "distinct_n", "evaluate", "label", "parse_sampler", "repetition_rate", "summarize"]

@@ -36,6 +36,7 @@ from transformers.generation.logits_process import (
 )
 
 from labkit import info
+from labkit.attention import AttentionRow, step_metrics
 from labkit.errors import InvalidArgument
 from labkit.sampling.base import Sampler, argmax_only, check_param
 
@@ -199,19 +200,15 @@ class Decision:
 
 def metrics(logits: torch.Tensor, attention_scores: torch.Tensor) -> EntropixMetrics:
     """EntropixMetrics from raw ``logits`` (V,) and the last layer's pre-softmax ``attention_scores`` (heads, T)
-    for the current query, real positions only (−inf entries are left out)."""
+    for the current query, real positions only (−inf entries are left out). The attention figures are
+    :func:`labkit.attention.step_metrics` of that one layer (the same measures the loop records per Step)."""
     logits = logits.reshape(-1).float()
     if attention_scores.ndim != 2:
         raise InvalidArgument(f"attention_scores must have shape (heads, T); got {tuple(attention_scores.shape)}")
     h, v = info.entropy_and_varentropy(info.log_probs(logits), "bits")
-    scores = attention_scores.float()
-    probs = torch.softmax(scores, dim=-1)  # (H, T)
-    head_ent = -(probs * torch.log2(probs.clamp(1e-10, 1.0))).sum(-1)  # (H,) bits
-    agreement = (probs - probs.mean(0, keepdim=True)).abs().mean()
-    real = torch.isfinite(scores)
-    strength = scores.abs()[real].mean() if bool(real.any()) else torch.tensor(0.0)
-    return EntropixMetrics(float(h), float(v), float(head_ent.mean()), float(head_ent.var(unbiased=False)),
-                           float(agreement), float(strength))
+    a = step_metrics(AttentionRow(attention_scores[None]))  # one layer: (1, H, T)
+    return EntropixMetrics(float(h), float(v), a.mean_entropy_bits, a.varentropy_bits, a.agreement,
+                           a.interaction_strength)
 
 
 def decide(m: EntropixMetrics, config: EntropixConfig | None = None, last_token_id: int | None = None,

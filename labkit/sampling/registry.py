@@ -1,0 +1,40 @@
+"""The samplers by name, and samplers from short specs.
+
+Spec syntax (CLI ``--sampler``, sweeps, magics: :func:`parse_sampler`): ``name`` or ``name:key=value,key=value``,
+e.g. ``greedy``, ``classic:temperature=0.7,top_p=0.9``, ``mirostat:tau=4``, ``entropy_guided``,
+``entropix:temperature=0.5``. A new sampler is added to :data:`SAMPLERS`.
+"""
+
+from __future__ import annotations
+
+from labkit.errors import InvalidArgument
+from labkit.sampling.base import Classic, Greedy, Sampler
+from labkit.sampling.entropix import Entropix
+from labkit.sampling.guided import EntropyGuided
+from labkit.sampling.mirostat import Mirostat
+from labkit.specs import parse_spec
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    "greedy": Greedy, "classic": Classic, "mirostat": Mirostat, "entropy_guided": EntropyGuided, "entropix": Entropix,
+}
+
+
+def parse_sampler(spec: str) -> Sampler:
+    """A sampler from ``name[:key=value,...]`` (names: see ``SAMPLERS``; ``-`` and ``_`` are the same)."""
+    name, kwargs = parse_spec(spec, "sampler")
+    key = name.lower().replace("-", "_")
+    if key not in SAMPLERS:
+        raise InvalidArgument(f"sampler {name!r} is unknown; choose from {sorted(SAMPLERS)}")
+    try:
+        return SAMPLERS[key](**kwargs)
+    except TypeError as e:
+        raise InvalidArgument(f"sampler {key!r} does not take {sorted(kwargs)}: {e}") from None
+
+
+def label(sampler: Sampler) -> str:
+    """A short display name: the name and the settings that differ from the defaults."""
+    cfg = sampler.config()
+    defaults = type(sampler)().config()
+    changed = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cfg.items()
+                       if k != "name" and defaults.get(k) != v)
+    return f"{cfg['name']}:{changed}" if changed else cfg["name"]
