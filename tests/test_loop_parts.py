@@ -45,7 +45,7 @@ def test_apply_rows_edits_each_row_in_its_own_context_and_names_what_changed():
     assert edited[1].argmax().item() == 2 and torch.isneginf(edited[1, [0, 1, 3]]).all()  # step 5 forced
     assert changed[0] == ["Suppress([4])"] and len(changed[1]) == 2 and changed[2] == ["Suppress([4])"]
     same, none = apply_rows(raw, 0, [], [], [0], None, [])
-    assert same is raw and none == [[]]
+    assert same is raw and none == [[], [], []]  # no interventions: the rows as they were, nothing changed
 
 
 def test_registered_metrics_are_recorded_per_step_on_the_raw_logits_and_saved(session, tmp_path):
@@ -57,7 +57,7 @@ def test_registered_metrics_are_recorded_per_step_on_the_raw_logits_and_saved(se
         p = torch.softmax(row.double(), -1)
         h = float(-(p[p > 0] * p[p > 0].log2()).sum())
         assert step.metrics["effective_vocab_size"] == pytest.approx(2 ** h, rel=1e-4)
-        assert step.metrics["top_token_prob"] == pytest.approx(float(p.max()), abs=1e-5)
+        assert step.metrics["top_token_prob"] == pytest.approx(float(p.max()), abs=1e-4)  # cached vs full pass
     assert "metric.effective_vocab_size" in t.to_pandas().columns
     for suffix in (".json", ".parquet"):
         assert Trace.load(t.save(tmp_path / f"run{suffix}")) == t
@@ -87,6 +87,6 @@ def test_the_live_view_and_the_static_html_share_one_colour_scale():
 
     assert TokenStream().scales == render.scales_for_front_end()
     js = (Path(__file__).resolve().parents[1] / "widgets" / "token_stream.js").read_text()
-    assert "max: 10" not in js and 'model.get("scales")' in js
+    assert "const SCALES = {};" in js and "214, 39, 40" not in js and 'model.get("scales")' in js  # no own copy
     assert render.SCALES["surprisal"].shade(10.0) == "rgb(214, 39, 40)" == render.SCALES["surprisal"].shade(99.0)
     assert render.SCALES["surprisal"].shade(0.0) == "rgb(255, 255, 255)"
