@@ -18,7 +18,7 @@ import torch
 
 from labkit import attention
 from labkit.cache import forward_cached, new_cache
-from labkit.info import StepMeasures, metric, probs, step_measures
+from labkit.info import StepMeasures, metric, step_measures
 from labkit.interventions.base import TokenIntervention, apply_rows
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import SamplingInfo, sampling_infos
@@ -62,13 +62,11 @@ class PlainRounds:
     """The round of plain decoding: propose nothing, draw the sampler's token, nothing to settle. A
     :class:`~labkit.speculative.Speculator` is the other kind of round (same three methods)."""
 
-    stats = None
-
     def propose(self, ids: torch.Tensor, cache: Any, limit: int, sampler: Sampler,
                 generator: torch.Generator | None) -> Proposal:
         return NOTHING
 
-    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, p: torch.Tensor, sampler: Sampler,
+    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, log_q: torch.Tensor, sampler: Sampler,
                generator: torch.Generator | None, token_text: TokenTexts) -> tuple[int, dict[str, Any]]:
         return int(sampler.draw(scores, generator)), {}
 
@@ -78,13 +76,14 @@ class PlainRounds:
 
 
 def make_step(i: int, index: int, position: int, token_id: int, spec: dict[str, Any], m: StepMeasures,
-              sampler_record: dict[str, Any], changed: list[str], token_text: TokenTexts) -> Step:
+              sampler_record: dict[str, Any], changed: list[str], metrics: dict[str, float],
+              token_text: TokenTexts) -> Step:
     """The Step of row ``i`` of a round's measures ``m`` (``time_ms`` is set when the Step is handed out)."""
     top = [(token_text(j), j, pr) for j, pr in zip(m.top_ids[i].tolist(), m.top_probs[i].tolist(), strict=True)]
     return Step(index=index, position=position, token_id=token_id, token=token_text(token_id),
                 logprob=float(m.logprobs[i, token_id]), entropy_bits=float(m.entropy_bits[i]),
                 varentropy_bits=float(m.varentropy_bits[i]), top=top, time_ms=0.0, sampler=sampler_record,
-                interventions=changed, speculative=spec)
+                interventions=changed, speculative=spec, metrics=metrics)
 
 
 def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, sampler: Sampler,
@@ -142,15 +141,14 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 if sampler.needs:
                     sampler.observe({k: captured[k] for k in sampler.needs})
                 scores = sampler(ids.expand(len(drafted) + 1, -1), edited)  # (n, V); stateless when n > 1
-                chosen, ended = _choose(rounds, proposal, scores, sampler, generator, token_text, rules,
-                                        trace.token_ids, tokenizer)  # [(token id, Step.speculative)] × m ≤ n
-                m = _measure(raw[:len(chosen)], scores[:len(chosen)], top_k, metrics)  # kept rows only
+                chosen, log_q, ended = _choose(rounds, proposal, scores, sampler, generator, token_text, rules,
+                                               trace.token_ids, tokenizer)  # [(token id, Step.speculative)] × m ≤ n
+                m = _measure(raw[:len(chosen)], scores[:len(chosen)], log_q, top_k, metrics)  # kept rows only
                 made = 0  # Steps handed out in this round
                 for i, (tid, spec) in enumerate(chosen):
                     step = make_step(i, index + i, ids.shape[1], tid, spec, m.step,
                                      {**sampler.record(scores[i:i + 1]), **m.sampling[i].as_dict()}, changed[i],
-                                     token_text)
-                    step.metrics = {name: values[i] for name, values in m.registered.items()}
+                                     {name: values[i] for name, values in m.registered.items()}, token_text)
                     _keep_captures(step, capture, edited[i], captured)
                     unseen = torch.tensor([[tid]], device=ids.device)  # (1, 1)
                     ids = torch.cat([ids, unseen], dim=1)  # (1, T + index + i + 1)
@@ -189,18 +187,21 @@ def _before_round(index: int, rules: StopRules, stop_event: threading.Event) -> 
 
 def _choose(rounds: Any, proposal: Proposal, scores: torch.Tensor, sampler: Sampler,
             generator: torch.Generator | None, token_text: TokenTexts, rules: StopRules, generated: list[int],
-            tokenizer: Any) -> tuple[list[tuple[int, dict[str, Any]]], str]:
+            tokenizer: Any) -> tuple[list[tuple[int, dict[str, Any]]], torch.Tensor, str]:
     """Choose a round's tokens position by position (``scores`` (n, V)), up to the first rejected draft or stop
-    rule: the chosen (token id, Step.speculative) pairs and the stop reason ("" to go on)."""
+    rule: the chosen (token id, Step.speculative) pairs, log_softmax of the chosen rows' scores (m, V) nats (what
+    the sampler drew from; reused by the measures) and the stop reason ("" to go on)."""
     chosen: list[tuple[int, dict[str, Any]]] = []
+    log_q: list[torch.Tensor] = []
+    ended = ""
     for i in range(scores.shape[0]):
-        p = probs(torch.log_softmax(scores[i].float(), dim=-1))  # (V,) what the sampler draws from
-        tid, spec = rounds.choose(proposal, i, scores[i:i + 1], p, sampler, generator, token_text)
+        log_q.append(torch.log_softmax(scores[i].float(), dim=-1))  # (V,)
+        tid, spec = rounds.choose(proposal, i, scores[i:i + 1], log_q[i], sampler, generator, token_text)
         chosen.append((tid, spec))
         ended = rules.reason(tid, generated + [t for t, _ in chosen], tokenizer.decode)
         if ended or spec.get("origin") == "resampled":
-            return chosen, ended
-    return chosen, ""
+            break
+    return chosen, torch.stack(log_q), ended
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,13 @@ class _RoundMeasures:
     """Each requested registered metric of the raw logits, one value per row."""
 
 
-def _measure(raw: torch.Tensor, scores: torch.Tensor, top_k: int, metrics: Sequence[str]) -> _RoundMeasures:
-    """Shape (m, V) raw logits and (m, V) sampler scores of the kept rows -> their measures."""
+def _measure(raw: torch.Tensor, scores: torch.Tensor, log_q: torch.Tensor, top_k: int,
+             metrics: Sequence[str]) -> _RoundMeasures:
+    """Shape (m, V) raw logits, sampler scores and their log_softmax of the kept rows -> their measures."""
     step = step_measures(raw, top_k)
     registered = {name: metric(name).fn(raw).double().reshape(-1).tolist() for name in metrics}
-    return _RoundMeasures(step, sampling_infos(scores, step.entropy_bits, step.top_probs[:, 0])[0], registered)
+    infos = sampling_infos(scores, step.entropy_bits, step.top_probs[:, 0], log_q)[0]
+    return _RoundMeasures(step, infos, registered)
 
 
 def _keep_captures(step: Step, capture: Sequence[str], edited: torch.Tensor, captured: dict[str, Any]) -> None:

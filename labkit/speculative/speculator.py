@@ -14,6 +14,7 @@ import torch
 
 from labkit.cache import crop
 from labkit.errors import InvalidArgument
+from labkit.info import probs
 from labkit.speculative.drafts import NOTHING, Draft, Proposal
 from labkit.speculative.rule import expected_speedup, judge
 
@@ -209,11 +210,12 @@ class Speculator:
         self.stats.draft_ms += (time.perf_counter() - t0) * 1e3
         return proposal
 
-    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, p: torch.Tensor, sampler: Any,
+    def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, log_q: torch.Tensor, sampler: Any,
                generator: torch.Generator | None, token_text: Callable[[int], str]) -> tuple[int, dict[str, Any]]:
-        """The token at position ``i`` of a round (``scores`` (1, V): the sampler's output there; ``p`` (V,):
-        softmax(scores)) and its ``Step.speculative`` record: the drafted token judged exactly, or, after the last
-        drafted position, the sampler's own draw."""
+        """The token at position ``i`` of a round (``scores`` (1, V): the sampler's output there; ``log_q`` (V,):
+        log_softmax(scores), nats) and its ``Step.speculative`` record: the drafted token judged exactly, or, after
+        the last drafted position, the sampler's own draw."""
+        p = probs(log_q)  # (V,) what the sampler draws from
         gamma = len(proposal.tokens)
         if i < gamma:
             q, drafted = proposal.q_row(i), proposal.tokens[i]
