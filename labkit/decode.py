@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from labkit import attention
+from labkit.activations import SiteRecorder
 from labkit.cache import forward_cached, new_cache
+from labkit.hooks import sites_of
 from labkit.info import StepMeasures, metric, step_measures
 from labkit.interventions.base import TokenIntervention, apply_rows
 from labkit.sampling.base import Sampler
@@ -101,7 +103,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     Token-level ``interventions`` edit each step's logits in order, after the metrics and before the sampler
     (their context holds ``session``); ``capture=["logits"]`` keeps those edited logits, shape (V,), per Step.
     ``metrics`` names registered metrics (:func:`labkit.info.register`) computed on each step's raw logits into
-    ``Step.metrics``.
+    ``Step.metrics``. Hook-site names in ``capture`` (``"blocks.3.resid_post"``) keep that site's vector at the
+    position that predicted the step's token in ``Step.captures[name]`` ((d_model,), or (H, d_head)).
 
     Each iteration is one *round*: propose (a ``speculator`` drafts γ tokens; plain decoding, :class:`PlainRounds`,
     none) → one target forward pass over the newest token plus the drafted ones → choose one token per position,
@@ -127,15 +130,20 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     try:
         with torch.inference_mode(), contextlib.ExitStack() as scope:
             recorder = scope.enter_context(attention.capturing(model)) if "attention" in active else None
+            site_names = [c for c in capture if c not in ("attention", "logits")]
+            sites = scope.enter_context(SiteRecorder(sites_of(model), site_names).recording()) if site_names else None
             while not (reason := _before_round(len(trace.steps), rules, stop_event)):
                 index, t_mark = len(trace.steps), time.perf_counter()
                 proposal = rounds.propose(ids, cache, rules.max_new_tokens - index - 1, sampler, generator)
                 drafted = proposal.tokens  # (γ,) token ids; n = γ + 1 positions to judge
                 inputs = torch.cat([unseen, torch.tensor([drafted], dtype=ids.dtype, device=ids.device)], dim=1)
                 t_target = time.perf_counter()
+                if sites is not None:
+                    sites.clear()  # keep the target pass only (a layer-skip draft runs the same model)
                 raw = forward_cached(model, inputs, cache, len(drafted) + 1)[0].float()  # (n, V) raw logits
                 target_ms = (time.perf_counter() - t_target) * 1e3
                 captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
+                site_rows = sites.rows(len(drafted) + 1) if sites is not None else []  # per position {site: (d,)}
                 edited, changed = apply_rows(raw, index, trace.token_ids, drafted, trace.prompt_ids, session,
                                              interventions)  # (n, V): row i assumes drafted[:i] are kept
                 if sampler.needs:
@@ -150,6 +158,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                                      {**sampler.record(scores[i:i + 1]), **m.sampling[i].as_dict()}, changed[i],
                                      {name: values[i] for name, values in m.registered.items()}, token_text)
                     _keep_captures(step, capture, edited[i], captured)
+                    if site_rows:
+                        step.captures.update(site_rows[i])
                     unseen = torch.tensor([[tid]], device=ids.device)  # (1, 1)
                     ids = torch.cat([ids, unseen], dim=1)  # (1, T + index + i + 1)
                     step.time_ms = (time.perf_counter() - t_mark) * 1e3

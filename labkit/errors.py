@@ -37,6 +37,10 @@ class TraceFormatError(LabkitError, ValueError):
     """A file is not a labkit Trace, or is malformed."""
 
 
+class ActivationsFormatError(LabkitError, ValueError):
+    """A file given to ``Activations.load`` is not a labkit activations file, or cannot be read."""
+
+
 class LabkitWarning(UserWarning):
     """Warnings labkit issues itself (tests turn them into errors)."""
 

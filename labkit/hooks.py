@@ -68,7 +68,9 @@ class Adapter:
     attribute exists but is None, like OPT's optional ``project_out``, is skipped). ``out_proj`` is the module
     whose input is the heads' outputs concatenated, head h at columns ``h·d_head:(h+1)·d_head`` (``Linear``,
     GPT-2's ``Conv1D``, a bitsandbytes layer: any module works, it is called, never read as a matrix). ``mlp`` is
-    the module whose output is the MLP's contribution to the residual stream. The final logit softcapping of
+    the module whose output is the MLP's output. ``attn_post`` / ``mlp_post`` (block paths, or None): a norm the
+    block applies to the attention / MLP output before adding it to the residual stream (Gemma 2/3's and OLMo 2's
+    "sandwich" norms); direct logit attribution passes each output through it. The final logit softcapping of
     Gemma 2/3 (``config.final_logit_softcapping``) is read from the config of any model.
     """
 
@@ -80,12 +82,18 @@ class Adapter:
     attn: str
     out_proj: str
     mlp: str
+    attn_post: str | None = None
+    mlp_post: str | None = None
 
 
-LLAMA = Adapter("llama", ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                          "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere", "starcoder2"),
+LLAMA = Adapter("llama", ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite",
+                          "smollm3", "cohere", "starcoder2"),
                 blocks="model.layers", embed="model.embed_tokens", final=("model.norm",), attn="self_attn",
                 out_proj="self_attn.o_proj", mlp="mlp")
+# the Llama layout plus a norm on each sublayer's output (in these models "post_attention_layernorm" normalises the
+# attention output; in Llama the same name is the norm before the MLP)
+SANDWICH = dataclasses.replace(LLAMA, name="sandwich", model_types=("gemma2", "gemma3_text", "olmo2"),
+                               attn_post="post_attention_layernorm", mlp_post="post_feedforward_layernorm")
 GPT2 = Adapter("gpt2", ("gpt2",), blocks="transformer.h", embed="transformer.wte", final=("transformer.ln_f",),
                attn="attn", out_proj="attn.c_proj", mlp="mlp")
 GPT_NEOX = Adapter("gpt_neox", ("gpt_neox",), blocks="gpt_neox.layers", embed="gpt_neox.embed_in",
@@ -121,7 +129,7 @@ def register_adapter(adapter: Adapter, overwrite: bool = False) -> Adapter:
     return adapter
 
 
-for _a in (LLAMA, GPT2, GPT_NEOX, OPT):
+for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT):
     register_adapter(_a)
 
 
@@ -161,7 +169,9 @@ def _problems(model: Any, adapter: Adapter) -> list[str]:
     block = blocks[0]
     problems += [f"no {what} at {adapter.blocks}.0.{path}" for what, path in
                  (("attention", adapter.attn), ("attention output projection", adapter.out_proj),
-                  ("MLP", adapter.mlp)) if not isinstance(_attr(block, path), torch.nn.Module)]
+                  ("MLP", adapter.mlp), ("attention output norm", adapter.attn_post),
+                  ("MLP output norm", adapter.mlp_post))
+                 if path is not None and not isinstance(_attr(block, path), torch.nn.Module)]
     return problems
 
 
@@ -244,8 +254,10 @@ class Sites:
         return self.blocks[self.check_layer(layer)]
 
     def part(self, layer: int, which: str) -> torch.nn.Module:
-        """``which`` in "attn", "out_proj", "mlp": that module of block ``layer``."""
-        return _attr(self.block(layer), getattr(self.adapter, which))
+        """``which`` in "attn", "out_proj", "mlp", "attn_post", "mlp_post": that module of block ``layer`` (None for
+        a post norm the architecture does not have)."""
+        path = getattr(self.adapter, which)
+        return None if path is None else _attr(self.block(layer), path)
 
     def check_layer(self, layer: Any, name: str = "layer") -> int:
         """``layer`` as an index in [0, n_layers) (negative counts from the end); InvalidArgument otherwise."""

@@ -7,6 +7,7 @@ import datetime as _dt
 import os
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from labkit.tokens import TokenTexts, token_id
 from labkit.trace import Step, Trace, TraceMeta
 
 CAPTURES: tuple[str, ...] = ("attention", "logits")
-"""Extra per-step captures ``generate(capture=...)`` accepts."""
+"""Extra per-step captures ``generate(capture=...)`` accepts, besides hook-site names (``"blocks.3.resid_post"``)."""
 
 
 class Session:
@@ -179,6 +180,105 @@ class Session:
         with self._exclusive():
             return logit_lens(self.model, ids, self._texts, k=k)
 
+    # -- why: activations and attribution ------------------------------------------------------------------
+    def activations(self, prompt: str, sites: Sequence[str], chat: bool = False) -> Any:
+        """The activations at hook ``sites`` (names from ``list(s.sites)``) of one forward pass over ``prompt``:
+        an :class:`labkit.activations.Activations` — ``acts["blocks.3.resid_post"]`` has shape (T, d_model),
+        ``blocks.L.attn.z`` (T, H, d_head); ``save``/``load`` (safetensors), ``to_pandas()`` (norms)."""
+        from labkit.activations import Activations, check_site_names, run_with_cache
+
+        names = check_site_names(self.sites, sites)
+        ids = self.encode(prompt, chat=chat)
+        with self._exclusive():
+            tensors = run_with_cache(self.sites, ids, names)
+        return Activations(tensors=tensors, tokens=[self._texts(i) for i in ids[0].tolist()],
+                           token_ids=ids[0].tolist(), prompt=prompt, model=self.model_id,
+                           meta={"dtype": self.info.dtype, "chat": str(chat)})
+
+    def attribute(self, prompt: str, target: str | int | None = None, foil: str | int | None = None,
+                  method: str = "ig", position: int | None = None, quantity: str = "prob", steps: int = 64,
+                  batch: int | None = None, baseline: str = "zero", chat: bool = False) -> Any:
+        """Why the model predicts ``target`` after ``prompt``: an :class:`labkit.attribution.Attribution` with one
+        score per prompt token. ``method`` "saliency" | "input_x_gradient" | "ig" | "rollout"; ``quantity`` the
+        target's "prob" (default, as inseq) | "logprob" (nats) | "logit"; ``foil`` makes it a contrast
+        f(target) − f(foil). ``target`` None: the prompt's own next token at ``position`` (default: the last
+        position, whose target is the model's top prediction). ``steps``/``batch``/``baseline`` ("zero" | "mean"):
+        IG's points, points per forward pass and starting point; read ``completeness_error``."""
+        from labkit.attribution import attribute
+
+        ids = self.encode(prompt, chat=chat)
+        return self._attribute(ids, target, foil, method, position, quantity, steps, batch, baseline, attribute)
+
+    def attribute_step(self, trace: Trace, index: int, method: str = "ig", foil: str | int | None = None,
+                       target: str | int | None = None, quantity: str = "prob", steps: int = 64,
+                       batch: int | None = None, baseline: str = "zero") -> Any:
+        """:meth:`attribute` for step ``index`` of a generation: the context is the prompt (as fed, chat template
+        included) and the tokens generated before it, the target the step's token (or ``target``). Attributes
+        the model's own prediction: token-level interventions and the sampler act after it."""
+        from labkit.attribution import attribute
+
+        ids, token = self._step_context(trace, index)
+        return self._attribute(ids, token if target is None else target, foil, method, None, quantity, steps, batch,
+                               baseline, attribute)
+
+    def _attribute(self, ids: torch.Tensor, target: Any, foil: Any, method: str, position: int | None,
+                   quantity: str, steps: int, batch: int | None, baseline: str, attribute: Callable[..., Any]) -> Any:
+        from labkit.attribution import check_baseline, check_method, check_quantity
+
+        check_method(method)
+        check_quantity(quantity)
+        check_baseline(baseline)
+        length = ids.shape[1]
+        if position is not None:
+            check_int("position", position, -length, length - 1)
+        where = (length - 1) if position is None else position % length
+        foil_id = None if foil is None else token_id(self.tokenizer, foil)
+        with self._exclusive():
+            if target is None and where < length - 1:
+                target_id = int(ids[0, where + 1])
+            elif target is None:
+                with torch.inference_mode():
+                    target_id = int(self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
+            else:
+                target_id = token_id(self.tokenizer, target)
+            return attribute(self.sites, ids, target_id, foil=foil_id, method=method, position=where,
+                             quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self._texts)
+
+    def logit_attribution(self, prompt: str, token: str | int | None = None, against: str | int | None = None,
+                          chat: bool = False) -> Any:
+        """Direct logit attribution at the last position of ``prompt``: the logit of ``token`` (default: the top
+        prediction), or the difference to ``against``, split into the embedding, each layer's attention (and each
+        head) and MLP, with the final norm's scale frozen (:class:`labkit.logit_attribution.LogitAttribution`)."""
+        ids = self.encode(prompt, chat=chat)
+        return self._logit_attribution(ids, token, against)
+
+    def logit_attribution_step(self, trace: Trace, index: int, against: str | int | None = None) -> Any:
+        """:meth:`logit_attribution` of step ``index``'s token, with the prompt and earlier tokens as context."""
+        ids, token = self._step_context(trace, index)
+        return self._logit_attribution(ids, token, against)
+
+    def _logit_attribution(self, ids: torch.Tensor, token: Any, against: Any) -> Any:
+        from labkit.logit_attribution import decompose
+
+        against_id = None if against is None else token_id(self.tokenizer, against)
+        with self._exclusive():
+            if token is None:
+                with torch.inference_mode():
+                    token = int(self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
+            return decompose(self.sites, ids, token_id(self.tokenizer, token), against_id, token_text=self._texts)
+
+    def _step_context(self, trace: Trace, index: int) -> tuple[torch.Tensor, int]:
+        """The ids (1, T + index) a generation's step ``index`` saw, and its token id."""
+        if not isinstance(trace, Trace):
+            raise InvalidArgument(f"trace must be a labkit Trace; got {type(trace).__name__}")
+        if trace.meta.model != self.model_id:
+            raise InvalidArgument(f"the trace was generated by {trace.meta.model!r}; this Session holds "
+                                  f"{self.model_id!r}")
+        check_int("index", index, -len(trace), len(trace) - 1)
+        index %= len(trace)
+        ids = [*trace.prompt_ids, *trace.token_ids[:index]]
+        return torch.tensor([ids], dtype=torch.long, device=self.device), trace.steps[index].token_id
+
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
@@ -193,8 +293,16 @@ class Session:
                                   f"tokens (prompt included); got {max_new_tokens}")
         check_int("top_k", top_k, 1, self.info.vocab_size)
         sampler = _check_sampler(sampler)
-        if isinstance(capture, str) or any(c not in CAPTURES for c in capture):
-            raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)}; got {capture!r}")
+        if isinstance(capture, str) or not isinstance(capture, Sequence):
+            raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)} and hook-site names; got "
+                                  f"{capture!r}")
+        for name in capture:
+            if name not in CAPTURES and (not isinstance(name, str) or not name.startswith(("blocks.", "embed",
+                                                                                           "final_norm"))):
+                raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)} and hook-site names "
+                                      f"such as 'blocks.0.resid_post' (list(session.sites)); got {name!r}")
+            if name not in CAPTURES:
+                self.sites.resolve(name)  # an unknown site is refused with the close names
         if isinstance(metrics, str):
             raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
         metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
@@ -215,6 +323,7 @@ class Session:
                          stop=[*stop_strings, *sorted(stop_ids)], labkit_version=__version__,
                          created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
         trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
+        trace._owner = weakref.ref(self)  # Trace.attribute finds its Session (not saved with the Trace)
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
         return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions,

@@ -169,6 +169,26 @@ class Trace:
 
         return trace_html(self)
 
+    # -- why ----------------------------------------------------------------------------------------------
+    def attribute(self, index: int, method: str = "ig", session: Any = None, **options: Any) -> Any:
+        """Why step ``index``'s token came out: its attribution to the prompt and the tokens before it
+        (``Session.attribute_step``; ``options``: foil, target, quantity, steps, batch, baseline). ``session``
+        defaults to the one that generated this Trace (pass it for a Trace loaded from a file)."""
+        return self._session_for(session).attribute_step(self, index, method=method, **options)
+
+    def logit_attribution(self, index: int, against: str | int | None = None, session: Any = None) -> Any:
+        """Direct logit attribution of step ``index``'s token (``Session.logit_attribution_step``)."""
+        return self._session_for(session).logit_attribution_step(self, index, against=against)
+
+    def _session_for(self, session: Any) -> Any:
+        if session is None:
+            owner = getattr(self, "_owner", None)
+            session = owner() if owner is not None else None
+        if session is None:
+            raise InvalidArgument("this Trace has no Session (it was loaded from a file, or its Session was freed): "
+                                  "pass session=labkit.Session(...) holding the model that generated it")
+        return session
+
     # -- tables -----------------------------------------------------------------------------------------
     def to_pandas(self) -> pd.DataFrame:
         """One row per step: token, prob, logprob (nats), surprisal/entropy (bits), varentropy (bits²), ..."""

@@ -1,0 +1,281 @@
+"""Gradient attribution of one next-token prediction to every token of its context (inseq's per-token attribution).
+
+The attributed quantity f is a function of the input token embeddings (the output of the model's embedding module,
+what ``inputs_embeds`` takes), at one ``position`` of the context: the target token's probability there (the
+default, as inseq's), its log-probability (nats) or its logit, or, with a ``foil``, f(target) − f(foil) (inseq's
+``contrast_prob_diff`` is the default quantity with a foil). Methods, each a score per context token:
+
+- ``saliency``: ‖∂f/∂e_t‖₂ over the embedding dimensions (≥ 0);
+- ``input_x_gradient``: Σ_d e_t,d · ∂f/∂e_t,d (signed);
+- ``ig`` (integrated gradients): Σ_d of captum's ``IntegratedGradients`` along the straight path from a baseline
+  (``"zero"``: zero embeddings, captum's and inseq's default, a vector that carries no token; or ``"mean"``: the mean
+  token embedding at every position), ``steps`` Gauss–Legendre points run in batches; completeness: the scores sum to
+  f(input) − f(baseline), the residual is ``completeness_error``. Measured on the default model at 64 steps: ≤ 1.2 %
+  for the probability on four prompts, but 8–900 % for the log-probability along the same paths (its integrand
+  jumps where the first token's embedding nears zero): read ``completeness_error`` before trusting a result;
+- ``rollout`` (attention rollout, Abnar & Zuidema 2020): the product over layers of (½·A + ½·I) with A the heads'
+  mean eager attention, rows renormalised; the row of ``position`` (sums to 1). It depends on the position only,
+  not on the target token.
+
+captum does the gradient methods; rollout is written here (captum has no attention-flow method). A position's
+score is exactly 0 for tokens after it (causal attention: f cannot see them).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from labkit.errors import InvalidArgument, UnsupportedArchitecture, check_int, invalid_choice
+from labkit.hooks import Sites
+
+METHODS = ("saliency", "input_x_gradient", "ig", "rollout")
+QUANTITIES = ("prob", "logprob", "logit")
+BASELINES = ("zero", "mean")
+UNITS = {"logprob": "nats", "prob": "probability", "logit": "logit units"}
+
+
+@dataclass
+class Attribution:
+    """Scores of every context token for one prediction: ``scores[t]`` is token t's share (see the module docstring
+    for each method's meaning and unit); ``top(k)``, ``to_pandas()``, ``html()`` and ``image()`` show them."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    scores: list[float]
+    """Shape (T,): one score per context token (0 for tokens after ``position``)."""
+    method: str
+    target: str
+    target_id: int
+    position: int
+    """The context position whose next-token prediction is attributed (its output predicts ``target``)."""
+    quantity: str
+    value: float
+    """f at the input: the quantity (in ``unit``) for the target, minus the foil's with a foil."""
+    foil: str | None = None
+    foil_id: int | None = None
+    baseline_value: float | None = None
+    """IG: f at the baseline (zero embeddings)."""
+    completeness_error: float | None = None
+    """IG: |Σ scores − (f(input) − f(baseline))| / |f(input) − f(baseline)| (relative)."""
+    steps: int | None = None
+    baseline: str | None = None
+
+    @property
+    def unit(self) -> str:
+        if self.method == "rollout":
+            return "attention share"
+        if self.method == "saliency":
+            return f"‖gradient‖ ({UNITS[self.quantity]} per embedding unit)"
+        return UNITS[self.quantity]
+
+    @property
+    def label(self) -> str:
+        """What was attributed, e.g. ``logprob(' Paris') − logprob(' Rome') at position 5``."""
+        what = f"{self.quantity}({self.target!r})" + (f" − {self.quantity}({self.foil!r})" if self.foil else "")
+        return f"{what} at position {self.position}"
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{t!r} {s:+.3g}" for t, s in self.top(3)[["token", "score"]].itertuples(index=False))
+        extra = ""
+        if self.completeness_error is not None:
+            extra = f", completeness error {self.completeness_error:.2%}"
+            extra += " — too large: raise steps" if self.completeness_error > 0.05 else ""
+        return f"Attribution({self.method}: {self.label}; top {best}{extra})"
+
+    def to_pandas(self) -> Any:
+        """One row per context token: position, token, token_id, score."""
+        import pandas as pd
+
+        return pd.DataFrame({"position": range(len(self.tokens)), "token": self.tokens, "token_id": self.token_ids,
+                             "score": self.scores})
+
+    def top(self, k: int = 5) -> Any:
+        """The ``k`` tokens with the largest |score| (signs kept), largest first: a DataFrame like ``to_pandas``."""
+        check_int("k", k, 1)
+        frame = self.to_pandas()
+        return frame.reindex(frame["score"].abs().sort_values(ascending=False, kind="stable").index).head(k)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (``labkit attribute --json``)."""
+        return {**asdict(self), "unit": self.unit}
+
+    def html(self) -> str:
+        """The context as a token strip, each token on a background as strong as its |score| (red positive, blue
+        negative; the largest |score| is full colour), the target after it; a score in each token's title."""
+        peak = max((abs(s) for s in self.scores), default=0.0) or 1.0
+        spans = []
+        for i, (tok, score) in enumerate(zip(self.tokens, self.scores, strict=True)):
+            a = abs(score) / peak
+            rgb = (214, 39, 40) if score >= 0 else (31, 119, 180)
+            shade = ",".join(str(round(255 - (255 - c) * a)) for c in rgb)
+            spans.append(f'<span class="lk-attr" data-position="{i}" style="background:rgb({shade})" '
+                         f'title="{html.escape(f"{score:+.4g}")}">{html.escape(tok)}</span>')
+        return (f'<div class="labkit-attribution" style="font-family:monospace;white-space:pre-wrap;color:black;'
+                f'background:white">{"".join(spans)}<b style="border:1px solid #333"> → '
+                f'{html.escape(self.target)}</b></div><div style="font-size:11px;color:#666">{html.escape(self.method)}'
+                f" of {html.escape(self.label)}; colour ∝ |score| (max {peak:.3g} {html.escape(self.unit)}), red "
+                "positive, blue negative</div>")
+
+    def _repr_html_(self) -> str:
+        return self.html()
+
+    def image(self, title: str | None = None) -> Any:
+        """A one-row heatmap of the scores over the context tokens (a :class:`labkit.figures.Picture`)."""
+        from labkit.figures import heatmap
+
+        values = torch.tensor([self.scores])  # (1, T)
+        peak = float(values.abs().max()) or 1.0
+        signed = self.method in ("input_x_gradient", "ig")
+        return heatmap(values, x_labels=self.tokens, y_labels=[f"→ {self.target!r}"], tokens=True,
+                       vmin=-peak if signed else 0.0, vmax=peak, cmap="RdBu_r" if signed else "viridis",
+                       xlabel="context token", ylabel="", colorbar=f"{self.method} ({self.unit})",
+                       title=title or f"{self.method} attribution of {self.label}")
+
+
+# -- computation ---------------------------------------------------------------------------------------------------
+
+def check_method(method: Any) -> str:
+    if method not in METHODS:
+        raise invalid_choice("method", method, METHODS)
+    return method
+
+
+def check_quantity(quantity: Any) -> str:
+    if quantity not in QUANTITIES:
+        raise invalid_choice("quantity", quantity, QUANTITIES)
+    return quantity
+
+
+def quantity_of(logits: torch.Tensor, target: int, foil: int | None, quantity: str) -> torch.Tensor:
+    """Shape (B, V) logits -> (B,): the quantity for ``target`` (minus the foil's)."""
+    logits = logits.float()
+    values = {"logit": lambda: logits, "logprob": lambda: torch.log_softmax(logits, -1),
+              "prob": lambda: torch.softmax(logits, -1)}[quantity]()
+    out = values[:, target]
+    return out - values[:, foil] if foil is not None else out
+
+
+def target_function(sites: Sites, position: int, length: int, target: int, foil: int | None,
+                    quantity: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """f(embeddings (B, T, d_model)) -> (B,): the attributed quantity at ``position`` (the model's forward on
+    ``inputs_embeds``; only the logits of positions ≥ ``position`` are computed)."""
+    model = sites.model
+
+    def f(embeds: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=length - position).logits[:, 0]
+        return quantity_of(logits, target, foil, quantity)
+
+    return f
+
+
+def check_baseline(baseline: Any) -> str:
+    if baseline not in BASELINES:
+        raise invalid_choice("baseline", baseline, BASELINES)
+    return baseline
+
+
+def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None = None, method: str = "ig",
+              position: int | None = None, quantity: str = "prob", steps: int = 64, batch: int | None = None,
+              baseline: str = "zero", token_text: Callable[[int], str] | None = None) -> Attribution:
+    """Attribute the prediction of ``target`` at ``position`` (default: the last) of ``ids`` (1, T) to each token.
+
+    ``steps``: IG's number of points; ``batch``: IG points per forward pass (default: as many as fit in about 8k
+    token positions). The caller holds the model (no lock here); gradients are taken whatever the caller's mode."""
+    method, quantity, baseline = check_method(method), check_quantity(quantity), check_baseline(baseline)
+    length = ids.shape[1]
+    position = length - 1 if position is None else position
+    check_int("position", position, -length, length - 1)
+    position %= length
+    check_int("steps", steps, 2, 4096)
+    if batch is not None:
+        check_int("batch", batch, 1)
+    if foil is not None and foil == target:
+        raise InvalidArgument(f"foil must differ from the target; both are token id {target}")
+    text = token_text or (lambda i: str(i))
+    id_list = ids[0].tolist()
+    base = dict(tokens=[text(i) for i in id_list], token_ids=id_list, method=method, target=text(target),
+                target_id=target, position=position, quantity=quantity, foil=None if foil is None else text(foil),
+                foil_id=foil)
+    with torch.inference_mode(False), torch.enable_grad():
+        f = target_function(sites, position, length, target, foil, quantity)
+        with torch.no_grad():
+            embeds = sites.embed(ids).detach().clone()  # (1, T, d_model)
+            value = float(f(embeds)[0])
+            check_embedding_path(sites, ids, position, target, foil, quantity, value)
+        if method == "rollout":
+            scores = rollout(sites.model, ids)[position]  # (T,)
+            return Attribution(scores=scores.tolist(), value=value, **base)
+        start = torch.zeros_like(embeds) if baseline == "zero" else _mean_embedding(sites).expand_as(embeds).clone()
+        scores, extra = _gradient_scores(f, embeds.requires_grad_(), start, method, steps,
+                                         batch or max(1, min(steps, 8192 // length)))
+        if method == "ig":
+            extra["baseline"] = baseline
+    scores[position + 1:] = 0.0  # exactly 0 already (causal mask): made explicit for the -0.0 of a product
+    return Attribution(scores=scores.tolist(), value=value, **base, **extra)
+
+
+def _mean_embedding(sites: Sites) -> torch.Tensor:
+    """Shape (1, 1, d_model): the embedding module's output averaged over the vocabulary (in chunks)."""
+    n = sites.unembedding.out_features if hasattr(sites.unembedding, "out_features") else None
+    vocab = getattr(sites.embed, "num_embeddings", None) or n
+    device = next(sites.embed.parameters()).device
+    with torch.no_grad():
+        total = sum(sites.embed(chunk[None]).float().sum(1) for chunk in torch.arange(vocab, device=device).split(8192))
+    return (total / vocab)[None].to(next(sites.embed.parameters()).dtype)
+
+
+def _gradient_scores(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, baseline: torch.Tensor,
+                     method: str, steps: int, batch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    from captum.attr import InputXGradient, IntegratedGradients, Saliency
+
+    if method == "saliency":
+        grads = Saliency(f).attribute(embeds, abs=True)  # (1, T, d) |∂f/∂e|
+        return grads[0].float().norm(dim=-1), {}
+    if method == "input_x_gradient":
+        return InputXGradient(f).attribute(embeds)[0].float().sum(-1), {}
+    attrs, delta = IntegratedGradients(f).attribute(embeds, baselines=baseline, n_steps=steps,
+                                                    method="gausslegendre", internal_batch_size=batch,
+                                                    return_convergence_delta=True)
+    with torch.no_grad():
+        base_value = float(f(baseline)[0])
+    scores = attrs[0].float().sum(-1)  # (T,)
+    gap = float(f(embeds).detach()[0]) - base_value
+    error = abs(float(delta[0])) / abs(gap) if gap else math.inf
+    return scores.detach(), {"baseline_value": base_value, "completeness_error": error, "steps": steps}
+
+
+def check_embedding_path(sites: Sites, ids: torch.Tensor, position: int, target: int, foil: int | None,
+                         quantity: str, value: float) -> None:
+    """Refuse a model whose ``inputs_embeds`` path is not its ``input_ids`` path (attributions would be of another
+    function): the quantity from the token ids must equal ``value`` from the embedding module's output."""
+    length = ids.shape[1]
+    logits = sites.model(input_ids=ids, use_cache=False, logits_to_keep=length - position).logits[:, 0]
+    direct = float(quantity_of(logits, target, foil, quantity)[0])
+    if not math.isclose(direct, value, rel_tol=1e-3, abs_tol=1e-4):
+        raise UnsupportedArchitecture(
+            f"{type(sites.model).__name__}: the forward pass from the embedding module's output (inputs_embeds) "
+            f"gives {value:.6g}, from the token ids {direct:.6g}; the model transforms its embeddings in a way "
+            "labkit's gradient attribution does not follow")
+
+
+def rollout(model: Any, ids: torch.Tensor) -> torch.Tensor:
+    """Attention rollout of ``ids`` (1, T): shape (T, T), row q = how much position q's output draws on each
+    position through the residual stream and every layer's mean attention (rows sum to 1). Eager attention for
+    this pass (the model is switched back afterwards)."""
+    from labkit.attention import attn_implementation
+
+    with torch.no_grad(), attn_implementation(model, "eager"):
+        out = model(input_ids=ids, output_attentions=True, use_cache=False, logits_to_keep=1)
+    length = ids.shape[1]
+    eye = torch.eye(length)
+    flow = eye.clone()
+    for a in out.attentions:  # (1, H, T, T) per layer, input to output
+        mixed = 0.5 * a[0].float().mean(0).cpu() + 0.5 * eye  # (T, T): the residual connection as identity
+        flow = (mixed / mixed.sum(-1, keepdim=True)) @ flow
+    return flow
