@@ -96,13 +96,13 @@ class Activations:
     @classmethod
     def load(cls, path: str | Path) -> Activations:
         """Read a file written by :meth:`save` (ActivationsFormatError for anything else)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             raise ActivationsFormatError(f"cannot read activations from {str(path)!r}: {e}") from e
         if meta.get("format") != FORMAT:
             raise ActivationsFormatError(f"{str(path)!r} is not a labkit activations file "

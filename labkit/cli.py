@@ -99,6 +99,59 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
             click.echo(f"{rank:>4}  {tok!r:<20} {tid:>6}  {p:>7.4f}")
 
 
+@main.command("attribute")
+@click.argument("prompt")
+@click.option("--target", default=None, help="The token to explain (text of one token, or an id; default: the "
+              "model's top prediction).")
+@click.option("--against", "foil", default=None, help="A foil token: explain target minus foil (a contrast).")
+@click.option("--method", type=click.Choice(["saliency", "input_x_gradient", "ig", "rollout"]), default="ig",
+              show_default=True)
+@click.option("--quantity", type=click.Choice(["prob", "logprob", "logit"]), default="prob", show_default=True,
+              help="What is attributed: the target's probability, log-probability (nats) or logit.")
+@click.option("--steps", default=64, show_default=True, type=click.IntRange(min=2), help="IG's integration points.")
+@click.option("--baseline", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
+              help="IG's starting point: zero embeddings or the mean token embedding.")
+@click.option("--heads", default=5, show_default=True, type=click.IntRange(min=0),
+              help="Also show the top heads of the direct logit attribution (0: skip it).")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@model_options
+def attribute_cmd(prompt: str, target: str | None, foil: str | None, method: str, quantity: str, steps: int,
+                  baseline: str, heads: int, chat: bool, as_json: bool, **model_kw: Any) -> None:
+    """Why the model predicts TARGET after PROMPT: a score per prompt token, and the heads that write it."""
+    with _errors():
+        s = _session(**model_kw)
+        target_arg, foil_arg = _token_arg(target), _token_arg(foil)
+        a = s.attribute(prompt, target=target_arg, foil=foil_arg, method=method, quantity=quantity, steps=steps,
+                        baseline=baseline, chat=chat)
+        la = s.logit_attribution(prompt, token=a.target_id, against=a.foil_id, chat=chat) if heads else None
+        if as_json:
+            out: dict[str, Any] = {"attribution": a.as_dict()}
+            if la is not None:
+                out["logit_attribution"] = {"label": la.label, "total": la.total, "logit": la.logit,
+                                            "embed": la.embed, "attn": la.attn, "mlp": la.mlp, "bias": la.bias,
+                                            "top_heads": [{"layer": layer, "head": h, "value": v}
+                                                          for layer, h, v in la.top_heads(heads)]}
+            click.echo(json.dumps(out, ensure_ascii=False))
+            return
+        click.echo(f"{method} attribution of {a.label} (f = {a.value:.4g})")
+        if a.completeness_error is not None:
+            click.echo(f"IG completeness: Σ scores = {sum(a.scores):.4g}, f(input) − f(baseline) = "
+                       f"{a.value - a.baseline_value:.4g} (error {a.completeness_error:.2%}, {steps} steps)")
+        click.echo(f"{'pos':>4}  {'token':<20} {'score':>10}")
+        for pos, tok, score in zip(range(len(a.tokens)), a.tokens, a.scores, strict=True):
+            click.echo(f"{pos:>4}  {tok!r:<20} {score:>+10.4f}")
+        if la is not None:
+            click.echo(f"direct logit attribution of {la.label} = {la.total:.4f} (logit units); top heads:")
+            for layer, h, v in la.top_heads(heads):
+                click.echo(f"  layer {layer:>3} head {h:>3}  {v:>+9.4f}")
+
+
+def _token_arg(text: str | None) -> str | int | None:
+    """A token given on the command line: an id when it is all digits, else text."""
+    return int(text) if text is not None and text.isdigit() else text
+
+
 def _origin(step: Any) -> str:
     """Speculative column: round and origin, with the rejected drafted token after a rejection."""
     sp = step.speculative

@@ -321,13 +321,13 @@ class Sites:
         positions = _Positions()
         handles = [self.model.register_forward_pre_hook(positions.hook, with_kwargs=True)]
         try:
-            handles.append(self._register(kind, layer, fn, positions))
+            handles += self._register(kind, layer, fn, positions)
         except BaseException:
             handles[0].remove()
             raise
         return handles
 
-    def _register(self, kind: str, layer: int | None, user_fn: SiteFn, positions: _Positions) -> Any:
+    def _register(self, kind: str, layer: int | None, user_fn: SiteFn, positions: _Positions) -> list[Any]:
         name = kind if layer is None else f"blocks.{layer}.{kind}"
 
         def fn(value: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
@@ -346,7 +346,7 @@ class Sites:
                     return None
                 return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
 
-            return self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)
+            return [self.blocks[layer].register_forward_pre_hook(pre, with_kwargs=True)]
         if kind == "attn.z":
             heads, d = self.n_heads, self.head_dim
 
@@ -355,7 +355,7 @@ class Sites:
                 new = fn(x.unflatten(-1, (heads, d)), positions.of(x))  # (B, T, H, D)
                 return None if new is None else (new.flatten(-2), *args[1:])
 
-            return self.part(layer, "out_proj").register_forward_pre_hook(pre_z)
+            return [self.part(layer, "out_proj").register_forward_pre_hook(pre_z)]
         module = {"embed": self.embed, "final_norm": self.final[-1] if self.final else None,
                   "attn_out": self.part(layer, "attn") if layer is not None else None,
                   "mlp_out": self.part(layer, "mlp") if layer is not None else None,
@@ -363,12 +363,26 @@ class Sites:
         if module is None:
             raise UnsupportedArchitecture(f"site {kind!r}: this model has no final norm module")
 
+        handles = []
+        batch_seq: list[torch.Size] = []  # the block's (B, T): OPT's MLP runs on the flattened (B·T, d_model)
+        if kind == "mlp_out":
+            def remember(block: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                batch_seq[:] = [hidden.shape[:2]]
+
+            handles.append(self.blocks[layer].register_forward_pre_hook(remember, with_kwargs=True))
+
         def post(module: Any, args: Any, output: Any) -> Any:
             hidden = _hidden(output)
-            new = fn(hidden, positions.of(hidden))
-            return None if new is None else _replace(output, new)
+            flat = hidden.ndim == 2 and bool(batch_seq)
+            value = hidden.view(*batch_seq[0], hidden.shape[-1]) if flat else hidden  # (B, T, d_model)
+            new = fn(value, positions.of(value))
+            if new is None:
+                return None
+            return _replace(output, new.reshape(hidden.shape) if flat else new)
 
-        return module.register_forward_hook(post)
+        handles.append(module.register_forward_hook(post))
+        return handles
 
     @contextlib.contextmanager
     def edit(self, edits: dict[str, SiteFn]) -> Iterator[None]:

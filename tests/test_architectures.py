@@ -39,6 +39,7 @@ class Arch:
     block: str  # module path of decoder block {L}
     out_proj: str  # module path of block {L}'s attention output projection (input = heads concatenated)
     window: int | None = None  # sliding window, when shorter than the sequences the tests use
+    norm: str = "model.norm"  # module path of the final norm (what the unembedding reads is its output)
 
 
 LLAMA_PATHS = dict(block="model.layers.{L}", out_proj="model.layers.{L}.self_attn.o_proj")
@@ -46,13 +47,15 @@ ARCHS: dict[str, Arch] = {
     "llama": Arch(lambda: tf.LlamaConfig(**LLAMA_LIKE), **LLAMA_PATHS),
     "gpt2": Arch(lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=V,
                                        bos_token_id=1, eos_token_id=2, pad_token_id=2),
-                 block="transformer.h.{L}", out_proj="transformer.h.{L}.attn.c_proj"),
+                 block="transformer.h.{L}", out_proj="transformer.h.{L}.attn.c_proj", norm="transformer.ln_f"),
     "gpt_neox": Arch(lambda: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, **SMALL),
-                     block="gpt_neox.layers.{L}", out_proj="gpt_neox.layers.{L}.attention.dense"),
+                     block="gpt_neox.layers.{L}", out_proj="gpt_neox.layers.{L}.attention.dense",
+                     norm="gpt_neox.final_layer_norm"),
     "opt": Arch(lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                      word_embed_proj_dim=64, **SMALL),
-                block="model.decoder.layers.{L}", out_proj="model.decoder.layers.{L}.self_attn.out_proj"),
+                block="model.decoder.layers.{L}", out_proj="model.decoder.layers.{L}.self_attn.out_proj",
+                norm="model.decoder.final_layer_norm"),
     "qwen2": Arch(lambda: tf.Qwen2Config(**LLAMA_LIKE), **LLAMA_PATHS),
     "qwen3": Arch(lambda: tf.Qwen3Config(head_dim=24, **LLAMA_LIKE), **LLAMA_PATHS),  # head_dim ≠ hidden / heads
     # softcapping made strong (0.5) so that skipping it would change every number; window crossed by the tests
@@ -287,6 +290,63 @@ def test_patching_equals_a_hand_written_hook(arch, sessions):
         got = s.next_token(PROMPT).logprobs
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert info.kl_divergence(got, s.next_token(PROMPT).logprobs, "bits").item() > 1e-7
+
+
+def _final_logits(model: Any, x: torch.Tensor, arch: str) -> torch.Tensor:
+    """By hand: the final norm at ARCHS' path, the unembedding, the final softcapping written out (Gemma 2)."""
+    logits = model.get_output_embeddings()(model.get_submodule(ARCHS[arch].norm)(x))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@pytest.mark.parametrize("arch", NAMES)
+def test_cached_last_block_output_through_the_final_norm_and_unembedding_equals_the_logits(arch, sessions,
+                                                                                        eager_models):
+    s = sessions(arch)
+    last = f"blocks.{s.sites.n_layers - 1}.resid_post"
+    acts = s.activations(PROMPT, [last, "blocks.0.attn.z"])
+    assert acts["blocks.0.attn.z"].shape == (len(acts.tokens), s.sites.n_heads, s.sites.head_dim)
+    eager = eager_models(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(_final_logits(eager, acts[last], arch),
+                                   eager(input_ids=s.encode(PROMPT)).logits[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", NAMES)
+def test_logit_attribution_parts_sum_to_the_eager_models_logit_difference(arch, sessions, eager_models):
+    s, eager = sessions(arch), eager_models(arch)
+    ids = s.encode(PROMPT)
+    with torch.no_grad():
+        logits = eager(input_ids=ids).logits[0, -1]
+        token, against = (int(i) for i in logits.topk(2).indices)
+        cap = getattr(eager.config, "final_logit_softcapping", None)
+        eager.config.final_logit_softcapping = None  # the decomposition is of the logits before softcapping
+        try:
+            raw = eager(input_ids=ids).logits[0, -1]
+        finally:
+            eager.config.final_logit_softcapping = cap
+    la = s.logit_attribution(PROMPT, token=token, against=against)
+    assert la.logit == pytest.approx(float(logits[token] - logits[against]), abs=2e-5)
+    assert sum(v for *_, v in la.parts()) == pytest.approx(float(raw[token] - raw[against]), abs=1e-4)
+    for layer in range(s.sites.n_layers):
+        assert sum(la.heads[layer]) + la.attn_bias[layer] == pytest.approx(la.attn[layer], abs=1e-5)
+    assert (cap is not None) == (la.softcap is not None)
+
+
+@pytest.mark.parametrize("arch", NAMES)
+def test_gradient_attribution_methods_against_autograd_on_the_eager_model(arch, sessions, eager_models):
+    s, eager = sessions(arch), eager_models(arch)
+    ids = s.encode(PROMPT)
+    a = s.attribute(PROMPT, method="input_x_gradient", quantity="logit")
+    x = eager.get_input_embeddings()(ids).detach().requires_grad_()
+    (grad,) = torch.autograd.grad(eager(inputs_embeds=x).logits[0, -1, a.target_id], x)
+    torch.testing.assert_close(torch.tensor(a.scores), (x * grad)[0].sum(-1).detach(), atol=1e-5, rtol=1e-3)
+    # from the mean embedding: the zero baseline's path crosses the norms' singular point (its error here is 9-100 %)
+    ig = s.attribute(PROMPT, method="ig", quantity="logit", steps=64, baseline="mean")
+    assert ig.completeness_error < 0.03
+    hidden = s.attribute(PROMPT, method="saliency", position=4)  # tokens 5.. are later than the prediction
+    assert all(v == 0.0 for v in hidden.scores[5:]) and all(v > 0.0 for v in hidden.scores[:5])
+    assert sum(s.attribute(PROMPT, method="rollout").scores) == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", NAMES)

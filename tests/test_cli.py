@@ -163,3 +163,19 @@ def test_bad_speculative_options_exit_2(args, match):
     r = CliRunner().invoke(main, ["generate", "The capital of France is", "--max-new-tokens", "2", *args])
     assert r.exit_code == 2, r.output
     assert match in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_attribute_prints_the_same_scores_and_heads_as_the_python_calls(run, session):
+    args = ("attribute", "The capital of France is", "--target", " Paris", "--against", " Rome", "--method",
+            "input_x_gradient", "--heads", "3", "--device", "cpu", "--dtype", "float32")
+    data = json.loads(run(*args, "--json").stdout)
+    a = session.attribute("The capital of France is", target=" Paris", foil=" Rome", method="input_x_gradient")
+    la = session.logit_attribution("The capital of France is", token=" Paris", against=" Rome")
+    assert data["attribution"]["tokens"] == a.tokens
+    assert data["attribution"]["scores"] == pytest.approx(a.scores, abs=1e-6)
+    assert [(h["layer"], h["head"]) for h in data["logit_attribution"]["top_heads"]] == \
+        [(layer, head) for layer, head, _ in la.top_heads(3)]
+    text = run(*args).stdout
+    assert "' capital'" in text and "layer  23 head   4" in text
+    r = run("attribute", "The capital of France is", "--target", " Par is")
+    assert r.exit_code != 0 and "not a single token" in r.output
