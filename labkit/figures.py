@@ -196,6 +196,31 @@ def layer_head_summary(values: torch.Tensor, size: int = 480, title: str | None 
                    colorbar=colorbar, tokens=False, cmap=cmap)
 
 
+def grouped_bars(series: dict[str, Sequence[float]], x_labels: Sequence[Any], xlabel: str, ylabel: str,
+                 title: str | None = None, width: int = 640) -> Picture:
+    """Bars side by side: one group per x label, one bar per series (``{name: values}``, each as long as
+    ``x_labels``), a legend, labelled axes (say the unit in ``ylabel``) and a line at 0."""
+    if not series:
+        raise InvalidArgument("series must name at least one list of values")
+    n = len(x_labels)
+    for name, values in series.items():
+        if len(values) != n:
+            raise InvalidArgument(f"series {name!r} has {len(values)} values; x_labels has {n}")
+    fig = _new_figure(width / DPI, 3.4)
+    ax = fig.add_subplot()
+    step = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(n) - 0.4 + step * (k + 0.5), list(values), width=step, label=name)
+    ax.axhline(0.0, color="#444", linewidth=0.8)
+    ax.set_xticks(np.arange(n), [str(v) for v in x_labels], fontsize=7 if n > 16 else 9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11, wrap=True)
+    return Picture(fig)
+
+
 def to_png(image: Any) -> bytes:
     """PNG bytes of a :class:`Picture` or a PIL image (what ``ipywidgets.Image(value=...)`` takes)."""
     if isinstance(image, Picture):

@@ -126,6 +126,14 @@ class LogitAttribution:
         return layer_head_summary(values, title=title or f"direct logit attribution of {self.label} per head",
                                   colorbar="logit units", vmin=-peak, vmax=peak, cmap="RdBu_r")
 
+    def layer_image(self, title: str | None = None) -> Any:
+        """Bars of each block's attention and MLP terms side by side (a :class:`labkit.figures.Picture`)."""
+        from labkit.figures import grouped_bars
+
+        return grouped_bars({"attention": self.attn, "MLP": self.mlp}, list(range(len(self.attn))), "layer",
+                            "logit units", title=title or f"direct logit attribution of {self.label} by layer "
+                            f"(embed {self.embed:+.2f}, bias {self.bias:+.2f})")
+
     def plot(self, title: str | None = None) -> Any:
         """Bars of each block's attention and MLP terms (a :class:`labkit.figures.Chart`)."""
         import plotly.graph_objects as go

@@ -3,7 +3,8 @@
 Opens a notebook with the Lab panel, runs all cells once the kernel is idle, then: types a prompt and clicks
 Generate (tokens appear), hovers a token (its alternatives show), moves the temperature slider (the Python side
 reports the new value), checks the attention image has a non-zero natural size and the probability chart has
-bars, and clicks Stop (generation stops). Screenshots go to ``test-artifacts/browser/``. Fails (never skips) when
+bars, clicks Stop (generation stops), then clicks a token (the why view shows its attribution strip, the head image
+and the ablate buttons). Screenshots go to ``test-artifacts/browser/``. Fails (never skips) when
 the browser cannot run: ``make test`` installs chromium when it is missing.
 """
 
@@ -157,5 +158,14 @@ def test_lab_panel_in_a_real_browser(jupyter):
             time.sleep(1.5)
             assert page.locator(".lk-token").count() == count < 400
             page.screenshot(path=str(ARTIFACTS / "05_stopped.png"), full_page=True)
+
+            # click a token: the why view renders its attribution strip and the heads that wrote it
+            page.click(".lk-token >> nth=2")
+            page.wait_for_function("document.querySelectorAll('.labkit-why-strip .lk-attr').length >= 5",
+                                   timeout=60_000)
+            page.wait_for_function("(e => e && (e.tagName === 'IMG' ? e : e.querySelector('img')).naturalWidth > 0)"
+                                   "(document.querySelector('.labkit-why-heads'))", timeout=30_000)
+            assert page.locator(".labkit-why-ablate").count() == 3
+            page.screenshot(path=str(ARTIFACTS / "06_why.png"), full_page=True)
         finally:
             browser.close()

@@ -8,6 +8,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import ipywidgets as widgets
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from PIL import Image
 import labkit
 from labkit.attention import attn_implementation
 from labkit.errors import InvalidArgument
+from labkit.interventions import AblateHead
 from labkit.panels import AttentionView, Lab, NextToken, SamplerControls, SpeculativeView, TokenStream
 from labkit.panels.attention_view import grow
 from labkit.panels.stream import step_view
@@ -286,3 +288,51 @@ def test_wheel_ships_the_front_end_and_the_kernelspec(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"labkit/_widgets/token_stream.js", "labkit/_widgets/token_stream.css",
             "labkit/_kernels_ext/labkit/kernel.json", "labkit/panels/lab.py"} <= names
+
+
+def test_why_view_of_a_clicked_token_equals_the_direct_calls_and_its_head_button_ablates_and_regenerates(session,
+                                                                                                          lab):
+    lab.controls.kind.value = "greedy"
+    lab.run()
+    lab.wait(60)
+    lab.why.method.value = "saliency"
+    lab.stream.selected = 3  # a click on the fourth generated token
+    lab.wait_why(60)
+    assert lab.why.status.value == ""
+    direct = session.attribute_step(lab.trace, 3, method="saliency")
+    assert lab.why.attribution.tokens == direct.tokens and lab.why.attribution.target_id == lab.trace.token_ids[3]
+    assert lab.why.attribution.scores == pytest.approx(direct.scores, abs=1e-6)
+    dla = session.logit_attribution_step(lab.trace, 3)
+    torch.testing.assert_close(torch.tensor(lab.why.logit_attribution.heads), torch.tensor(dla.heads), atol=1e-6,
+                               rtol=0)
+    assert lab.why.strip.value.count('class="lk-attr"') == len(direct.tokens)
+    assert min(_png_size(lab.why.heads.value)) > 0 and min(_png_size(lab.why.layers.value)) > 0
+    buttons = [b for b in lab.why.top.children if isinstance(b, widgets.Button)]
+    (layer, head, _), = dla.top_heads(1)
+    assert buttons[0].description.startswith(f"ablate {layer}:{head} ")
+    runs = len(lab.traces)
+    buttons[0].click()
+    lab.wait(60)
+    assert len(lab.traces) == runs + 1 and (lab.ablate_layer.value, lab.ablate_head.value) == (layer, head)
+    with session.intervene(AblateHead(layer, head)):
+        assert lab.trace.token_ids == session.generate(PROMPT, max_new_tokens=8).token_ids
+
+
+def test_why_view_during_a_run_is_computed_between_steps_and_the_stream_goes_on(session):
+    lab = Lab(session, prompt="Tell me a long story about a dragon.", max_new_tokens=60)
+    lab.suppress.value = session.tokenizer.eos_token
+    try:
+        lab.run()
+        while len(lab.trace) < 3:
+            time.sleep(0.01)
+        lab.stream.selected = 1
+        lab.wait_why(60)
+        asked_at = len(lab.trace)
+        assert lab.running or len(lab.trace) == 60
+        lab.wait(120)
+        assert len(lab.trace) == 60 > asked_at  # the run went on after the why view was drawn
+        assert lab.why.attribution.target_id == lab.trace.token_ids[1]
+        direct = session.attribute_step(lab.trace, 1, method=lab.why.method.value)
+        assert lab.why.attribution.scores == pytest.approx(direct.scores, abs=1e-6)
+    finally:
+        lab.close()

@@ -1,5 +1,6 @@
 """Lab: one panel for a whole experiment — prompt, Generate / Step / Stop, the token stream (branch by clicking an
-alternative), live probability charts, the attention image, sampler sliders and interventions.
+alternative), live probability charts, the attention image, sampler sliders, interventions, and the "why" view of a
+clicked token (its attribution over the context, the heads that wrote it, one click to ablate one).
 
 Generation runs in a background thread (the kernel stays responsive); Stop ends it before the next token. UI
 messages are batched (``interval_s``; the attention image at most every ``image_interval_s``)."""
@@ -18,6 +19,7 @@ from labkit.panels.attention_view import AttentionImage, grow
 from labkit.panels.charts import ProbabilityCharts
 from labkit.panels.controls import SamplerControls
 from labkit.panels.stream import Throttle, TokenStream
+from labkit.panels.why_view import WhyView, explain
 from labkit.sampling import Sampler
 from labkit.trace import Step, Trace
 
@@ -53,6 +55,7 @@ class Lab(widgets.VBox):
         self.charts = ProbabilityCharts()
         self.attention = AttentionImage(n_layers, n_heads)
         self.controls = SamplerControls(sampler)
+        self.why = WhyView(on_ablate=self._ablate_and_regenerate)
         # -- interventions (applied from the next run on)
         self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
         self.boost = widgets.Text(placeholder="token text", description="boost")
@@ -68,6 +71,7 @@ class Lab(widgets.VBox):
         self._runner: _Runner | None = None  # the open run (running, or paused by Step)
         self._halt = threading.Event()
         self._prompt_maps: Any = None  # (L, H, T, T) of the current run's prompt
+        self._why_thread: threading.Thread | None = None
         self._throttle = Throttle(interval_s)
         self._image_throttle = Throttle(image_interval_s)
         # -- wiring
@@ -78,6 +82,7 @@ class Lab(widgets.VBox):
         self.stream.observe(lambda c: self._guarded(self._on_select, c["new"]), names="selected")
         self.stream.observe(lambda c: self._guarded(self._on_branch, c["new"]), names="branch")
         self.branch.observe(lambda c: self._guarded(self._show_run, c["new"]), names="value")
+        self.why.method.observe(lambda c: self._guarded(self._ask_why, self.stream.selected), names="value")
         self.charts.bars.layout.height = 260
         left = widgets.VBox([self.prompt, widgets.HBox([*self.buttons.values(), self.status]),
                              widgets.HBox([self.chat, self.max_new_tokens, self.seed]), self.message,
@@ -90,7 +95,7 @@ class Lab(widgets.VBox):
                                       widgets.HBox([self.ablate_layer, self.ablate_head, self.ablate_on])])
         lower = widgets.HBox([self.attention, widgets.VBox([widgets.HTML("<b>Sampler</b> (live)"), self.controls,
                                                             interventions])])
-        super().__init__([widgets.HBox([left, right]), lower])
+        super().__init__([widgets.HBox([left, right]), lower, self.why])
         self.add_class("labkit-lab")
 
     # -- actions -------------------------------------------------------------------------------------------
@@ -121,6 +126,7 @@ class Lab(widgets.VBox):
         self.stop()
         self.wait()
         self._close(None)
+        self.wait_why()
         super().close()
 
     def wait(self, timeout: float | None = None) -> None:
@@ -207,6 +213,49 @@ class Lab(widgets.VBox):
     def _on_select(self, index: int) -> None:
         if self.trace is not None and 0 <= index < len(self.trace):
             self.charts.show_step(self.trace.steps[index], index)
+            self._ask_why(index)
+
+    # -- why -------------------------------------------------------------------------------------------------
+    def _ask_why(self, index: int) -> None:
+        """Compute the why view of step ``index`` in the background: in the open run's thread between two steps
+        (it holds the Session; the stream goes on after), else in a thread of its own."""
+        if self.trace is None or not 0 <= index < len(self.trace):
+            return
+        request = (self.trace, index, self.why.method.value)
+        self.why.waiting(index, self.trace.steps[index].token)
+        if self._runner is not None and not self._runner.finished:
+            self._runner.ask(request)
+        else:
+            self._why_thread = threading.Thread(target=self._explain, args=(*request, True), daemon=True,
+                                                name="labkit-why")
+            self._why_thread.start()
+
+    def _explain(self, trace: Trace, index: int, method: str, locked: bool) -> None:
+        try:
+            attribution, logit_attribution = explain(self.session, trace, index, method, locked=locked)
+        except Exception as exc:
+            self.why.failed(exc)
+            return
+        self.why.show(index, attribution, logit_attribution)
+
+    def wait_why(self, timeout: float | None = None) -> None:
+        """Block until the why view asked for last is drawn (for scripts and tests)."""
+        thread = self._why_thread
+        if thread is not None:
+            thread.join(timeout)
+        if self._runner is not None:
+            self._runner.why_idle.wait(timeout)
+
+    def _ablate_and_regenerate(self, layer: int, head: int) -> None:
+        """A top head's button: put it in the ablation box and regenerate the prompt with it ablated."""
+        self.ablate_layer.value, self.ablate_head.value, self.ablate_on.value = layer, head, True
+        self.interventions_on.value = True
+        if self.running:
+            self.stop()
+            self.wait()
+        self._guarded(self.run)
+        self.why.status.value = (f"regenerating with head {layer}:{head} ablated: run {len(self.traces)} in the run "
+                                 f"list; run {len(self.traces) - 1} is the one explained")
 
     def _on_branch(self, request: dict[str, Any]) -> None:
         """Regenerate from ``request["step"]`` with ``request["token_id"]`` forced there (the earlier tokens are
@@ -246,6 +295,7 @@ class _Runner:
     belong to the thread that entered them, so every Step of a run (Generate, then Step, Step...) is made there."""
 
     _CLOSE = object()
+    _POKE = object()  # wakes an idle runner to serve a why request
 
     def __init__(self, gen: Any, lab: Lab) -> None:
         self.gen, self.lab = gen, lab
@@ -253,6 +303,9 @@ class _Runner:
         self.idle = threading.Event()
         self.idle.set()
         self._orders: queue.Queue[Any] = queue.Queue()
+        self._why: queue.Queue[Any] = queue.Queue()
+        self.why_idle = threading.Event()
+        self.why_idle.set()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="labkit-lab")
         self._thread.start()
 
@@ -260,6 +313,17 @@ class _Runner:
         """Make ``n`` more steps (None: to the end) in the background."""
         self.idle.clear()
         self._orders.put(n)
+
+    def ask(self, request: tuple[Any, ...]) -> None:
+        """Compute a why view (trace, index, method) in this run's thread: between two steps, or now if idle."""
+        self.why_idle.clear()
+        self._why.put(request)
+        self._orders.put(self._POKE)
+
+    def _serve_why(self) -> None:
+        while not self._why.empty():
+            self.lab._explain(*self._why.get(), False)  # this thread holds the Session: no lock to take
+        self.why_idle.set()
 
     def close(self) -> None:
         """End the generation (keeps its steps; releases the Session) and the thread."""
@@ -269,10 +333,14 @@ class _Runner:
     def _loop(self) -> None:
         lab = self.lab
         while (n := self._orders.get()) is not self._CLOSE:
+            if n is self._POKE:
+                self._serve_why()
+                continue
             try:
                 finished = True
                 for done, step in enumerate(self.gen, start=1):
                     lab._on_step(step)
+                    self._serve_why()
                     if lab._halt.is_set() or (n is not None and done >= n):
                         finished = lab._halt.is_set()
                         break
