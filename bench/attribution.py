@@ -2,7 +2,8 @@
 
 - saliency and input × gradient as a multiple of one forward pass over the same prompt;
 - IG at 32 steps batched (one pass of 32 points) vs 32 separate passes, and vs captum's own IntegratedGradients
-  called directly on the same function and inputs (target: labkit no slower than captum);
+  called directly on the same function and inputs with ``return_convergence_delta=True`` (the completeness labkit
+  reports; labkit also checks its embedding path with one forward pass) — target: labkit no slower than captum;
 - activation capture during generation: ms/token of ``generate(capture=[3 sites])`` vs plain (target ≤ 1.05×).
 """
 
@@ -59,9 +60,9 @@ def main() -> None:
         IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=torch.zeros_like(embeds),
                                          n_steps=STEPS, method="gausslegendre", internal_batch_size=1)
 
-    def captum_direct() -> None:
+    def captum_direct() -> None:  # the same outputs labkit returns: attributions and their completeness
         IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=torch.zeros_like(embeds),
-                                         n_steps=STEPS, method="gausslegendre")
+                                         n_steps=STEPS, method="gausslegendre", return_convergence_delta=True)
 
     runs = {"forward": forward,
             "saliency": lambda: s.attribute(PROMPT, target=" Mary", method="saliency"),

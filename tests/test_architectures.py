@@ -549,6 +549,9 @@ FEATURES = {  # README column -> the test of this module that checks it on every
     "prompt lookup": test_speculative_greedy_equals_plain_greedy,
     "layer skip": test_speculative_greedy_equals_plain_greedy,
     "8-bit": test_8bit_loading_matches_float32,
+    "activations": test_cached_last_block_output_through_the_final_norm_and_unembedding_equals_the_logits,
+    "gradient attribution": test_gradient_attribution_methods_against_autograd_on_the_eager_model,
+    "logit attribution": test_logit_attribution_parts_sum_to_the_eager_models_logit_difference,
 }
 
 
