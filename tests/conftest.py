@@ -33,6 +33,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, session: labkit.Ses
     return folder
 
 
+def hooks_on(model: torch.nn.Module) -> int:
+    """Forward (pre-)hooks on ``model``'s modules, not counting transformers' own output-capturing hooks (installed
+    for good the first time a model is asked for ``output_attentions``)."""
+    return sum(1 for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+               if not getattr(h, "__module__", "").startswith("transformers."))
+
+
 class NetworkBlocked(AssertionError):
     pass
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import hooks_on
 
 from labkit import info
 from labkit.errors import InvalidArgument, TokenizationError
@@ -31,8 +32,6 @@ from labkit.sampling import Entropix
 FRANCE = "The capital of France is"
 
 
-def _hooks(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def first_logits(session, *interventions, prompt=FRANCE) -> torch.Tensor:
@@ -152,7 +151,7 @@ def test_mean_ablation_uses_the_reference_mean(session):
 def test_bad_activation_arguments_name_what_exists(session, make, match):
     with pytest.raises(InvalidArgument, match=match), session.intervene(make()):
         pass
-    assert _hooks(session.model) == 0
+    assert hooks_on(session.model) == 0
 
 
 def test_steer_scale_zero_is_a_no_op_and_a_real_scale_moves_the_distribution(session):
@@ -186,12 +185,12 @@ def test_patching_sweep_recovers_everything_at_the_last_layer_and_position(sessi
 
 
 def test_hooks_are_removed_when_the_body_raises(session):
-    before_hooks, before = _hooks(session.model), session.next_token(FRANCE).logprobs
+    before_hooks, before = hooks_on(session.model), session.next_token(FRANCE).logprobs
     vec = torch.ones(session.model.config.hidden_size)
     with pytest.raises(RuntimeError, match="boom"), session.intervene(AblateHead(1, 1), Steer(3, vec, 2.0)):
-        assert _hooks(session.model) > before_hooks  # both interventions hooked (a site hook is 2 handles)
+        assert hooks_on(session.model) > before_hooks  # both interventions hooked (a site hook is 2 handles)
         raise RuntimeError("boom")
-    assert _hooks(session.model) == before_hooks
+    assert hooks_on(session.model) == before_hooks
     assert torch.equal(session.next_token(FRANCE).logprobs, before)
 
 
@@ -216,7 +215,7 @@ def test_interventions_with_entropix_and_attention_capture(session):
     assert tid(session, " Paris") not in t.token_ids
     assert all(s.attention and s.sampler["branch"] for s in t.steps)
     assert t.steps[0].captures["attention"].scores.shape[:2] == (30, 9)
-    assert _hooks(session.model) == 0 and session.model.config._attn_implementation == "sdpa"
+    assert hooks_on(session.model) == 0 and session.model.config._attn_implementation == "sdpa"
 
 
 def test_effects_are_measured_against_the_unmodified_model(session):

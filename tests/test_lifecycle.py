@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from conftest import hooks_on
 
 from labkit.errors import InvalidArgument, SessionBusy
 from labkit.interventions import AblateHead, Steer
@@ -21,8 +22,6 @@ class Boom(Exception):
     pass
 
 
-def _hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _interventions(session):
@@ -32,9 +31,9 @@ def _interventions(session):
 @pytest.fixture
 def clean(session):
     """Checks after the test body: no hook left, log-probs bit-identical, another thread generates at once."""
-    before_hooks, before = _hooks(session.model), session.next_token(PROMPT).logprobs
+    before_hooks, before = hooks_on(session.model), session.next_token(PROMPT).logprobs
     yield
-    assert _hooks(session.model) == before_hooks
+    assert hooks_on(session.model) == before_hooks
     assert not torch.is_inference_mode_enabled()
     assert torch.equal(session.next_token(PROMPT).logprobs, before)
     out: list = []
