@@ -202,6 +202,8 @@ def _print_steps(trace: Any) -> None:
 @click.option("--baseline", is_flag=True, help="With --speculative: also time plain decoding of the same prompt "
               "and report the measured speedup.")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--kv", "kv_spec", default=None, help="KV-cache policy, e.g. 'quant:bits=4,residual=128' or "
+              "'window:sinks=4,window=256' (default: the full cache); prints the cache's size at the end.")
 @click.option("--show-steps", is_flag=True, help="One row per token: token, p, entropy, varentropy, top alternatives.")
 @click.option("--save", "save_path", default=None, help="Save the trace (.json or .parquet).")
 @model_options
@@ -209,7 +211,7 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
                  top_p: float, min_p: float, sampler_spec: str | None, stop: tuple[str, ...],
                  suppress: tuple[str, ...], boost: tuple[str, ...], force: tuple[str, ...], ablate: tuple[str, ...],
                  recipes: tuple[str, ...], speculative_spec: str | None, baseline: bool, chat: bool,
-                 show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
+                 kv_spec: str | None, show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
     """Generate text after PROMPT and optionally show every step."""
     from labkit.sampling import Classic, parse_sampler
     from labkit.speculative import SpeculativeStats, measure, parse_draft
@@ -228,17 +230,23 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
             raise InvalidArgument("--baseline needs --speculative")
         draft = parse_draft(speculative_spec) if speculative_spec is not None else None
         from labkit.interventions.specs import from_text, parse
+        from labkit.kv import parse_kv
+
+        policy = parse_kv(kv_spec) if kv_spec is not None else None  # a bad spec fails before the model loads
 
         interventions = from_text(suppress, boost, force, ablate, prefix="--")  # checked before the model loads
         s = _session(**model_kw)
         interventions += [i for spec in recipes for i in parse(s, spec)]
         kw = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed, "stop": list(stop) or None,
-              "chat": chat, "interventions": interventions}
+              "chat": chat, "interventions": interventions, **({"kv": policy} if policy is not None else {})}
         measured = measure(s, prompt, draft, repeats=3, **kw) if baseline else None
         trace = measured.trace if measured else s.generate(prompt, speculative=draft, **kw)
         if show_steps:
             _print_steps(trace)
         click.echo(trace.prompt + trace.text)
+        if policy is not None and trace.steps:
+            click.echo(f"kv cache {policy.spec}: {trace.steps[-1].kv['bytes'] / 2**20:.3f} MiB after "
+                       f"{len(trace)} tokens")
         if draft is not None:
             stats = measured.stats if measured else SpeculativeStats.of(trace)
             click.echo(f"[speculative {stats}]", err=True)

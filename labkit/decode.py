@@ -22,6 +22,7 @@ from labkit.cache import forward_cached, new_cache
 from labkit.hooks import sites_of
 from labkit.info import StepMeasures, metric, step_measures
 from labkit.interventions.base import TokenIntervention, apply_rows
+from labkit.kv import cache_bytes
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import SamplingInfo, sampling_infos
 from labkit.speculative.drafts import NOTHING, Proposal
@@ -93,7 +94,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
            stop_event: threading.Event | None = None, top_k: int = 10,
            token_text: TokenTexts | None = None, capture: Sequence[str] = (),
            interventions: Sequence[TokenIntervention] = (), session: Any = None,
-           speculator: Speculator | None = None, metrics: Sequence[str] = ()) -> Iterator[Step]:
+           speculator: Speculator | None = None, metrics: Sequence[str] = (), kv: Any = None) -> Iterator[Step]:
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
@@ -112,6 +113,9 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     settle (the cache cropped back to the kept tokens). ``Step.speculative`` records the round and the token's
     origin; ``trace.meta.speculative`` the run's SpeculativeStats.
 
+    ``kv`` is a cache policy (:mod:`labkit.kv`; None: the full cache): it builds the cache, and each Step records its
+    spec and the bytes the cache holds (``Step.kv``).
+
     Ends on a stop rule, ``max_new_tokens``, ``stop_event`` being set (checked before each round and after each
     Step), or KeyboardInterrupt; in every case ``trace`` keeps the steps done, with ``stop_reason`` and ``text`` set.
     """
@@ -120,7 +124,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     rounds = speculator if speculator is not None else PlainRounds()
     sampler.reset(tokenizer)
     active = set(capture) | set(sampler.needs)
-    cache = new_cache()
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    cache = kv.new_cache(n_layers) if kv is not None else new_cache()
     ids = prompt_ids  # (1, T + steps so far)
     unseen = prompt_ids  # (1, T) for the prefill, then (1, 1): the tokens the cache has not seen
     reason = "stopped"  # if the consumer closes the iterator early
@@ -160,6 +165,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                     _keep_captures(step, capture, edited[i], captured)
                     if site_rows:
                         step.captures.update(site_rows[i])
+                    if kv is not None:
+                        step.kv = {"policy": kv.spec, "bytes": cache_bytes(cache)}
                     unseen = torch.tensor([[tid]], device=ids.device)  # (1, 1)
                     ids = torch.cat([ids, unseen], dim=1)  # (1, T + index + i + 1)
                     step.time_ms = (time.perf_counter() - t_mark) * 1e3

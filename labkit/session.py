@@ -16,6 +16,7 @@ import torch
 from labkit import __version__, decode, info, models
 from labkit.errors import InvalidArgument, SessionBusy, check_int
 from labkit.interventions.base import activated, check_interventions
+from labkit.kv import check_kv, parse_kv
 from labkit.results import Distribution, Score
 from labkit.sampling.base import Greedy, Sampler
 from labkit.speculative import Speculator, check_speculative
@@ -180,6 +181,16 @@ class Session:
         with self._exclusive():
             return logit_lens(self.model, ids, self._texts, k=k)
 
+    def teacher_forced_logits(self, trace: Trace) -> torch.Tensor:
+        """Shape (n, V): the model's raw logits at each of ``trace``'s n steps, recomputed in one full-cache forward
+        pass over the prompt and the generated tokens (what a full cache would have given on the same tokens)."""
+        if not isinstance(trace, Trace) or not trace.steps:
+            raise InvalidArgument("trace must be a labkit Trace with at least one step")
+        ids = torch.tensor([[*trace.prompt_ids, *trace.token_ids[:-1]]], device=self.device)
+        with self._exclusive(), torch.inference_mode():
+            logits = self.model(input_ids=ids, logits_to_keep=len(trace)).logits[0].float()
+        return logits.cpu()
+
     # -- why: activations and attribution ------------------------------------------------------------------
     def activations(self, prompt: str, sites: Sequence[str], chat: bool = False) -> Any:
         """The activations at hook ``sites`` (names from ``list(s.sites)``) of one forward pass over ``prompt``:
@@ -282,7 +293,7 @@ class Session:
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
-               speculative: Any = None, metrics: Sequence[str] = ()) -> Generation:
+               speculative: Any = None, metrics: Sequence[str] = (), kv: Any = None) -> Generation:
         """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all).
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
@@ -307,6 +318,9 @@ class Session:
             raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
         metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
         draft = check_speculative(speculative, sampler, capture)
+        policy = None if kv is None else parse_kv(kv)
+        if policy is not None:
+            check_kv(policy, speculative, capture)
         interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
         if draft is not None:
             with self._exclusive():
@@ -327,13 +341,14 @@ class Session:
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
         return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions,
-                          Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None, metrics)
+                          Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None, metrics,
+                          policy)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                  capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                  on_step: Callable[[Step], None] | None = None, speculative: Any = None,
-                 metrics: Sequence[str] = ()) -> Trace:
+                 metrics: Sequence[str] = (), kv: Any = None) -> Trace:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
@@ -353,7 +368,7 @@ class Session:
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
                           capture=capture, top_k=top_k, interventions=interventions, speculative=speculative,
-                          metrics=metrics)
+                          metrics=metrics, kv=kv)
         with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
             try:
                 for step in gen:
@@ -442,11 +457,12 @@ class Generation:
 
     def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
                  rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...],
-                 interventions: list[Any], speculator: Speculator | None = None, metrics: tuple[str, ...] = ()) -> None:
+                 interventions: list[Any], speculator: Speculator | None = None, metrics: tuple[str, ...] = (),
+                 kv: Any = None) -> None:
         self.session = session
         self.trace = trace
         self._steps = _run(session, trace, ids, sampler, rules, generator, top_k, capture, interventions, speculator,
-                           metrics)
+                           metrics, kv)
 
     def __iter__(self) -> Generation:
         return self
@@ -472,7 +488,7 @@ class Generation:
 
 def _run(s: Session, trace: Trace, ids: torch.Tensor, sampler: Sampler, rules: decode.StopRules,
          generator: torch.Generator, top_k: int, capture: tuple[str, ...], interventions: list[Any],
-         speculator: Speculator | None, metrics: tuple[str, ...]) -> Iterator[Step]:
+         speculator: Speculator | None, metrics: tuple[str, ...], kv: Any) -> Iterator[Step]:
     """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
     method: the generator must not reference its Generation (see there)."""
     try:
@@ -481,6 +497,6 @@ def _run(s: Session, trace: Trace, ids: torch.Tensor, sampler: Sampler, rules: d
             yield from decode.decode(s.model, s.tokenizer, ids, trace, sampler, rules, generator=generator,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
                                      interventions=[*s._scoped, *token_level], session=s, speculator=speculator,
-                                     metrics=metrics)
+                                     metrics=metrics, kv=kv)
     finally:
         s.last_trace = trace

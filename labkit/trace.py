@@ -76,6 +76,9 @@ class Step:
     metrics: dict[str, float] = field(default_factory=dict)
     """Registered metrics (:func:`labkit.info.register`) of this step's raw distribution, those named in
     ``generate(metrics=[...])``; each metric's unit is in its registration (``labkit.info.metric(name).unit``)."""
+    kv: dict[str, Any] = field(default_factory=dict)
+    """With ``generate(kv=...)``: the cache policy's ``spec`` and the ``bytes`` its cache holds after this step (all
+    layers, :func:`labkit.kv.cache_bytes`). Empty otherwise."""
     captures: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Raw tensors captured at this step, e.g. ``"attention"`` -> AttentionRow (L, H, T_k). Kept in memory only:
     ``Trace.save`` stores the summaries, not these tensors."""
@@ -204,6 +207,7 @@ class Trace:
                 **{f"sampler.{k}": v for k, v in s.sampler.items()},
                 **{f"speculative.{k}": s.speculative[k] for k in ("round", "origin") if k in s.speculative},
                 **{f"metric.{k}": v for k, v in s.metrics.items()},
+                **({"kv_bytes": s.kv["bytes"]} if "bytes" in s.kv else {}),
             })
         columns = ["step", "position", "token", "token_id", "prob", "logprob", "surprisal_bits", "entropy_bits",
                    "varentropy_bits", "top", "time_ms"]
@@ -344,10 +348,11 @@ def _arrow_types() -> dict[str, Any]:
         "interventions": pa.list_(pa.string()),
         "speculative": pa.string(),  # JSON text
         "metrics": pa.string(),  # JSON text
+        "kv": pa.string(),  # JSON text
     }
 
 
-_JSON_COLUMNS = ("sampler", "attention", "speculative", "metrics")
+_JSON_COLUMNS = ("sampler", "attention", "speculative", "metrics", "kv")
 
 
 def _save_parquet(trace: Trace, path: Path) -> None:
