@@ -47,8 +47,8 @@ class AttentionRow:
 
     @property
     def outside_window(self) -> torch.Tensor:
-        """Shape (L, T_k), bool: key positions the layer does not attend to at all (outside its sliding window;
-        their weight is 0). All False on a model without sliding windows."""
+        """Shape (L, T_k), bool: key positions the layer does not attend to at all (outside its sliding window, or
+        evicted by a KV-cache policy; their weight is 0). All False on a model without either."""
         return torch.isneginf(self.scores).all(dim=1)
 
 

@@ -22,7 +22,7 @@ from labkit.cache import forward_cached, new_cache
 from labkit.hooks import sites_of
 from labkit.info import StepMeasures, metric, step_measures
 from labkit.interventions.base import TokenIntervention, apply_rows
-from labkit.kv import cache_bytes
+from labkit.kv import cache_bytes, needs_attention, place
 from labkit.sampling.base import Sampler
 from labkit.sampling.measure import SamplingInfo, sampling_infos
 from labkit.speculative.drafts import NOTHING, Proposal
@@ -123,7 +123,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     stop_event = stop_event or threading.Event()
     rounds = speculator if speculator is not None else PlainRounds()
     sampler.reset(tokenizer)
-    active = set(capture) | set(sampler.needs)
+    active = set(capture) | set(sampler.needs) | ({"attention"} if kv is not None and needs_attention(kv) else set())
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = kv.new_cache(n_layers) if kv is not None else new_cache()
     ids = prompt_ids  # (1, T + steps so far)
@@ -148,6 +148,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
                 raw = forward_cached(model, inputs, cache, len(drafted) + 1)[0].float()  # (n, V) raw logits
                 target_ms = (time.perf_counter() - t_target) * 1e3
                 captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
+                if captured and kv is not None and kv.evicts:  # rows over every position; H2O scores its keys
+                    captured["attention"] = place(captured["attention"], cache, ids.shape[1])
                 site_rows = sites.rows(len(drafted) + 1) if sites is not None else []  # per position {site: (d,)}
                 edited, changed = apply_rows(raw, index, trace.token_ids, drafted, trace.prompt_ids, session,
                                              interventions)  # (n, V): row i assumes drafted[:i] are kept

@@ -1,4 +1,4 @@
-"""Sweeps: prompts × samplers × interventions × seeds, one row per cell, run locally or on Ray.
+"""Sweeps: prompts × samplers × interventions × KV-cache policies × seeds, one row per cell, locally or on Ray.
 
 A row holds the cell (prompt, sampler, intervention, seed), the generated text, mean/max entropy and varentropy
 (bits, bits²) of the raw next-token distributions, the perplexity of the output under the unmodified model, the KL
@@ -6,8 +6,10 @@ A row holds the cell (prompt, sampler, intervention, seed), the generated text, 
 
 The baseline of a cell is the same prompt and seed with no intervention, i.e. the unmodified model:
 ``kl_to_baseline_bits`` is the mean over the cell's steps of KL(the cell's next-token distribution after its
-interventions, before the sampler ‖ the unmodified model's distribution at the same context). It is 0 for cells
-without interventions. Registered metrics are computed on that same intervened distribution.
+interventions, before the sampler ‖ the unmodified model's distribution at the same context, with the full KV
+cache). It is 0 for cells without interventions and with the full cache; a cell's KV-cache policy (the ``kv`` axis,
+:mod:`labkit.kv`) counts in, so for a policy alone it is the information the cache loses. ``kv_bytes`` is the cache's
+size after the last step. Registered metrics are computed on that same intervened distribution.
 
 Results stream into ``out`` (a Parquet dataset: a folder of part files, ``pandas.read_parquet(out)`` reads it)
 as cells finish, so an interrupted sweep keeps every finished row; ``resume=True`` skips the cells already there.
@@ -37,9 +39,9 @@ from labkit.errors import InvalidArgument, check_int, invalid_choice
 from labkit.files import atomic_path
 
 EXECUTORS = ("local", "ray")
-BASE_COLUMNS = ("cell", "prompt", "sampler", "intervention", "seed", "text", "tokens", "mean_entropy_bits",
+BASE_COLUMNS = ("cell", "prompt", "sampler", "intervention", "kv", "seed", "text", "tokens", "mean_entropy_bits",
                 "max_entropy_bits", "mean_varentropy_bits", "max_varentropy_bits", "perplexity",
-                "kl_to_baseline_bits", "stop_reason")
+                "kl_to_baseline_bits", "kv_bytes", "stop_reason")
 """Columns of every row (then one ``<metric>`` column per chosen metric, then ``worker``: the process id)."""
 
 
@@ -51,12 +53,15 @@ class Cell:
     sampler: str
     intervention: str
     seed: int
+    kv: str = "full"
+    """The name of the cell's KV-cache policy in ``Sweep.kv``."""
 
     @property
     def key(self) -> str:
-        """Stable id of the cell (a hash of its four fields), the row's ``cell`` column."""
-        text = json.dumps([self.prompt, self.sampler, self.intervention, self.seed])
-        return hashlib.sha1(text.encode()).hexdigest()[:16]
+        """Stable id of the cell (a hash of its fields; the default cache is left out, so sweeps written before the
+        ``kv`` axis resume), the row's ``cell`` column."""
+        fields = [self.prompt, self.sampler, self.intervention, self.seed] + ([] if self.kv == "full" else [self.kv])
+        return hashlib.sha1(json.dumps(fields).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,9 @@ class Sweep:
 
     def __init__(self, prompts: Sequence[str], samplers: Mapping[str, Any] | None = None,
                  interventions: Mapping[str, Sequence[Any]] | None = None, seeds: Sequence[int] = (0,),
-                 max_new_tokens: int = 32, metrics: Sequence[str] = (), chat: bool = False) -> None:
+                 max_new_tokens: int = 32, metrics: Sequence[str] = (), chat: bool = False,
+                 kv: Mapping[str, Any] | None = None) -> None:
+        from labkit.kv import parse_kv
         from labkit.sampling import Sampler, parse_sampler
 
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
@@ -113,28 +120,33 @@ class Sweep:
         check_int("max_new_tokens", max_new_tokens, 1)
         for m in metrics:
             info.metric(m)  # unknown names list the registered ones
+        kv = dict(kv) if kv is not None else {"full": "full"}
+        if not kv:
+            raise InvalidArgument("kv must name at least one cache policy, e.g. {'full': 'full'}")
+        self.kv = {name: parse_kv(spec) for name, spec in kv.items()}  # a bad spec fails here
         self.prompts, self.samplers, self.interventions = list(prompts), samplers, interventions
         self.seeds, self.max_new_tokens, self.metrics, self.chat = list(seeds), max_new_tokens, list(metrics), chat
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Sweep:
         """A Sweep from a mapping (e.g. a parsed YAML file; keys as the constructor's arguments)."""
-        allowed = {"prompts", "samplers", "interventions", "seeds", "max_new_tokens", "metrics", "chat"}
+        allowed = {"prompts", "samplers", "interventions", "seeds", "max_new_tokens", "metrics", "chat", "kv"}
         unknown = set(config) - allowed - {"executor", "workers", "out", "session"}
         if unknown:
             raise InvalidArgument(f"unknown sweep settings {sorted(unknown)}; allowed: {sorted(allowed)}")
         return cls(**{k: v for k, v in config.items() if k in allowed})
 
     def cells(self) -> list[Cell]:
-        return [Cell(p, s, i, seed) for p in self.prompts for s in self.samplers for i in self.interventions
-                for seed in self.seeds]
+        return [Cell(p, s, i, seed, kv) for p in self.prompts for s in self.samplers for i in self.interventions
+                for kv in self.kv for seed in self.seeds]
 
     def __len__(self) -> int:
-        return len(self.prompts) * len(self.samplers) * len(self.interventions) * len(self.seeds)
+        return len(self.prompts) * len(self.samplers) * len(self.interventions) * len(self.kv) * len(self.seeds)
 
     def __repr__(self) -> str:
+        kv = f" × {len(self.kv)} KV policies" if len(self.kv) > 1 else ""
         return (f"Sweep({len(self.prompts)} prompts × {len(self.samplers)} samplers × {len(self.interventions)} "
-                f"interventions × {len(self.seeds)} seeds = {len(self)} cells, {self.max_new_tokens} tokens)")
+                f"interventions{kv} × {len(self.seeds)} seeds = {len(self)} cells, {self.max_new_tokens} tokens)")
 
     # -- one cell ------------------------------------------------------------------------------------------
     def run_cell(self, session: Any, cell: Cell, resolved: dict[str, list[Any]] | None = None) -> dict[str, Any]:
@@ -149,12 +161,15 @@ class Sweep:
                                            for x in (parse(session, item) if isinstance(item, str) else [item])]
         items = resolved[cell.intervention]
         sampler = copy.deepcopy(self.samplers[cell.sampler])  # a fresh one: state never leaks between cells
+        policy = self.kv[cell.kv]
+        full = policy.spec == "full"
         trace = session.generate(cell.prompt, max_new_tokens=self.max_new_tokens, sampler=sampler, seed=cell.seed,
-                                 chat=self.chat, interventions=items, capture=["logits"])
+                                 chat=self.chat, interventions=items, capture=["logits"], kv=policy)
         n = len(trace)
         row: dict[str, Any] = {"cell": cell.key, "prompt": cell.prompt, "sampler": cell.sampler,
-                               "intervention": cell.intervention, "seed": cell.seed, "text": trace.text,
-                               "tokens": n, "stop_reason": trace.stop_reason}
+                               "intervention": cell.intervention, "kv": cell.kv, "seed": cell.seed,
+                               "text": trace.text, "tokens": n, "stop_reason": trace.stop_reason,
+                               "kv_bytes": trace.steps[-1].kv["bytes"] if n else 0}
         h = torch.tensor([s.entropy_bits for s in trace.steps], dtype=torch.float64)
         v = torch.tensor([s.varentropy_bits for s in trace.steps], dtype=torch.float64)
         nan = float("nan")
@@ -167,7 +182,8 @@ class Sweep:
             q = torch.stack([s.captures["logits"].float().cpu() for s in trace.steps])  # (n, V) after interventions
             chosen = info.log_probs(p).gather(-1, torch.tensor(trace.token_ids)[:, None])[:, 0]  # (n,) nats
             row["perplexity"] = float(info.perplexity(chosen))
-            row["kl_to_baseline_bits"] = float(info.kl_divergence(q, p, "bits").mean()) if items else 0.0
+            changed = bool(items) or not full
+            row["kl_to_baseline_bits"] = float(info.kl_divergence(q, p, "bits").mean()) if changed else 0.0
             for m in self.metrics:
                 row[m] = float(info.metric(m).fn(q).double().mean())
         else:

@@ -15,6 +15,11 @@ builds a transformers ``Cache`` of n layers of its own cache-layer class (transf
   the prompt at once whatever ``residual_length`` is, and re-quantizes dequantized values at every flush.
 - ``window:sinks=S,window=W`` — StreamingLLM: the first S positions (attention sinks) and the last W; the others are
   evicted. Kept keys keep the rotary positions they were computed at (no re-rotation).
+- ``h2o:budget=B,recent=R`` — heavy hitters (H2O): the last R positions and the B older ones with the largest
+  accumulated attention (the attention labkit captures, switched on for the run).
+
+With an evicting policy, captured attention rows cover every position; an evicted key scores −inf (weight 0) and is
+marked by ``AttentionRow.outside_window``.
 
 Memory is the bytes of the tensors a cache holds (``cache_bytes``), all layers. Units: bytes; KL in bits.
 """
@@ -176,6 +181,7 @@ def _window_layer_class() -> type:
             self.sinks, self.window = sinks, window
             self.length = 0
             self.positions = torch.zeros(0, dtype=torch.long)
+            self.seen = self.positions
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +191,7 @@ def _window_layer_class() -> type:
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.positions = torch.cat([self.positions, torch.arange(self.length, self.length + n)])
+            self.seen = self.positions  # the positions of the keys this pass attends to
             self.length += n
             full_k, full_v = self.keys, self.values
             held = self.keys.shape[-2]
@@ -209,6 +216,48 @@ def _window_layer_class() -> type:
             raise NotImplementedError  # speculative decoding is refused before the first token (check_kv)
 
     return SinkWindowLayer
+
+
+def _heavy_hitter_layer_class() -> type:
+    base = _window_layer_class()
+
+    class HeavyHitterLayer(base):  # type: ignore[misc, valid-type]
+        """H2O: after each pass, keeps the last ``recent`` positions and, of the older ones, the ``budget`` with the
+        largest accumulated attention (summed over heads and over the query rows labkit captures: the newest
+        position of every pass). Ties go to the earlier position."""
+
+        def __init__(self, budget: int, recent: int) -> None:
+            super().__init__(sinks=0, window=recent)
+            self.budget, self.recent = budget, recent
+            self.score = torch.zeros(0)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            self.positions = torch.cat([self.positions, torch.arange(self.length, self.length + n)])
+            self.score = torch.cat([self.score, torch.zeros(n)])
+            self.seen = self.positions
+            self.length += n
+            return self.keys, self.values  # evicted in observe(), once this pass's attention is known
+
+        def observe(self, probs: torch.Tensor) -> None:
+            """``probs`` (H, len(seen)): the newest query's attention over the keys of the latest pass; add it to
+            each key's score, then evict down to ``budget + recent`` keys."""
+            self.score = self.score + probs.float().sum(0).cpu()
+            held = len(self.positions)
+            if held <= self.budget + self.recent:
+                return
+            older = held - self.recent
+            order = sorted(range(older), key=lambda i: (-float(self.score[i]), i))[:self.budget]
+            keep = torch.cat([torch.tensor(sorted(order), dtype=torch.long), torch.arange(older, held)])
+            self.keys, self.values = self.keys[..., keep, :], self.values[..., keep, :]
+            self.positions, self.score = self.positions[keep], self.score[keep]
+
+    return HeavyHitterLayer
 
 
 # -- policies ----------------------------------------------------------------------------------------------------
@@ -283,7 +332,52 @@ class Window:
         return Cache(layers=[layer(self.sinks, self.window) for _ in range(n_layers)])
 
 
-POLICIES = {"full": Full, "quant": Quant, "window": Window}
+@dataclass(frozen=True)
+class HeavyHitters:
+    """H2O: keep the last ``recent`` positions and the ``budget`` older ones with the most accumulated attention
+    (needs the attention labkit captures: switched on for the run)."""
+
+    budget: int = 128
+    recent: int = 32
+    evicts = True
+
+    def __post_init__(self) -> None:
+        check_int("h2o budget", self.budget, 0)
+        check_int("h2o recent", self.recent, 1)
+
+    @property
+    def spec(self) -> str:
+        return f"h2o:budget={self.budget},recent={self.recent}"
+
+    def new_cache(self, n_layers: int) -> Any:
+        from transformers.cache_utils import Cache
+
+        layer = _heavy_hitter_layer_class()
+        return Cache(layers=[layer(self.budget, self.recent) for _ in range(n_layers)])
+
+
+POLICIES = {"full": Full, "quant": Quant, "window": Window, "h2o": HeavyHitters}
+
+
+def needs_attention(policy: Any) -> bool:
+    return isinstance(policy, HeavyHitters)
+
+
+def place(row: Any, cache: Any, length: int) -> Any:
+    """An AttentionRow of an evicting cache (per layer, over the keys of the latest pass) -> one over every position
+    0..length-1: evicted positions score −inf (weight 0; ``AttentionRow.outside_window`` marks them). Heavy-hitter
+    layers take the row's probabilities into their scores (and evict) here."""
+    from labkit.attention import AttentionRow
+
+    scores = row.scores  # (L, H, W)
+    out = torch.full((*scores.shape[:2], length), float("-inf"))
+    for layer_index, layer in enumerate(cache.layers):
+        seen = layer.seen
+        kept = scores[layer_index, :, scores.shape[-1] - len(seen):]  # (H, len(seen)): the recorder left-pads
+        out[layer_index][:, seen] = kept
+        if hasattr(layer, "observe"):
+            layer.observe(torch.softmax(kept, dim=-1))
+    return AttentionRow(out)
 
 
 def parse_kv(spec: Any) -> Any:
@@ -291,7 +385,7 @@ def parse_kv(spec: Any) -> Any:
     or a policy object itself; None is ``Full()``."""
     if spec is None:
         return Full()
-    if isinstance(spec, (Full, Quant, Window)):
+    if isinstance(spec, (Full, Quant, Window, HeavyHitters)):
         return spec
     if not isinstance(spec, str):
         raise InvalidArgument(f"kv must be a cache policy or a spec string such as 'quant:bits=4'; got {spec!r}")
@@ -327,9 +421,6 @@ def check_kv(policy: Any, speculative: Any, capture: Any) -> None:
     if speculative is not None:
         raise InvalidArgument(f"kv={policy.spec!r} cannot be combined with speculative decoding: rolling back a "
                               "rejected draft needs a cache that can be cropped (use kv='full')")
-    if policy.evicts and "attention" in capture:
-        raise InvalidArgument(f"kv={policy.spec!r} evicts keys; capture=['attention'] is not supported with it yet "
-                              "(captured rows would not line up with positions)")
 
 
 def bits_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -358,8 +449,9 @@ class KVReport:
         return pd.DataFrame(self.rows)
 
     def summary(self) -> Any:
-        """Per policy: cache MiB at the end and its ratio to the full cache, mean and max KL (bits/step), top-1
-        agreement, perplexity of the output under the full model, ms/token (means over the prompts; max of max)."""
+        """Per policy: cache MiB at the end and its ratio to the full cache, mean and max KL(policy ‖ full)
+        (bits/step), top-1 agreement, perplexity of the output under the full model, ms/token (means over the
+        prompts; the max of the maxima)."""
         frame = self.to_pandas()
         agg = {"cache_mib": "mean", "ratio_to_full": "mean", "mean_kl_bits": "mean", "max_kl_bits": "max",
                "top1_agreement": "mean", "perplexity": "mean", "ms_per_token": "mean"}
@@ -375,13 +467,13 @@ class KVReport:
         fig = Chart(data=[go.Scatter(x=table["ratio_to_full"], y=table["mean_kl_bits"], mode="markers",
                                      text=table["policy"], name="policies")])
         fig.update_layout(title="KV cache: memory against information lost", xaxis_title="cache memory / full cache",
-                          yaxis_title="mean KL(full ‖ policy), bits per step", height=380)
+                          yaxis_title="mean KL(policy ‖ full), bits per step", height=380)
         return fig
 
 
 def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_new_tokens: int = 64) -> KVReport:
     """Greedy generation of each prompt under each policy (no interventions), each step's next-token distribution
-    compared with the full model's on the same tokens (one teacher-forced pass): KL(full ‖ policy) in bits, top-1
+    compared with the full model's on the same tokens (one teacher-forced pass): KL(policy ‖ full) in bits, top-1
     agreement, the output's perplexity under the full model, the cache's bytes at the end and ms/token."""
     if isinstance(prompts, str) or not prompts:
         raise InvalidArgument("prompts must be a non-empty list of strings")
@@ -394,7 +486,7 @@ def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_
             trace = session.generate(prompt, max_new_tokens=max_new_tokens, kv=policy, capture=["logits"])
             ran = torch.stack([st.captures["logits"] for st in trace.steps]).float()  # (n, V)
             full = session.teacher_forced_logits(trace)  # (n, V)
-            kl = bits_kl(full, ran)
+            kl = bits_kl(ran, full)  # KL(policy ‖ full): the sweeps' kl_to_baseline_bits direction
             actual = torch.tensor(trace.token_ids)
             nll = -torch.log_softmax(full, -1).gather(-1, actual[:, None])[:, 0]
             held = len(trace.prompt_ids) + len(trace) - 1  # the newest token is not in the cache yet

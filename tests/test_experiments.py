@@ -40,10 +40,10 @@ def test_cells_are_the_cartesian_product_in_order(local_rows):
     assert len(sweep) == 16 and len(local_rows) == 16
     assert list(local_rows["cell"]) == [c.key for c in sweep.cells()]
     assert local_rows[["prompt", "sampler", "intervention", "seed"]].drop_duplicates().shape[0] == 16
-    assert list(local_rows.columns[:14]) == ["cell", "prompt", "sampler", "intervention", "seed", "text", "tokens",
-                                             "stop_reason", "mean_entropy_bits", "max_entropy_bits",
-                                             "mean_varentropy_bits", "max_varentropy_bits", "perplexity",
-                                             "kl_to_baseline_bits"]
+    assert list(local_rows.columns[:16]) == ["cell", "prompt", "sampler", "intervention", "kv", "seed", "text",
+                                             "tokens", "stop_reason", "kv_bytes", "mean_entropy_bits",
+                                             "max_entropy_bits", "mean_varentropy_bits", "max_varentropy_bits",
+                                             "perplexity", "kl_to_baseline_bits"]
 
 
 def test_rows_match_generations_and_independent_measures(session, local_rows):
@@ -175,3 +175,20 @@ def test_example_config_is_valid():
 
     sweep = Sweep.from_config(load_config(Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"))
     assert len(sweep) == 48
+
+
+def test_a_kv_axis_multiplies_the_cells_and_its_kl_is_the_caches_loss_against_the_full_model(session):
+    from labkit import kv
+
+    sweep = Sweep(["The history of the city begins with a small settlement on the river, where traders met"],
+                  kv={"full": "full", "window": "window:sinks=2,window=6"}, max_new_tokens=6)
+    assert len(sweep) == 2 and "2 KV policies" in repr(sweep)
+    rows = sweep.run(session, progress=False).set_index("kv")
+    assert rows.loc["full", "kl_to_baseline_bits"] == 0.0
+    report = kv.evaluate(session, list(rows.prompt[:1]), ["window:sinks=2,window=6"], max_new_tokens=6)
+    assert rows.loc["window", "kl_to_baseline_bits"] == pytest.approx(report.rows[0]["mean_kl_bits"], abs=1e-4)
+    assert rows.loc["window", "kv_bytes"] == 2 * 30 * 3 * 64 * 8 * 4  # 2 sinks + 6 recent positions, float32
+    plain = Sweep(list(rows.prompt[:1]), max_new_tokens=6)  # written before the kv axis: the same cell key
+    assert rows.loc["full", "cell"] == sweep.cells()[0].key == plain.cells()[0].key
+    with pytest.raises(InvalidArgument, match="not one of"):
+        Sweep(["x"], kv={"bad": "lossy"})

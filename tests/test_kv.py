@@ -73,7 +73,43 @@ def test_a_sink_window_keeps_the_sinks_and_the_last_positions_exactly():
     assert layer.get_seq_length() == 16 and layer.get_mask_sizes(1) == (8, 9)
 
 
-@pytest.mark.parametrize("spec", ["full", "quant:bits=4,residual=4096", "window:sinks=4,window=4096"])
+def test_heavy_hitters_keep_the_recent_window_and_the_most_attended_older_keys_by_hand():
+    cache = kv.HeavyHitters(budget=2, recent=2).new_cache(1)
+    layer = cache.layers[0]
+    history = [torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1], [0.3, 0.3, 0.1, 0.2, 0.1]]),  # (H=2, 5 keys) after prefill
+               None, None]
+    layer.update(torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4))
+    layer.observe(history[0])
+    # accumulated: [0.4, 0.8, 0.2, 0.4, 0.2]; older = positions 0..2 -> top 2: 1 (0.8), 0 (0.4); recent: 3, 4
+    assert layer.positions.tolist() == [0, 1, 3, 4] and layer.keys.shape[-2] == 4
+    layer.update(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4))  # position 5
+    assert layer.seen.tolist() == [0, 1, 3, 4, 5]
+    layer.observe(torch.tensor([[0.0, 0.0, 0.9, 0.1, 0.0], [0.0, 0.1, 0.8, 0.1, 0.0]]))
+    # scores now 0: 0.4, 1: 0.9, 3: 2.1, 4: 0.4, 5: 0.0; older = 0, 1, 3 -> top 2: 3 (2.1), 1 (0.9); recent 4, 5
+    assert layer.positions.tolist() == [1, 3, 4, 5]
+    assert layer.score.tolist() == pytest.approx([0.9, 2.1, 0.4, 0.0])
+
+
+@pytest.mark.parametrize("spec", ["window:sinks=2,window=6", "h2o:budget=4,recent=4"])
+def test_captured_rows_under_eviction_cover_every_position_with_evicted_keys_marked(session, spec):
+    plain = session.generate(PROMPT, max_new_tokens=6, kv=spec)
+    trace = session.generate(PROMPT, max_new_tokens=6, kv=spec, capture=["attention"])
+    assert trace.token_ids == plain.token_ids  # capturing changes nothing
+    t = len(trace.prompt_ids)
+    assert t > 8
+    for i, step in enumerate(trace.steps):
+        row = step.captures["attention"]
+        assert row.scores.shape == (30, 9, t + i)
+        held = (~row.outside_window).sum(-1)  # (L,) keys each layer attended to
+        assert held.tolist() == [t if i == 0 else 9] * 30  # the prompt, then the 8 kept + the newest
+        torch.testing.assert_close(row.probs.sum(-1), torch.ones(30, 9))
+        assert float(row.probs[row.outside_window[:, None].expand_as(row.probs)].abs().sum()) == 0.0
+        assert bool(row.outside_window.any()) == (i > 0)  # the prefill saw every key; later passes the kept ones
+        assert step.kv["bytes"] == 2 * 30 * 3 * 64 * 8 * 4  # 8 positions kept after the step, float32
+
+
+@pytest.mark.parametrize("spec", ["full", "quant:bits=4,residual=4096", "window:sinks=4,window=4096",
+                                  "h2o:budget=4096,recent=8"])
 def test_greedy_with_a_policy_that_drops_nothing_equals_plain_greedy(session, spec):
     plain = session.generate(PROMPT, max_new_tokens=12)
     trace = session.generate(PROMPT, max_new_tokens=12, kv=spec)
@@ -135,8 +171,8 @@ def test_bad_kv_specs_are_refused_with_one_clear_error(session, spec, match):
 def test_what_a_policy_cannot_do_exactly_is_refused_before_the_first_token(session):
     with pytest.raises(InvalidArgument, match="speculative"):
         session.generate(PROMPT, max_new_tokens=2, kv="quant:bits=4", speculative=PromptLookupDraft())
-    with pytest.raises(InvalidArgument, match="evicts keys"):
-        session.generate(PROMPT, max_new_tokens=2, kv="window:window=8", capture=["attention"])
+    with pytest.raises(InvalidArgument, match="speculative"):
+        session.generate(PROMPT, max_new_tokens=2, kv="h2o:budget=8,recent=4", speculative=PromptLookupDraft())
     assert session.generate(PROMPT, max_new_tokens=1).token_ids  # the session stays usable
 
 

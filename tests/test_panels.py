@@ -336,3 +336,22 @@ def test_why_view_during_a_run_is_computed_between_steps_and_the_stream_goes_on(
         assert lab.why.attribution.scores == pytest.approx(direct.scores, abs=1e-6)
     finally:
         lab.close()
+
+
+def test_lab_generates_with_the_chosen_kv_policy_and_shows_the_caches_size(session):
+    lab = Lab(session, prompt=PROMPT, max_new_tokens=5)
+    try:
+        lab.controls.kind.value = "greedy"
+        lab.kv.value = "window:sinks=2,window=4"
+        lab.run()
+        lab.wait(60)
+        expected = session.generate(PROMPT, max_new_tokens=5, kv="window:sinks=2,window=4")
+        assert lab.trace.token_ids == expected.token_ids
+        assert lab.kv_size.value == (f"cache {expected.steps[-1].kv['bytes'] / 2**20:.2f} MiB after 5 tokens "
+                                     "(window:sinks=2,window=4)")
+        assert not lab.trace.steps[-1].captures["attention"].outside_window[:, :2].any()  # the sinks stay
+        lab.kv.value = "lossy"
+        lab.buttons["Generate"].click()
+        assert "not one of" in lab.message.value
+    finally:
+        lab.close()

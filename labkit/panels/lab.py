@@ -40,6 +40,12 @@ class Lab(widgets.VBox):
         self.chat = widgets.Checkbox(value=False, description="chat template")
         self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max tokens")
         self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
+        self.kv = widgets.Combobox(value="full", options=["full", "quant:bits=8,residual=0", "quant:bits=4,residual=64",
+                                                          "window:sinks=4,window=64", "h2o:budget=48,recent=16"],
+                                   description="KV cache", ensure_option=False)
+        self.kv.add_class("labkit-kv")
+        self.kv_size = widgets.Label("")
+        self.kv_size.add_class("labkit-kv-size")
         self.buttons = {name: widgets.Button(description=name, button_style=style)
                         for name, style in (("Generate", "primary"), ("Step", ""), ("Stop", "danger"))}
         for name, button in self.buttons.items():
@@ -85,7 +91,8 @@ class Lab(widgets.VBox):
         self.why.method.observe(lambda c: self._guarded(self._ask_why, self.stream.selected), names="value")
         self.charts.bars.layout.height = 260
         left = widgets.VBox([self.prompt, widgets.HBox([*self.buttons.values(), self.status]),
-                             widgets.HBox([self.chat, self.max_new_tokens, self.seed]), self.message,
+                             widgets.HBox([self.chat, self.max_new_tokens, self.seed]),
+                             widgets.HBox([self.kv, self.kv_size]), self.message,
                              widgets.HBox([self.color_by, self.branch]), self.stream],
                             layout=widgets.Layout(width="55%"))
         right = widgets.VBox([self.charts.bars, self.charts.lines], layout=widgets.Layout(width="45%"))
@@ -162,7 +169,7 @@ class Lab(widgets.VBox):
         maps = self.session.attention(prompt, chat=chat)  # also checks the prompt (length, emptiness)
         gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value, sampler=self.controls.sampler,
                                   seed=self.seed.value, chat=chat, capture=["attention"], top_k=self.top_k,
-                                  interventions=[*self._interventions(), *extra])
+                                  interventions=[*self._interventions(), *extra], kv=self.kv.value or None)
         self._runner, self.trace = _Runner(gen, self), gen.trace
         self._prompt_maps = maps
         self.traces.append(gen.trace)
@@ -205,6 +212,9 @@ class Lab(widgets.VBox):
         if self.stream.selected < 0:
             self.charts.show_step(steps[-1] if steps else None)
         self.charts.show_series(steps)
+        if steps and steps[-1].kv:
+            self.kv_size.value = (f"cache {steps[-1].kv['bytes'] / 2**20:.2f} MiB after {len(steps)} tokens "
+                                  f"({steps[-1].kv['policy']})")
         if (force or self._image_throttle.due()) and self._prompt_maps is not None:
             rows = [s.captures["attention"] for s in steps if "attention" in s.captures]
             tokens = self._prompt_maps.tokens + [s.token for s in steps[:-1]]
