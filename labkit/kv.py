@@ -414,13 +414,22 @@ def cache_bytes(cache: Any) -> int:
     return total
 
 
-def check_kv(policy: Any, speculative: Any, capture: Any) -> None:
-    """Refuse, before the first token, what a policy cannot do exactly."""
+def check_kv(policy: Any, speculative: Any, capture: Any, config: Any = None) -> None:
+    """Refuse, before the first token, what a policy cannot do exactly on this model (``config``)."""
     if isinstance(policy, Full):
         return
     if speculative is not None:
         raise InvalidArgument(f"kv={policy.spec!r} cannot be combined with speculative decoding: rolling back a "
                               "rejected draft needs a cache that can be cropped (use kv='full')")
+    cfg = config.get_text_config(decoder=True) if config is not None else None
+    if isinstance(policy, Quant) and cfg is not None:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if head_dim % policy.group:
+            raise InvalidArgument(f"kv quant group={policy.group} must divide the model's head size {head_dim}")
+    if policy.evicts and cfg is not None and getattr(cfg, "sliding_window", None):
+        raise InvalidArgument(f"kv={policy.spec!r} evicts keys, and this model has sliding-window layers: "
+                              "transformers builds their mask from absolute positions, which an evicting cache no "
+                              "longer has (use kv='full' or a quant policy)")
 
 
 def bits_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -474,7 +483,8 @@ class KVReport:
 def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_new_tokens: int = 64) -> KVReport:
     """Greedy generation of each prompt under each policy (no interventions), each step's next-token distribution
     compared with the full model's on the same tokens (one teacher-forced pass): KL(policy ‖ full) in bits, top-1
-    agreement, the output's perplexity under the full model, the cache's bytes at the end and ms/token."""
+    agreement, the output's perplexity under the full model, the cache's bytes at the end and ms per decoded token
+    (the steps after the first, which also reads the prompt)."""
     if isinstance(prompts, str) or not prompts:
         raise InvalidArgument("prompts must be a non-empty list of strings")
     if isinstance(policies, str) or not policies:
@@ -492,10 +502,11 @@ def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_
             held = len(trace.prompt_ids) + len(trace) - 1  # the newest token is not in the cache yet
             reference = full_cache_bytes(session.model.config, held, session.model.dtype)
             used = trace.steps[-1].kv["bytes"]
+            decoding = trace.steps[1:] or trace.steps  # ms/token of decoding: the first step also reads the prompt
             rows.append({"policy": policy.spec, "prompt": prompt, "tokens": len(trace), "cache_mib": used / 2**20,
                          "ratio_to_full": used / reference, "mean_kl_bits": float(kl.mean()),
                          "max_kl_bits": float(kl.max()),
                          "top1_agreement": float((full.argmax(-1) == ran.argmax(-1)).float().mean()),
                          "perplexity": float(nll.mean().exp()),
-                         "ms_per_token": sum(st.time_ms for st in trace.steps) / len(trace)})
+                         "ms_per_token": sum(st.time_ms for st in decoding) / len(decoding)})
     return KVReport(rows)

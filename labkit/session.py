@@ -320,7 +320,7 @@ class Session:
         draft = check_speculative(speculative, sampler, capture)
         policy = None if kv is None else parse_kv(kv)
         if policy is not None:
-            check_kv(policy, speculative, capture)
+            check_kv(policy, speculative, capture, self.model.config)
         interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
         if draft is not None:
             with self._exclusive():

@@ -292,6 +292,30 @@ def test_patching_equals_a_hand_written_hook(arch, sessions):
     assert info.kl_divergence(got, s.next_token(PROMPT).logprobs, "bits").item() > 1e-7
 
 
+@pytest.mark.parametrize("arch", NAMES)
+def test_kv_policies_that_drop_nothing_generate_what_the_full_cache_does(arch, sessions):
+    s = sessions(arch)
+    plain = s.generate(PROMPT, max_new_tokens=NEW)
+    policies = [f"quant:bits=4,residual=4096,group={s.sites.head_dim}"]
+    if ARCHS[arch].window is None and not getattr(s.model.config, "sliding_window", None):
+        policies += ["window:sinks=2,window=4096", "h2o:budget=4096,recent=4"]
+    else:  # an evicting cache cannot give a sliding-window mask its positions: refused before the first token
+        with pytest.raises(labkit.errors.InvalidArgument, match="sliding-window"):
+            s.generate(PROMPT, max_new_tokens=2, kv="window:sinks=2,window=4096")
+    for spec in policies:
+        assert s.generate(PROMPT, max_new_tokens=NEW, kv=spec).token_ids == plain.token_ids, spec
+    group = s.sites.head_dim // 2
+    lossy = s.generate(PROMPT, max_new_tokens=NEW, kv=f"quant:bits=8,residual=0,group={group}")
+    # a 1-byte code per element and a float32 min and scale per group, against 4 bytes per float32 element
+    assert lossy.steps[-1].kv["bytes"] == pytest.approx((1 + 8 / group) / 4 * kv_full_bytes(s, lossy))
+
+
+def kv_full_bytes(s: labkit.Session, trace: Any) -> int:
+    from labkit.kv import full_cache_bytes
+
+    return full_cache_bytes(s.model.config, len(trace.prompt_ids) + len(trace) - 1, torch.float32)
+
+
 def _final_logits(model: Any, x: torch.Tensor, arch: str) -> torch.Tensor:
     """By hand: the final norm at ARCHS' path, the unembedding, the final softcapping written out (Gemma 2)."""
     logits = model.get_output_embeddings()(model.get_submodule(ARCHS[arch].norm)(x))
@@ -552,6 +576,7 @@ FEATURES = {  # README column -> the test of this module that checks it on every
     "activations": test_cached_last_block_output_through_the_final_norm_and_unembedding_equals_the_logits,
     "gradient attribution": test_gradient_attribution_methods_against_autograd_on_the_eager_model,
     "logit attribution": test_logit_attribution_parts_sum_to_the_eager_models_logit_difference,
+    "KV policies": test_kv_policies_that_drop_nothing_generate_what_the_full_cache_does,
 }
 
 

@@ -183,3 +183,16 @@ def test_cli_generate_with_a_kv_policy_prints_the_cache_size(session):
     assert f"kv cache window:sinks=4,window=8: {2 * 30 * 3 * 64 * 12 * 4 / 2**20:.3f} MiB after 3 tokens" in r.output
     bad = CliRunner().invoke(main, ["generate", PROMPT, "--kv", "lossy"])
     assert bad.exit_code != 0 and "not one of" in bad.output
+
+
+def test_samplers_and_interventions_run_unchanged_on_a_policy_that_drops_nothing(session):
+    from labkit.interventions import AblateHead, Suppress
+    from labkit.sampling import Classic
+
+    options = dict(max_new_tokens=10, sampler=Classic(temperature=0.9), seed=7,
+                   interventions=[Suppress(" The"), AblateHead(3, 1)])
+    plain = session.generate(PROMPT, **options)
+    for spec in ["quant:bits=4,residual=4096", "h2o:budget=4096,recent=4"]:
+        trace = session.generate(PROMPT, kv=spec, **options)
+        assert trace.token_ids == plain.token_ids and [s.interventions for s in trace.steps] == \
+            [s.interventions for s in plain.steps]
