@@ -26,10 +26,11 @@ Memory is the bytes of the tensors a cache holds (``cache_bytes``), all layers. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -101,6 +102,11 @@ def _split_quantized(q: Quantized, n: int) -> tuple[Quantized, Quantized]:
 
 # -- cache layers ------------------------------------------------------------------------------------------------
 
+def _refuse_crop() -> None:
+    raise InvalidArgument("a compressed KV cache cannot be cropped (speculative decoding, which crops, is refused with "
+                          "every policy but kv='full' before the first token)")
+
+
 def _layer_base() -> type:
     from transformers.cache_utils import DynamicLayer
 
@@ -164,7 +170,7 @@ def _tiered_layer_class() -> type:
             return sum(held) + self.keys.nbytes + self.values.nbytes
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError  # speculative decoding is refused before the first token (check_kv)
+            _refuse_crop()
 
     return TieredQuantizedLayer
 
@@ -183,16 +189,20 @@ def _window_layer_class() -> type:
             self.positions = torch.zeros(0, dtype=torch.long)
             self.seen = self.positions
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            """Add a pass's new positions; ``seen`` becomes the positions of the keys this pass attends to."""
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n = key_states.shape[-2]
             self.keys = torch.cat([self.keys, key_states], dim=-2)
             self.values = torch.cat([self.values, value_states], dim=-2)
             self.positions = torch.cat([self.positions, torch.arange(self.length, self.length + n)])
-            self.seen = self.positions  # the positions of the keys this pass attends to
+            self.seen = self.positions
             self.length += n
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            self._append(key_states, value_states)
             full_k, full_v = self.keys, self.values
             held = self.keys.shape[-2]
             if held > self.sinks + self.window:
@@ -213,7 +223,7 @@ def _window_layer_class() -> type:
             return self.keys.nbytes + self.values.nbytes
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError  # speculative decoding is refused before the first token (check_kv)
+            _refuse_crop()
 
     return SinkWindowLayer
 
@@ -233,15 +243,8 @@ def _heavy_hitter_layer_class() -> type:
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n = key_states.shape[-2]
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-            self.positions = torch.cat([self.positions, torch.arange(self.length, self.length + n)])
-            self.score = torch.cat([self.score, torch.zeros(n)])
-            self.seen = self.positions
-            self.length += n
+            self._append(key_states, value_states)
+            self.score = torch.cat([self.score, torch.zeros(key_states.shape[-2])])
             return self.keys, self.values  # evicted in observe(), once this pass's attention is known
 
         def observe(self, probs: torch.Tensor) -> None:
@@ -278,8 +281,27 @@ class Full:
         return new_cache()
 
 
+class _Layered:
+    """A policy whose cache is n layers of one labkit layer class, built from the policy's fields in order; its spec
+    is ``name:field=value,...``."""
+
+    name: ClassVar[str]
+    layer_class: ClassVar[Callable[[], type]]
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:" + ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    def new_cache(self, n_layers: int) -> Any:
+        from transformers.cache_utils import Cache
+
+        layer = type(self).layer_class()
+        args = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return Cache(layers=[layer(*args) for _ in range(n_layers)])
+
+
 @dataclass(frozen=True)
-class Quant:
+class Quant(_Layered):
     """Tiered quantization: the last ``residual`` positions at full precision, the ``int8`` before them at 8 bits,
     older ones at ``bits`` (4 or 8), in groups of ``group`` channels (see the module docstring)."""
 
@@ -288,6 +310,8 @@ class Quant:
     int8: int = 0
     group: int = 32
     evicts = False
+    name = "quant"
+    layer_class = staticmethod(_tiered_layer_class)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -298,62 +322,39 @@ class Quant:
         if self.group % 2:
             raise InvalidArgument(f"quant group must be even (4-bit codes are packed in pairs); got {self.group}")
 
-    @property
-    def spec(self) -> str:
-        return f"quant:bits={self.bits},residual={self.residual},int8={self.int8},group={self.group}"
-
-    def new_cache(self, n_layers: int) -> Any:
-        from transformers.cache_utils import Cache
-
-        layer = _tiered_layer_class()
-        return Cache(layers=[layer(self.bits, self.residual, self.int8, self.group) for _ in range(n_layers)])
 
 
 @dataclass(frozen=True)
-class Window:
+class Window(_Layered):
     """StreamingLLM: keep the first ``sinks`` positions and the last ``window``."""
 
     sinks: int = 4
     window: int = 256
     evicts = True
+    name = "window"
+    layer_class = staticmethod(_window_layer_class)
 
     def __post_init__(self) -> None:
         check_int("window sinks", self.sinks, 0)
         check_int("window window", self.window, 1)
 
-    @property
-    def spec(self) -> str:
-        return f"window:sinks={self.sinks},window={self.window}"
-
-    def new_cache(self, n_layers: int) -> Any:
-        from transformers.cache_utils import Cache
-
-        layer = _window_layer_class()
-        return Cache(layers=[layer(self.sinks, self.window) for _ in range(n_layers)])
 
 
 @dataclass(frozen=True)
-class HeavyHitters:
+class HeavyHitters(_Layered):
     """H2O: keep the last ``recent`` positions and the ``budget`` older ones with the most accumulated attention
     (needs the attention labkit captures: switched on for the run)."""
 
     budget: int = 128
     recent: int = 32
     evicts = True
+    name = "h2o"
+    layer_class = staticmethod(_heavy_hitter_layer_class)
 
     def __post_init__(self) -> None:
         check_int("h2o budget", self.budget, 0)
         check_int("h2o recent", self.recent, 1)
 
-    @property
-    def spec(self) -> str:
-        return f"h2o:budget={self.budget},recent={self.recent}"
-
-    def new_cache(self, n_layers: int) -> Any:
-        from transformers.cache_utils import Cache
-
-        layer = _heavy_hitter_layer_class()
-        return Cache(layers=[layer(self.budget, self.recent) for _ in range(n_layers)])
 
 
 POLICIES = {"full": Full, "quant": Quant, "window": Window, "h2o": HeavyHitters}
@@ -393,7 +394,7 @@ def parse_kv(spec: Any) -> Any:
     if name not in POLICIES:
         raise InvalidArgument(f"kv policy {name!r} is not one of {sorted(POLICIES)} (e.g. 'quant:bits=4,residual=128', "
                               "'window:sinks=4,window=256')")
-    fields = {f for f in POLICIES[name].__dataclass_fields__ if f != "evicts"}
+    fields = {f.name for f in dataclasses.fields(POLICIES[name])}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise InvalidArgument(f"kv policy {name!r} has no parameter {unknown[0]!r}; it takes {sorted(fields)}")
