@@ -481,6 +481,17 @@ class KVReport:
         return fig
 
 
+def divergence(session: Any, trace: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per step of ``trace`` (generated with ``capture=["logits"]`` under some policy, no interventions): KL(policy ‖
+    full) in bits, shape (n,), and whether the top-1 tokens agree, shape (n,) bool — against the full cache's
+    distributions on the same tokens (one teacher-forced pass)."""
+    if not trace.steps or "logits" not in trace.steps[0].captures:
+        raise InvalidArgument("divergence needs a trace generated with capture=['logits']")
+    ran = torch.stack([st.captures["logits"] for st in trace.steps]).float().cpu()  # (n, V)
+    full = session.teacher_forced_logits(trace)  # (n, V)
+    return bits_kl(ran, full), full.argmax(-1) == ran.argmax(-1)
+
+
 def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_new_tokens: int = 64) -> KVReport:
     """Greedy generation of each prompt under each policy (no interventions), each step's next-token distribution
     compared with the full model's on the same tokens (one teacher-forced pass): KL(policy ‖ full) in bits, top-1
@@ -495,11 +506,9 @@ def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_
     for policy in parsed:
         for prompt in prompts:
             trace = session.generate(prompt, max_new_tokens=max_new_tokens, kv=policy, capture=["logits"])
-            ran = torch.stack([st.captures["logits"] for st in trace.steps]).float()  # (n, V)
-            full = session.teacher_forced_logits(trace)  # (n, V)
-            kl = bits_kl(ran, full)  # KL(policy ‖ full): the sweeps' kl_to_baseline_bits direction
+            kl, agree = divergence(session, trace)  # KL(policy ‖ full): the sweeps' kl_to_baseline_bits direction
             actual = torch.tensor(trace.token_ids)
-            nll = -torch.log_softmax(full, -1).gather(-1, actual[:, None])[:, 0]
+            nll = -torch.log_softmax(session.teacher_forced_logits(trace), -1).gather(-1, actual[:, None])[:, 0]
             held = len(trace.prompt_ids) + len(trace) - 1  # the newest token is not in the cache yet
             reference = full_cache_bytes(session.model.config, held, session.model.dtype)
             used = trace.steps[-1].kv["bytes"]
@@ -507,7 +516,7 @@ def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_
             rows.append({"policy": policy.spec, "prompt": prompt, "tokens": len(trace), "cache_mib": used / 2**20,
                          "ratio_to_full": used / reference, "mean_kl_bits": float(kl.mean()),
                          "max_kl_bits": float(kl.max()),
-                         "top1_agreement": float((full.argmax(-1) == ran.argmax(-1)).float().mean()),
+                         "top1_agreement": float(agree.float().mean()),
                          "perplexity": float(nll.mean().exp()),
                          "ms_per_token": sum(st.time_ms for st in decoding) / len(decoding)})
     return KVReport(rows)

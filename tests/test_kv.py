@@ -146,6 +146,17 @@ def test_reported_bytes_are_the_sum_of_the_tensors_nbytes_and_the_full_formula(s
 def test_kl_of_a_run_against_itself_is_zero_and_evaluate_reports_each_policy(session):
     logits = torch.randn(3, 50)
     assert torch.equal(kv.bits_kl(logits, logits), torch.zeros(3))
+    trace = session.generate(PROMPT, max_new_tokens=4, kv="window:sinks=2,window=6", capture=["logits"])
+    kl, agree = kv.divergence(session, trace)
+    ids = torch.tensor([[*trace.prompt_ids, *trace.token_ids[:-1]]])
+    with torch.no_grad():  # the full model on the same tokens, by hand
+        full = torch.log_softmax(session.model(input_ids=ids).logits[0, -4:].float(), -1)
+    ran = torch.log_softmax(torch.stack([s.captures["logits"] for s in trace.steps]).float(), -1)
+    by_hand = (ran.exp() * (ran - full)).sum(-1) / torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(kl, by_hand, atol=1e-5, rtol=1e-4)
+    assert agree.tolist() == (full.argmax(-1) == ran.argmax(-1)).tolist() and float(kl[0]) < 1e-6  # step 0: no eviction
+    with pytest.raises(InvalidArgument, match="capture=\\['logits'\\]"):
+        kv.divergence(session, session.generate(PROMPT, max_new_tokens=1))
     report = kv.evaluate(session, [PROMPT], ["full", "quant:bits=8,residual=0", "window:sinks=4,window=8"],
                          max_new_tokens=8)
     table = report.summary().set_index("policy")
