@@ -165,7 +165,7 @@ def test_lab_panel_in_a_real_browser(jupyter):
                                    timeout=60_000)
             page.wait_for_function("(e => e && (e.tagName === 'IMG' ? e : e.querySelector('img')).naturalWidth > 0)"
                                    "(document.querySelector('.labkit-why-heads'))", timeout=30_000)
-            assert page.locator(".labkit-why-ablate").count() == 3
+            page.wait_for_function("document.querySelectorAll('.labkit-why-ablate').length === 3", timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "06_why.png"), full_page=True)
         finally:
             browser.close()

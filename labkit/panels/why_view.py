@@ -59,9 +59,6 @@ class WhyView(widgets.VBox):
         extra = f"; IG completeness error {a.completeness_error:.1%}" if a.completeness_error is not None else ""
         self.title.value = (f"<b>Why step {index}: {a.target!r}?</b> {a.method} of {a.label}{extra}; direct logit "
                             f"attribution {la.total:+.2f} logit units")
-        self.strip.value = a.html()
-        self.layers.value = la.layer_image().png()
-        self.heads.value = la.image().png()
         buttons = []
         for layer, head, value in la.top_heads(TOP_HEADS):
             button = widgets.Button(description=f"ablate {layer}:{head} ({value:+.2f})",
@@ -70,6 +67,9 @@ class WhyView(widgets.VBox):
             button.on_click(lambda _b, layer=layer, head=head: self._ablate(layer, head))
             buttons.append(button)
         self.top.children = [widgets.Label("top heads:"), *buttons]
+        self.strip.value = a.html()
+        self.layers.value = la.layer_image().png()
+        self.heads.value = la.image().png()
         self.status.value = ""
 
     def failed(self, exc: Exception) -> None:
