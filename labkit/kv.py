@@ -487,8 +487,12 @@ def divergence(session: Any, trace: Any) -> tuple[torch.Tensor, torch.Tensor]:
     distributions on the same tokens (one teacher-forced pass)."""
     if not trace.steps or "logits" not in trace.steps[0].captures:
         raise InvalidArgument("divergence needs a trace generated with capture=['logits']")
+    return _against(trace, session.teacher_forced_logits(trace))
+
+
+def _against(trace: Any, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(policy ‖ full) bits (n,) and top-1 agreement (n,) of ``trace``'s captured logits against ``full`` (n, V)."""
     ran = torch.stack([st.captures["logits"] for st in trace.steps]).float().cpu()  # (n, V)
-    full = session.teacher_forced_logits(trace)  # (n, V)
     return bits_kl(ran, full), full.argmax(-1) == ran.argmax(-1)
 
 
@@ -506,9 +510,10 @@ def evaluate(session: Any, prompts: Sequence[str], policies: Sequence[Any], max_
     for policy in parsed:
         for prompt in prompts:
             trace = session.generate(prompt, max_new_tokens=max_new_tokens, kv=policy, capture=["logits"])
-            kl, agree = divergence(session, trace)  # KL(policy ‖ full): the sweeps' kl_to_baseline_bits direction
+            full = session.teacher_forced_logits(trace)  # (n, V), one pass for the KL and the perplexity
+            kl, agree = _against(trace, full)  # KL(policy ‖ full): the sweeps' kl_to_baseline_bits direction
             actual = torch.tensor(trace.token_ids)
-            nll = -torch.log_softmax(session.teacher_forced_logits(trace), -1).gather(-1, actual[:, None])[:, 0]
+            nll = -torch.log_softmax(full, -1).gather(-1, actual[:, None])[:, 0]
             held = len(trace.prompt_ids) + len(trace) - 1  # the newest token is not in the cache yet
             reference = full_cache_bytes(session.model.config, held, session.model.dtype)
             used = trace.steps[-1].kv["bytes"]

@@ -95,8 +95,8 @@ class LogitAttribution:
 
     def accumulated(self) -> Any:
         """The residual-stream view: the logit (difference) of the stream after the embedding and after each
-        block's attention and MLP, with the final norm's scale frozen (so the last row is ``total`` minus ``bias``
-        ... plus ``bias``: every row includes the constant ``bias``). Columns: stage, layer, value."""
+        block's attention and MLP, with the final norm's scale frozen; every row includes the constant ``bias``, so
+        the last row is ``total``. Columns: stage, layer, value."""
         import pandas as pd
 
         running, rows = self.embed + self.bias, [{"stage": "embed", "layer": None, "value": self.embed + self.bias}]
