@@ -137,6 +137,6 @@ class SiteRecorder:
         for kept in self._seen.values():
             kept.clear()
 
-    def rows(self, n: int) -> list[dict[str, torch.Tensor]]:
-        last = {name: kept[-1][0, -n:] for name, kept in self._seen.items()}  # (n, ...) of the newest pass
-        return [{name: value[i] for name, value in last.items()} for i in range(n)]
+    def newest(self) -> dict[str, torch.Tensor]:
+        """Each site over the newest pass: {site: (B, t, ...)} (taken before anything else runs the model)."""
+        return {name: kept[-1] for name, kept in self._seen.items()}

@@ -62,6 +62,11 @@ class _Recorder:
         """The attention implementation that computes each layer's output: "sdpa" or "eager"."""
 
     def take(self) -> AttentionRow:
+        """The newest pass's last query rows of batch row 0, all layers."""
+        return self.take_rows()[0]
+
+    def take_rows(self) -> list[AttentionRow]:
+        """The newest pass's last query rows, one AttentionRow (L, H, Tk) per batch row."""
         if any(s is None for s in self.scores):
             missing = [i for i, s in enumerate(self.scores) if s is None]
             raise RuntimeError(f"attention capture missed layers {missing}: does this model use AttentionInterface?")
@@ -70,9 +75,9 @@ class _Recorder:
         # a layer whose cache holds only its sliding window sees the last keys: align every row on positions
         rows = [r if r.shape[-1] == width else torch.nn.functional.pad(r, (width - r.shape[-1], 0),
                                                                         value=float("-inf")) for r in rows]
-        scores = torch.stack(rows)  # (L, H, Tk)
+        scores = torch.stack(rows)  # (L, B, H, Tk)
         self.scores = [None] * len(self.scores)
-        return AttentionRow(scores)
+        return [AttentionRow(scores[:, b]) for b in range(scores.shape[1])]
 
 
 _RECORDERS: dict[int, _Recorder] = {}  # id(model.config) -> recorder, only inside `capturing`
@@ -119,7 +124,7 @@ def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
                                               dropout=dropout, **kwargs)
     if recorder is not None:
         recorder.scores[module.layer_idx] = _last_row_scores(query, key, attention_mask, scaling,
-                                                             kwargs.get("softcap"))[0]  # (Hq, Tk)
+                                                             kwargs.get("softcap"))  # (B, Hq, Tk)
     return out, weights
 
 

@@ -8,6 +8,7 @@ record of what it did is stored beside them in the Step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,6 +20,7 @@ import torch
 from labkit import attention
 from labkit.activations import SiteRecorder
 from labkit.cache import forward_cached, new_cache
+from labkit.errors import InvalidArgument
 from labkit.hooks import sites_of
 from labkit.info import StepMeasures, metric, step_measures
 from labkit.interventions.base import TokenIntervention, apply_rows
@@ -89,13 +91,34 @@ def make_step(i: int, index: int, position: int, token_id: int, spec: dict[str, 
                 interventions=changed, speculative=spec, metrics=metrics)
 
 
-def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, sampler: Sampler,
-           rules: StopRules, *, generator: torch.Generator | None = None,
+@dataclass
+class _Row:
+    """One sequence of a (possibly batched) generation: its Trace, sampler, random stream and tokens so far."""
+
+    trace: Trace
+    sampler: Sampler
+    generator: torch.Generator | None
+    ids: torch.Tensor
+    """Shape (1, T + steps so far)."""
+    unseen: torch.Tensor
+    """Shape (1, t): the tokens the cache has not seen (the prompt before the prefill, then the newest token)."""
+    reason: str = ""
+    """Why this row ended ("" while it runs)."""
+
+
+def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace | Sequence[Trace], sampler: Sampler,
+           rules: StopRules, *, generator: torch.Generator | Sequence[torch.Generator] | None = None,
            stop_event: threading.Event | None = None, top_k: int = 10,
            token_text: TokenTexts | None = None, capture: Sequence[str] = (),
            interventions: Sequence[TokenIntervention] = (), session: Any = None,
            speculator: Speculator | None = None, metrics: Sequence[str] = (), kv: Any = None) -> Iterator[Step]:
     """Generate from ``prompt_ids`` (shape (1, T)), appending each Step to ``trace`` and yielding it.
+
+    ``trace`` may be a list of B Traces with ``generator`` a list of B generators: B sequences of the same prompt
+    are then decoded together, one forward pass of shape (B, ·) per round (the batch dimension); each row has its
+    own generator and, for a stateful sampler, its own copy of ``sampler``, so row b draws exactly what a single
+    run with its generator draws. A row that meets a stop rule leaves the batch (its cache rows are dropped);
+    Steps are yielded row by row within a round. Not with a ``speculator`` or a non-full ``kv`` policy.
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
     ``Step.captures``) and its summary metrics (``Step.attention``). Captures the sampler ``needs`` are switched
@@ -105,7 +128,8 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     (their context holds ``session``); ``capture=["logits"]`` keeps those edited logits, shape (V,), per Step.
     ``metrics`` names registered metrics (:func:`labkit.info.register`) computed on each step's raw logits into
     ``Step.metrics``. Hook-site names in ``capture`` (``"blocks.3.resid_post"``) keep that site's vector at the
-    position that predicted the step's token in ``Step.captures[name]`` ((d_model,), or (H, d_head)).
+    position that predicted the step's token in ``Step.captures[name]`` ((d_model,), or (H, d_head)); hook-site
+    names in ``sampler.needs`` reach ``sampler.observe`` as the newest pass's whole tensor (t, d) for that row.
 
     Each iteration is one *round*: propose (a ``speculator`` drafts γ tokens; plain decoding, :class:`PlainRounds`,
     none) → one target forward pass over the newest token plus the drafted ones → choose one token per position,
@@ -122,79 +146,122 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, s
     token_text = token_text or TokenTexts(tokenizer)
     stop_event = stop_event or threading.Event()
     rounds = speculator if speculator is not None else PlainRounds()
-    sampler.reset(tokenizer)
+    traces = [trace] if isinstance(trace, Trace) else list(trace)
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    if len(traces) != len(generators) or (len(traces) > 1 and (speculator is not None or kv is not None)):
+        raise InvalidArgument("a batched decode takes one generator per trace, and no speculator or kv policy")
+    rows = [_Row(t, sampler if b == 0 or sampler.stateless else copy.deepcopy(sampler), g, prompt_ids, prompt_ids)
+            for b, (t, g) in enumerate(zip(traces, generators, strict=True))]
+    for row in rows:
+        row.sampler.reset(tokenizer)
     active = set(capture) | set(sampler.needs) | ({"attention"} if kv is not None and needs_attention(kv) else set())
     n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     cache = kv.new_cache(n_layers) if kv is not None else new_cache()
-    ids = prompt_ids  # (1, T + steps so far)
-    unseen = prompt_ids  # (1, T) for the prefill, then (1, 1): the tokens the cache has not seen
-    reason = "stopped"  # if the consumer closes the iterator early
+    reason = ""  # why the whole generation ended early ("" while rows end by their own stop rules)
     outside = torch.is_inference_mode_enabled()  # the consumer's own mode, restored while it holds a Step
     if speculator is not None:
         speculator.start(prompt_ids)
     try:
         with torch.inference_mode(), contextlib.ExitStack() as scope:
             recorder = scope.enter_context(attention.capturing(model)) if "attention" in active else None
-            site_names = [c for c in capture if c not in ("attention", "logits")]
+            site_names = [c for c in active if c not in ("attention", "logits", "lookahead")]
             sites = scope.enter_context(SiteRecorder(sites_of(model), site_names).recording()) if site_names else None
-            while not (reason := _before_round(len(trace.steps), rules, stop_event)):
-                index, t_mark = len(trace.steps), time.perf_counter()
-                proposal = rounds.propose(ids, cache, rules.max_new_tokens - index - 1, sampler, generator)
+            while live := [row for row in rows if not row.reason]:
+                index, t_round = len(live[0].trace.steps), time.perf_counter()
+                if reason := _before_round(index, rules, stop_event):
+                    break
+                lead = live[0]
+                proposal = rounds.propose(lead.ids, cache, rules.max_new_tokens - index - 1, lead.sampler,
+                                          lead.generator)
                 drafted = proposal.tokens  # (γ,) token ids; n = γ + 1 positions to judge
-                inputs = torch.cat([unseen, torch.tensor([drafted], dtype=ids.dtype, device=ids.device)], dim=1)
+                tail = torch.tensor([drafted], dtype=lead.ids.dtype, device=lead.ids.device)
+                inputs = torch.cat([torch.cat([row.unseen, tail], dim=1) for row in live])  # (B, t + γ)
                 t_target = time.perf_counter()
                 if sites is not None:
                     sites.clear()  # keep the target pass only (a layer-skip draft runs the same model)
-                raw = forward_cached(model, inputs, cache, len(drafted) + 1)[0].float()  # (n, V) raw logits
+                raw_all = forward_cached(model, inputs, cache, len(drafted) + 1).float()  # (B, n, V) raw logits
                 target_ms = (time.perf_counter() - t_target) * 1e3
-                captured = {"attention": recorder.take()} if recorder is not None else {}  # (L, H, T + index)
-                if captured and kv is not None and kv.evicts:  # rows over every position; H2O scores its keys
-                    captured["attention"] = place(captured["attention"], cache, ids.shape[1])
-                site_rows = sites.rows(len(drafted) + 1) if sites is not None else []  # per position {site: (d,)}
-                edited, changed = apply_rows(raw, index, trace.token_ids, drafted, trace.prompt_ids, session,
-                                             interventions)  # (n, V): row i assumes drafted[:i] are kept
-                if sampler.needs:
-                    sampler.observe({k: captured[k] for k in sampler.needs})
-                scores = sampler(ids.expand(len(drafted) + 1, -1), edited)  # (n, V); stateless when n > 1
-                chosen, log_q, ended = _choose(rounds, proposal, scores, sampler, generator, token_text, rules,
-                                               trace.token_ids, tokenizer)  # [(token id, Step.speculative)] × m ≤ n
-                m = _measure(raw[:len(chosen)], scores[:len(chosen)], log_q, top_k, metrics)  # kept rows only
-                made = 0  # Steps handed out in this round
-                for i, (tid, spec) in enumerate(chosen):
-                    step = make_step(i, index + i, ids.shape[1], tid, spec, m.step,
-                                     {**sampler.record(scores[i:i + 1]), **m.sampling[i].as_dict()}, changed[i],
-                                     {name: values[i] for name, values in m.registered.items()}, token_text)
-                    _keep_captures(step, capture, edited[i], captured)
-                    if site_rows:
+                rows_attention = recorder.take_rows() if recorder is not None else []  # B × (L, H, T + index)
+                pass_sites = sites.newest() if sites is not None else {}  # {site: (B, t, ...)} of the target pass
+                shared_s = (time.perf_counter() - t_round) / len(live)  # each row's share of the batched pass
+                for b, row in enumerate(live):
+                    t_mark = time.perf_counter() - shared_s
+                    captured = {"attention": rows_attention[b]} if rows_attention else {}
+                    if captured and kv is not None and kv.evicts:  # rows over every position; H2O scores its keys
+                        captured["attention"] = place(captured["attention"], cache, row.ids.shape[1])
+                    site_rows = [{k: v[b, i - len(drafted) - 1] for k, v in pass_sites.items() if k in capture}
+                                 for i in range(len(drafted) + 1)]  # n × {site: (d,)}: the positions judged
+                    raw = raw_all[b]  # (n, V)
+                    edited, changed = apply_rows(raw, index, row.trace.token_ids, drafted, row.trace.prompt_ids,
+                                                 session, interventions)  # (n, V): row i assumes drafted[:i] kept
+                    if row.sampler.needs:
+                        row.sampler.observe({k: captured[k] if k == "attention" else
+                                             _lookahead(model, cache, b, len(live)) if k == "lookahead" else
+                                             pass_sites[k][b] for k in row.sampler.needs})
+                    scores = row.sampler(row.ids.expand(len(drafted) + 1, -1), edited)  # (n, V); stateless if n > 1
+                    chosen, log_q, ended = _choose(rounds, proposal, scores, row.sampler, row.generator, token_text,
+                                                   rules, row.trace.token_ids, tokenizer)  # [(id, spec)] × m ≤ n
+                    m = _measure(raw[:len(chosen)], scores[:len(chosen)], log_q, top_k, metrics)  # kept rows only
+                    made = 0  # Steps handed out in this round
+                    for i, (tid, spec) in enumerate(chosen):
+                        step = make_step(i, index + i, row.ids.shape[1], tid, spec, m.step,
+                                         {**row.sampler.record(scores[i:i + 1]), **m.sampling[i].as_dict()},
+                                         changed[i], {name: values[i] for name, values in m.registered.items()},
+                                         token_text)
+                        _keep_captures(step, capture, edited[i], captured)
                         step.captures.update(site_rows[i])
-                    if kv is not None:
-                        step.kv = {"policy": kv.spec, "bytes": cache_bytes(cache)}
-                    unseen = torch.tensor([[tid]], device=ids.device)  # (1, 1)
-                    ids = torch.cat([ids, unseen], dim=1)  # (1, T + index + i + 1)
-                    step.time_ms = (time.perf_counter() - t_mark) * 1e3
-                    trace.steps.append(step)
-                    with torch.inference_mode(outside):  # the consumer's code runs as it would without labkit
-                        yield step
-                    t_mark, made = time.perf_counter(), made + 1
-                    if made == len(chosen):
-                        reason = ended
-                    elif stop_event.is_set():
-                        reason = "stopped"  # within a round too: Stop ends generation after the current token
+                        if kv is not None:
+                            step.kv = {"policy": kv.spec, "bytes": cache_bytes(cache)}
+                        row.unseen = torch.tensor([[tid]], device=row.ids.device)  # (1, 1)
+                        row.ids = torch.cat([row.ids, row.unseen], dim=1)  # (1, T + index + i + 1)
+                        step.time_ms = (time.perf_counter() - t_mark) * 1e3
+                        row.trace.steps.append(step)
+                        with torch.inference_mode(outside):  # the consumer's code runs as it would without labkit
+                            yield step
+                        t_mark, made = time.perf_counter(), made + 1
+                        if made == len(chosen):
+                            row.reason = ended
+                        elif stop_event.is_set():
+                            reason = "stopped"  # within a round too: Stop ends generation after the current token
+                            break
+                    rounds.end_round(proposal, [spec for _, spec in chosen[:made]], cache, target_ms,
+                                     row.ids.shape[1] - 1)
+                    if reason:
                         break
-                rounds.end_round(proposal, [spec for _, spec in chosen[:made]], cache, target_ms, ids.shape[1] - 1)
                 if reason:
                     break
+                going = [b for b, row in enumerate(live) if not row.reason]
+                if going and len(going) < len(live):  # rows that ended leave the batch
+                    cache.batch_select_indices(torch.tensor(going, device=lead.ids.device))
     except KeyboardInterrupt:
         reason = "interrupted"
     except Exception:
         reason = "error"
         raise
     finally:
-        trace.stop_reason = reason or "stopped"  # "" only if the consumer closed the iterator mid-way
-        trace.text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)
+        for row in rows:
+            row.trace.stop_reason = row.reason or reason or "stopped"
+            row.trace.text = tokenizer.decode(row.trace.token_ids, skip_special_tokens=True)
         if speculator is not None:
-            speculator.stats.total_ms = sum(s.time_ms for s in trace.steps)
-            trace.meta.speculative = speculator.stats.as_dict()
+            speculator.stats.total_ms = sum(s.time_ms for s in traces[0].steps)
+            traces[0].meta.speculative = speculator.stats.as_dict()
+
+
+def _lookahead(model: Any, cache: Any, batch_row: int, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For a sampler that looks one token ahead (contrastive search): candidate ids (k,) -> each candidate's
+    final-norm hidden state (k, d_model) after row ``batch_row``'s context, from one pass of the k candidates on a
+    copy of the cache (the loop's own cache is left as it is)."""
+    def run(candidates: torch.Tensor) -> torch.Tensor:
+        ahead = copy.deepcopy(cache)
+        if batch > 1:
+            ahead.batch_select_indices(torch.tensor([batch_row], device=candidates.device))
+        ahead.batch_repeat_interleave(len(candidates))
+        sites = sites_of(model)
+        with sites.read(["final_norm"], last=True) as seen:
+            forward_cached(model, candidates.reshape(-1, 1), ahead)
+        return seen["final_norm"][-1]  # (k, d_model)
+
+    return run
 
 
 def _before_round(index: int, rules: StopRules, stop_event: threading.Event) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from labkit import __version__, decode, info, models
+from labkit import __version__, beam, decode, info, models
+from labkit.beam import BeamSearch
 from labkit.errors import InvalidArgument, SessionBusy, check_int
 from labkit.interventions.base import activated, check_interventions
 from labkit.kv import check_kv, parse_kv
@@ -293,12 +294,25 @@ class Session:
     def stream(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None, seed: int | None = None,
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
-               speculative: Any = None, metrics: Sequence[str] = (), kv: Any = None) -> Generation:
-        """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all).
+               speculative: Any = None, metrics: Sequence[str] = (), kv: Any = None,
+               n: int | None = None) -> Generation:
+        """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all; with ``n``,
+        ``.traces`` holds the n sequences and their Steps arrive row by row within each token).
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
         """
         check_int("max_new_tokens", max_new_tokens, 1)
+        listed = list(seed) if isinstance(seed, (list, tuple)) else None  # seeds of a batch, one per row
+        if listed is not None:
+            if not listed or (n is not None and n != len(listed)):
+                raise InvalidArgument(f"seed as a list gives one seed per sequence (n = its length); got {seed!r} "
+                                      f"with n={n!r}")
+            n = len(listed)
+        if n is not None:
+            check_int("n", n, 1, 4096)
+            if n > 1 and (speculative is not None or kv is not None):
+                raise InvalidArgument(f"n={n} decodes a batch of sequences; speculative decoding and kv policies "
+                                      "work on one sequence: use n=None (or n=1) with them")
         if max_new_tokens >= self.info.context_length:
             raise InvalidArgument(f"max_new_tokens must be below the model's context of {self.info.context_length} "
                                   f"tokens (prompt included); got {max_new_tokens}")
@@ -317,30 +331,39 @@ class Session:
         if isinstance(metrics, str):
             raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
         metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
+        if isinstance(sampler, BeamSearch) and (n not in (None, 1) or speculative is not None or kv is not None
+                                                or len(capture) > 0):
+            raise InvalidArgument("beam search (sampler=BeamSearch(...)) runs its beams as the batch: it does not "
+                                  "take n, speculative, kv or capture")
         draft = check_speculative(speculative, sampler, capture)
         policy = None if kv is None else parse_kv(kv)
         if policy is not None:
             check_kv(policy, speculative, capture, self.model.config)
         interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
-        if draft is not None:
-            with self._exclusive():
+        with self._exclusive():
+            sampler.bind(self)  # a sampler reading layers or loading an amateur model; its errors surface here
+            if draft is not None:
                 draft.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise InvalidArgument(f"seed must be an integer in [0, 2**63) or None; got {seed!r}")
+        for one in listed or [seed]:
+            if one is not None and (isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < 2**63):
+                raise InvalidArgument(f"seed must be an integer in [0, 2**63), a list of them, or None; got {seed!r}")
         _check_forced_steps(interventions, max_new_tokens)
         stop_ids, stop_strings = self._stop_rules(stop)
         ids = self.encode(prompt, chat=chat, reserve=max_new_tokens)
-        used_seed = seed if seed is not None else secrets.randbits(63)
-        generator = torch.Generator(device=self.device).manual_seed(used_seed)
-        meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device,
-                         sampler=sampler.config(), seed=used_seed, max_new_tokens=max_new_tokens, chat=chat,
-                         stop=[*stop_strings, *sorted(stop_ids)], labkit_version=__version__,
-                         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
-        trace = Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta)
-        trace._owner = weakref.ref(self)  # Trace.attribute finds its Session (not saved with the Trace)
+        used_seed = seed if isinstance(seed, int) else secrets.randbits(63)
+        seeds = listed or [(used_seed + b) % 2**63 for b in range(n or 1)]  # row b = the single run with seed + b
+        generators = [torch.Generator(device=self.device).manual_seed(row_seed) for row_seed in seeds]
+        created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        traces = []
+        for row_seed in seeds:
+            meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device,
+                             sampler=sampler.config(), seed=row_seed, max_new_tokens=max_new_tokens, chat=chat,
+                             stop=[*stop_strings, *sorted(stop_ids)], labkit_version=__version__, created=created)
+            traces.append(Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta))
+            traces[-1]._owner = weakref.ref(self)  # Trace.attribute finds its Session (not saved with the Trace)
         rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
                                  stop_strings=stop_strings)
-        return Generation(self, ids, trace, sampler, rules, generator, top_k, tuple(capture), interventions,
+        return Generation(self, ids, traces, sampler, rules, generators, top_k, tuple(capture), interventions,
                           Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None, metrics,
                           policy)
 
@@ -348,8 +371,13 @@ class Session:
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                  capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                  on_step: Callable[[Step], None] | None = None, speculative: Any = None,
-                 metrics: Sequence[str] = (), kv: Any = None) -> Trace:
+                 metrics: Sequence[str] = (), kv: Any = None, n: int | None = None) -> Any:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
+
+        ``n`` (an integer ≥ 1) decodes n sequences of the prompt together, in one batched forward pass per token,
+        and returns a list of n Traces: trace b is exactly the single run with ``seed + b`` (its ``meta.seed``),
+        whatever n is; ``seed=[s0, s1, ...]`` does the same with those seeds. Samplers, token-level
+        interventions and per-Step measures act on each row as on one run.
 
         ``sampler=None`` is greedy; ``seed`` makes sampling reproducible (a random seed is drawn and recorded
         when None); ``stop`` takes strings and/or token ids (EOS always stops); ``chat`` applies the chat
@@ -368,7 +396,7 @@ class Session:
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
                           capture=capture, top_k=top_k, interventions=interventions, speculative=speculative,
-                          metrics=metrics, kv=kv)
+                          metrics=metrics, kv=kv, n=n)
         with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
             try:
                 for step in gen:
@@ -376,12 +404,27 @@ class Session:
                         on_step(step)
             except KeyboardInterrupt:  # arrived between two steps rather than inside the loop
                 gen.close()
-                gen.trace.stop_reason = "interrupted"
+                for trace in gen.traces:
+                    trace.stop_reason = "interrupted"
             except BaseException:
                 gen.close()
-                gen.trace.stop_reason = "error"  # the callback's exception propagates; s.last_trace keeps the steps
+                for trace in gen.traces:
+                    trace.stop_reason = "error"  # the callback's exception propagates; s.last_trace keeps the steps
                 raise
-        return gen.trace
+        return gen.trace if n is None and not isinstance(seed, (list, tuple)) else gen.traces
+
+    def uncertainty(self, prompt: str, n: int = 10, seed: int = 0, max_new_tokens: int = 32, sampler: Any = None,
+                    stop: Any = None, chat: bool = False, normalize: Callable[[str], str] | None = None,
+                    equivalent: Callable[[str, str], bool] | None = None) -> Any:
+        """Sequence-level uncertainty of ``prompt``'s answers from ``n`` samples (one batched generation): NLLs
+        (nats, bits), token entropies (bits), predictive and semantic entropy (bits); see
+        :mod:`labkit.uncertainty`. ``normalize`` (text -> answer) or ``equivalent(a, b)`` decide which answers mean
+        the same (default: :func:`~labkit.uncertainty.normalize_answer`)."""
+        from labkit import uncertainty as unc
+
+        return unc.uncertainty(self, prompt, n=n, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler,
+                               stop=stop, chat=chat, normalize=normalize or unc.normalize_answer,
+                               equivalent=equivalent)
 
     @contextlib.contextmanager
     def intervene(self, *interventions: Any) -> Iterator[Session]:
@@ -455,14 +498,16 @@ class Generation:
     in the loop's body): the iterator keeps no reference to this object, so dropping it cleans up at once, without
     waiting for the garbage collector. The consumer's code between steps runs outside torch's inference mode."""
 
-    def __init__(self, session: Session, ids: torch.Tensor, trace: Trace, sampler: Sampler,
-                 rules: decode.StopRules, generator: torch.Generator, top_k: int, capture: tuple[str, ...],
+    def __init__(self, session: Session, ids: torch.Tensor, traces: list[Trace], sampler: Sampler,
+                 rules: decode.StopRules, generators: list[torch.Generator], top_k: int, capture: tuple[str, ...],
                  interventions: list[Any], speculator: Speculator | None = None, metrics: tuple[str, ...] = (),
                  kv: Any = None) -> None:
         self.session = session
-        self.trace = trace
-        self._steps = _run(session, trace, ids, sampler, rules, generator, top_k, capture, interventions, speculator,
-                           metrics, kv)
+        self.traces = traces
+        """Every sequence of the generation (one unless ``n`` was given)."""
+        self.trace = traces[0]
+        self._steps = _run(session, traces, ids, sampler, rules, generators, top_k, capture, interventions,
+                           speculator, metrics, kv)
 
     def __iter__(self) -> Generation:
         return self
@@ -486,17 +531,22 @@ class Generation:
             steps.close()
 
 
-def _run(s: Session, trace: Trace, ids: torch.Tensor, sampler: Sampler, rules: decode.StopRules,
-         generator: torch.Generator, top_k: int, capture: tuple[str, ...], interventions: list[Any],
+def _run(s: Session, traces: list[Trace], ids: torch.Tensor, sampler: Sampler, rules: decode.StopRules,
+         generators: list[torch.Generator], top_k: int, capture: tuple[str, ...], interventions: list[Any],
          speculator: Speculator | None, metrics: tuple[str, ...], kv: Any) -> Iterator[Step]:
     """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
     method: the generator must not reference its Generation (see there)."""
     try:
         with s._exclusive(), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
-            yield from decode.decode(s.model, s.tokenizer, ids, trace, sampler, rules, generator=generator,
+            if isinstance(sampler, BeamSearch):
+                yield from beam.search(s.model, s.tokenizer, ids, traces[0], sampler, rules, stop_event=s._stop,
+                                       top_k=top_k, token_text=s._texts, interventions=[*s._scoped, *token_level],
+                                       session=s, metrics=metrics)
+                return
+            yield from decode.decode(s.model, s.tokenizer, ids, traces, sampler, rules, generator=generators,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
                                      interventions=[*s._scoped, *token_level], session=s, speculator=speculator,
                                      metrics=metrics, kv=kv)
     finally:
-        s.last_trace = trace
+        s.last_trace = traces[0]

@@ -123,6 +123,8 @@ class TraceMeta:
     """ISO-8601 UTC time the generation started."""
     speculative: dict[str, Any] = field(default_factory=dict)
     """With speculative decoding: the draft's settings and the run's SpeculativeStats (``as_dict``); else empty."""
+    beam: dict[str, Any] = field(default_factory=dict)
+    """With beam search: the tree of hypotheses (:meth:`labkit.beam.BeamTree.as_dict`); else empty."""
 
 
 @dataclass
@@ -171,6 +173,14 @@ class Trace:
         from labkit.render import trace_html
 
         return trace_html(self)
+
+    def beam_tree(self) -> Any:
+        """The tree of hypotheses of a beam search (:class:`labkit.beam.BeamTree`); refused for other runs."""
+        from labkit.beam import BeamTree
+
+        if not self.meta.beam:
+            raise InvalidArgument("this trace was not made by beam search (sampler=BeamSearch(...)): no beam tree")
+        return BeamTree.from_dict(self.meta.beam)
 
     # -- why ----------------------------------------------------------------------------------------------
     def attribute(self, index: int, method: str = "ig", session: Any = None, **options: Any) -> Any:

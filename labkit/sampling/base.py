@@ -102,6 +102,10 @@ class Sampler(LogitsProcessor):
         """Check one parameter; return the (normalised) value or raise InvalidArgument."""
         return check_param(key, value)
 
+    def bind(self, session: Any) -> None:
+        """Prepare for generating with ``session`` (called by the Session before each generation, the Session
+        held): a sampler that reads the model's layers or loads a second model does it here."""
+
     def reset(self, tokenizer: Any = None) -> None:
         """Clear per-generation state (called by the decoding loop before a generation)."""
 

@@ -66,8 +66,7 @@ def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | 
     rows = []
     for spec in samplers:
         sampler = parse_sampler(spec) if isinstance(spec, str) else spec
-        traces = [session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
-                  for prompt in prompts for seed in seeds]
+        traces = [t for prompt in prompts for t in _runs(session, prompt, sampler, list(seeds), max_new_tokens, chat)]
         outputs = [t.token_ids for t in traces]
         figures = summarize(traces)
         branches = figures.pop("branches")
@@ -79,3 +78,14 @@ def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | 
             row["branches"] = branches
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _runs(session: Any, prompt: str, sampler: Sampler, seeds: list[int], max_new_tokens: int, chat: bool) -> list[Any]:
+    """The traces of one prompt for every seed: one batched generation (each row = the single run with its seed),
+    except for beam search, which is deterministic and uses the batch for its beams (one run per seed)."""
+    from labkit.beam import BeamSearch
+
+    if isinstance(sampler, BeamSearch) or len(seeds) == 1:
+        return [session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
+                for seed in seeds]
+    return session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seeds, chat=chat)

@@ -2,13 +2,16 @@
 
 Spec syntax (CLI ``--sampler``, sweeps, magics: :func:`parse_sampler`): ``name`` or ``name:key=value,key=value``,
 e.g. ``greedy``, ``classic:temperature=0.7,top_p=0.9``, ``mirostat:tau=4``, ``entropy_guided``,
-``entropix:temperature=0.5``. A new sampler is added to :data:`SAMPLERS`.
+``entropix:temperature=0.5``, ``beam:num_beams=4``, ``contrastive:alpha=0.1,beta=0.5,amateur=layers:8``,
+``dola:layers=high``, ``contrastive-search:penalty_alpha=0.6,top_k=4``. A new sampler is added to :data:`SAMPLERS`.
 """
 
 from __future__ import annotations
 
+from labkit.beam import BeamSearch
 from labkit.errors import InvalidArgument
 from labkit.sampling.base import Classic, Greedy, Sampler
+from labkit.sampling.contrastive import ContrastiveDecoding, ContrastiveSearch, DoLa
 from labkit.sampling.entropix import Entropix
 from labkit.sampling.guided import EntropyGuided
 from labkit.sampling.mirostat import Mirostat
@@ -16,6 +19,7 @@ from labkit.specs import parse_spec
 
 SAMPLERS: dict[str, type[Sampler]] = {
     "greedy": Greedy, "classic": Classic, "mirostat": Mirostat, "entropy_guided": EntropyGuided, "entropix": Entropix,
+    "beam": BeamSearch, "contrastive": ContrastiveDecoding, "dola": DoLa, "contrastive_search": ContrastiveSearch,
 }
 
 
