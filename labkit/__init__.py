@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 
-_LAZY = ("interventions", "panels", "speculative", "magics")
+_LAZY = ("interventions", "panels", "speculative", "magics", "beam", "uncertainty")
 
 
 def __getattr__(name: str) -> object:

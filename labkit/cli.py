@@ -254,6 +254,40 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
             click.echo(f"saved {trace.save(save_path)}", err=True)
 
 
+@main.command("uncertainty")
+@click.argument("prompt")
+@click.option("-n", "n", default=10, show_default=True, type=click.IntRange(min=2), help="Answers to sample.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Sample b uses seed + b.")
+@click.option("--sampler", "sampler_spec", default=None, help="A sampler spec (default: classic:temperature=1, "
+              "the model's own distribution).")
+@click.option("--stop", "stops", multiple=True, help="A stop string (repeatable), e.g. a newline: $'\\n'.")
+@click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@model_options
+def uncertainty_cmd(prompt: str, n: int, max_new_tokens: int, seed: int, sampler_spec: str | None,
+                    stops: tuple[str, ...], chat: bool, as_json: bool, **model_kw: Any) -> None:
+    """How unsure the model is of its answer to PROMPT: n sampled answers, their NLL (bits), predictive and
+    semantic entropy (bits)."""
+    from labkit.sampling import parse_sampler
+
+    with _errors():
+        sampler = parse_sampler(sampler_spec) if sampler_spec else None
+        s = _session(**model_kw)
+        u = s.uncertainty(prompt, n=n, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler,
+                          stop=list(stops) or None, chat=chat)
+        if as_json:
+            click.echo(json.dumps(u.as_dict(), ensure_ascii=False))
+            return
+        click.echo(f"{'#':>3}  {'NLL bits':>9}  {'bits/token':>10}  {'mean H':>7}  {'cluster':>7}  answer")
+        for i, smp in enumerate(u.samples):
+            click.echo(f"{i:>3}  {smp.nll_bits:>9.2f}  {smp.nll_per_token_bits:>10.3f}  {smp.mean_entropy_bits:>7.3f}"
+                       f"  {smp.cluster:>7}  {smp.text.strip()!r}")
+        click.echo(f"predictive entropy {u.predictive_entropy_bits:.3f} bits ({u.predictive_entropy_per_token_bits:.3f}"
+                   f" bits/token); semantic entropy {u.semantic_entropy_bits:.3f} bits over {len(u.clusters)} "
+                   f"clusters (probability-weighted {u.semantic_entropy_weighted_bits:.3f} bits)")
+
+
 @main.command("compare")
 @click.argument("prompt")
 @click.option("--sampler", "samplers", multiple=True, help="A sampler spec (repeatable), e.g. greedy, "

@@ -221,6 +221,47 @@ def grouped_bars(series: dict[str, Sequence[float]], x_labels: Sequence[Any], xl
     return Picture(fig)
 
 
+def beam_tree_picture(tree: Any, title: str = "Beam search tree") -> Picture:
+    """A :class:`~labkit.beam.BeamTree` as a Picture: x the step, y the candidate's rank among that step's kept
+    candidates (0 = best score); each node joined to its parent; the returned path red and labelled, finished
+    hypotheses green (labelled with their length-normalised score), expanded beams blue, pruned ones grey."""
+    colours = {"returned": "#d62728", "finished": "#2ca02c", "expanded": "#1f77b4", "pruned": "#b0b0b0"}
+    by_step: dict[int, list[Any]] = {}
+    for node in tree.nodes:
+        by_step.setdefault(node.step, []).append(node)
+    place = {n.id: (step, rank) for step, nodes in by_step.items()
+             for rank, n in enumerate(sorted(nodes, key=lambda n: -n.score))}
+    on_path = {n.id for n in tree.path()} if tree.returned >= 0 else set()
+    steps = max(by_step, default=0) + 1
+    width = max(6.4, 0.55 * steps + 1.5)  # inches
+    height = max(3.8, 0.32 * max((len(v) for v in by_step.values()), default=1) + 1.2)
+    fig = _new_figure(width, height)
+    ax = fig.add_subplot()
+    for node in tree.nodes:
+        x, y = place[node.id]
+        if node.parent >= 0:
+            px, py = place[node.parent]
+            path = node.id in on_path
+            ax.plot([px, x], [py, y], color=colours["returned"] if path else "#cccccc", lw=2.2 if path else 0.7,
+                    zorder=2 if path else 1)
+        status = "returned" if node.id in on_path else node.status
+        ax.scatter([x], [y], s=36 if node.id in on_path else 14, color=colours[status], zorder=3)
+        if node.id in on_path or status == "finished":
+            label = token_label(node.token, 10)
+            if status == "finished" and node.final_score is not None:
+                label += f" ({node.final_score:.2f})"
+            ax.annotate(label, (x, y), xytext=(3, 4), textcoords="offset points", fontsize=7,
+                        color=colours[status])
+    for status, colour in colours.items():
+        ax.scatter([], [], color=colour, s=18, label=status)
+    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    ax.set_xlabel("step (generated token)")
+    ax.set_ylabel("rank among the kept candidates (0 = best score)")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=11, wrap=True)
+    return Picture(fig)
+
+
 def to_png(image: Any) -> bytes:
     """PNG bytes of a :class:`Picture` or a PIL image (what ``ipywidgets.Image(value=...)`` takes)."""
     if isinstance(image, Picture):

@@ -10,6 +10,8 @@ __all__ = ["Classic", "Entropix", "EntropixConfig", "EntropyGuided", "Greedy", "
            "SamplingInfo", "TopNSigmaLogitsWarper", "check_param", "sampling_info", "sampling_info_of"]
 
 from labkit.sampling.compare import distinct_n, evaluate, repetition_rate, summarize
+from labkit.sampling.contrastive import ContrastiveDecoding, ContrastiveSearch, DoLa
 from labkit.sampling.registry import SAMPLERS, label, parse_sampler
 
 __all__ += ["SAMPLERS", "distinct_n", "evaluate", "label", "parse_sampler", "repetition_rate", "summarize"]
+__all__ += ["ContrastiveDecoding", "ContrastiveSearch", "DoLa"]
