@@ -15,12 +15,13 @@ from PIL import Image
 
 import labkit
 from labkit.attention import attn_implementation
+from labkit.beam import BeamSearch
 from labkit.errors import InvalidArgument
 from labkit.interventions import AblateHead
 from labkit.panels import AttentionView, Lab, NextToken, SamplerControls, SpeculativeView, TokenStream
 from labkit.panels.attention_view import grow
 from labkit.panels.stream import step_view
-from labkit.sampling import Classic, Entropix
+from labkit.sampling import Classic, DoLa, Entropix
 from labkit.speculative import PromptLookupDraft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,5 +354,25 @@ def test_lab_generates_with_the_chosen_kv_policy_and_shows_the_caches_size(sessi
         lab.kv.value = "lossy"
         lab.buttons["Generate"].click()
         assert "not one of" in lab.message.value
+    finally:
+        lab.close()
+
+
+def test_lab_offers_beam_search_and_the_contrast_decoders_with_live_sliders(session):
+    lab = Lab(session, prompt=PROMPT, max_new_tokens=4)
+    try:
+        lab.controls.kind.value = "beam"
+        lab.run()
+        lab.wait(60)
+        assert lab.trace.token_ids == session.generate(PROMPT, max_new_tokens=4, sampler=BeamSearch(4)).token_ids
+        assert lab.trace.beam_tree().returned >= 0
+        lab.controls.kind.value = "dola"
+        lab.controls.sliders["alpha"].value = 0.2
+        assert lab.controls.sampler.alpha == 0.2
+        lab.buttons["Generate"].click()
+        lab.wait(60)
+        expected = session.generate(PROMPT, max_new_tokens=4, sampler=DoLa(alpha=0.2))
+        assert lab.trace.token_ids == expected.token_ids
+        assert [s.sampler["premature_layer"] for s in lab.trace] == [s.sampler["premature_layer"] for s in expected]
     finally:
         lab.close()

@@ -9,14 +9,28 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from labkit.beam import BeamSearch
 from labkit.errors import invalid_choice
-from labkit.sampling import Classic, Entropix, EntropyGuided, Greedy, Sampler
+from labkit.sampling import (
+    Classic,
+    ContrastiveDecoding,
+    ContrastiveSearch,
+    DoLa,
+    Entropix,
+    EntropyGuided,
+    Greedy,
+    Sampler,
+)
 
 KINDS: dict[str, Callable[[], Sampler]] = {
     "greedy": Greedy,
     "classic": lambda: Classic(temperature=0.8),
     "entropy-guided": EntropyGuided.preset,
     "entropix": Entropix,
+    "beam": BeamSearch,
+    "contrastive": ContrastiveDecoding,
+    "dola": DoLa,
+    "contrastive-search": ContrastiveSearch,
 }
 """The samplers the chooser offers, each with the settings it starts from."""
 
@@ -33,6 +47,12 @@ SLIDERS: dict[str, tuple[type, float, float, float]] = {
     "high_ent": (widgets.FloatSlider, 0.0, 12.0, 0.05),
     "low_vent": (widgets.FloatSlider, 0.0, 8.0, 0.05),
     "high_vent": (widgets.FloatSlider, 0.0, 20.0, 0.1),
+    "num_beams": (widgets.IntSlider, 1, 16, 1),  # beam settings are read when a search starts
+    "length_penalty": (widgets.FloatSlider, -2.0, 3.0, 0.1),
+    "entropy_coef": (widgets.FloatSlider, -3.0, 3.0, 0.1),  # λ per bit of step entropy
+    "alpha": (widgets.FloatSlider, 0.01, 1.0, 0.01),  # contrastive decoding / DoLa plausibility threshold
+    "beta": (widgets.FloatSlider, 0.0, 2.0, 0.05),
+    "penalty_alpha": (widgets.FloatSlider, 0.0, 1.0, 0.05),
 }
 """The parameters that get a slider, when the sampler has them."""
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from labkit.beam import BeamSearch
 from labkit.interventions import ForceTokens
 from labkit.interventions.specs import from_text
 from labkit.panels.attention_view import AttentionImage, grow
@@ -168,7 +169,8 @@ class Lab(widgets.VBox):
         prompt, chat = self.prompt.value, self.chat.value
         maps = self.session.attention(prompt, chat=chat)  # also checks the prompt (length, emptiness)
         gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value, sampler=self.controls.sampler,
-                                  seed=self.seed.value, chat=chat, capture=["attention"], top_k=self.top_k,
+                                  seed=self.seed.value, chat=chat, top_k=self.top_k,
+                                  capture=[] if isinstance(self.controls.sampler, BeamSearch) else ["attention"],
                                   interventions=[*self._interventions(), *extra], kv=self.kv.value or None)
         self._runner, self.trace = _Runner(gen, self), gen.trace
         self._prompt_maps = maps
