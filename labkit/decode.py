@@ -148,8 +148,9 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace | 
     rounds = speculator if speculator is not None else PlainRounds()
     traces = [trace] if isinstance(trace, Trace) else list(trace)
     generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
-    if len(traces) != len(generators) or (len(traces) > 1 and (speculator is not None or kv is not None)):
-        raise InvalidArgument("a batched decode takes one generator per trace, and no speculator or kv policy")
+    if len(traces) != len(generators) or (len(traces) > 1 and (speculator is not None or
+                                                               (kv is not None and kv.spec != "full"))):
+        raise InvalidArgument("a batched decode takes one generator per trace, and no speculator or lossy kv policy")
     rows = [_Row(t, sampler if b == 0 or sampler.stateless else copy.deepcopy(sampler), g, prompt_ids, prompt_ids)
             for b, (t, g) in enumerate(zip(traces, generators, strict=True))]
     for row in rows:
@@ -211,7 +212,7 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace | 
                         _keep_captures(step, capture, edited[i], captured)
                         step.captures.update(site_rows[i])
                         if kv is not None:
-                            step.kv = {"policy": kv.spec, "bytes": cache_bytes(cache)}
+                            step.kv = {"policy": kv.spec, "bytes": cache_bytes(cache) // len(live)}  # rows alike
                         row.unseen = torch.tensor([[tid]], device=row.ids.device)  # (1, 1)
                         row.ids = torch.cat([row.ids, row.unseen], dim=1)  # (1, T + index + i + 1)
                         step.time_ms = (time.perf_counter() - t_mark) * 1e3

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -152,19 +153,40 @@ class Sweep:
     def run_cell(self, session: Any, cell: Cell, resolved: dict[str, list[Any]] | None = None) -> dict[str, Any]:
         """Generate one cell on ``session`` and measure it (see the module docstring); ``resolved`` caches the
         interventions bound to this session by name."""
-        from labkit.interventions.effects import unmodified_logits
+        return self.run_cells(session, [cell], resolved)[0]
+
+    def run_cells(self, session: Any, cells: Sequence[Cell], resolved: dict[str, list[Any]] | None = None
+                  ) -> list[dict[str, Any]]:
+        """Cells that differ only in their seed, generated as one batch (row b is the single run with its seed, so
+        each row is what :meth:`run_cell` gives; beam search, deterministic, runs once per cell) and measured."""
+        from labkit.beam import BeamSearch
         from labkit.interventions.specs import parse
 
+        first = cells[0]
+        if any((c.prompt, c.sampler, c.intervention, c.kv) != (first.prompt, first.sampler, first.intervention,
+                                                               first.kv) for c in cells):
+            raise InvalidArgument("run_cells takes cells that differ only in their seed")
         resolved = {} if resolved is None else resolved
-        if cell.intervention not in resolved:
-            resolved[cell.intervention] = [x for item in self.interventions[cell.intervention]
-                                           for x in (parse(session, item) if isinstance(item, str) else [item])]
-        items = resolved[cell.intervention]
-        sampler = copy.deepcopy(self.samplers[cell.sampler])  # a fresh one: state never leaks between cells
-        policy = self.kv[cell.kv]
-        full = policy.spec == "full"
-        trace = session.generate(cell.prompt, max_new_tokens=self.max_new_tokens, sampler=sampler, seed=cell.seed,
-                                 chat=self.chat, interventions=items, capture=["logits"], kv=policy)
+        if first.intervention not in resolved:
+            resolved[first.intervention] = [x for item in self.interventions[first.intervention]
+                                            for x in (parse(session, item) if isinstance(item, str) else [item])]
+        items = resolved[first.intervention]
+        sampler = copy.deepcopy(self.samplers[first.sampler])  # a fresh one: state never leaks between cells
+        policy = self.kv[first.kv]
+        kw = dict(max_new_tokens=self.max_new_tokens, chat=self.chat, interventions=items, capture=["logits"],
+                  kv=policy)
+        if len(cells) > 1 and policy.spec == "full" and not isinstance(sampler, BeamSearch):
+            traces = session.generate(first.prompt, sampler=sampler, seed=[c.seed for c in cells], **kw)
+        else:
+            traces = [session.generate(first.prompt, sampler=copy.deepcopy(sampler), seed=c.seed, **kw)
+                      for c in cells]
+        return [self._row(session, cell, trace, items, policy.spec == "full")
+                for cell, trace in zip(cells, traces, strict=True)]
+
+    def _row(self, session: Any, cell: Cell, trace: Any, items: list[Any], full: bool) -> dict[str, Any]:
+        """The row of one generated cell: its figures, and the teacher-forced comparison with the baseline."""
+        from labkit.interventions.effects import unmodified_logits
+
         n = len(trace)
         row: dict[str, Any] = {"cell": cell.key, "prompt": cell.prompt, "sampler": cell.sampler,
                                "intervention": cell.intervention, "kv": cell.kv, "seed": cell.seed,
@@ -230,10 +252,11 @@ class Sweep:
         return pd.DataFrame([rows[k] for k in order])
 
     def _local(self, session: Any, spec: SessionSpec | None, cells: list[Cell]) -> Iterator[dict[str, Any]]:
+        """Rows of ``cells``; consecutive cells that differ only in their seed are one batched generation."""
         session = session if session is not None else (spec or SessionSpec()).load()
         resolved: dict[str, list[Any]] = {}
-        for cell in cells:
-            yield self.run_cell(session, cell, resolved)
+        for _, group in itertools.groupby(cells, key=lambda c: (c.prompt, c.sampler, c.intervention, c.kv)):
+            yield from self.run_cells(session, list(group), resolved)
 
     def _ray(self, spec: SessionSpec | None, cells: list[Cell], workers: int,
              num_gpus: float) -> Iterator[dict[str, Any]]:

@@ -310,9 +310,9 @@ class Session:
             n = len(listed)
         if n is not None:
             check_int("n", n, 1, 4096)
-            if n > 1 and (speculative is not None or kv is not None):
-                raise InvalidArgument(f"n={n} decodes a batch of sequences; speculative decoding and kv policies "
-                                      "work on one sequence: use n=None (or n=1) with them")
+            if n > 1 and (speculative is not None or (kv is not None and parse_kv(kv).spec != "full")):
+                raise InvalidArgument(f"n={n} decodes a batch of sequences; speculative decoding and lossy kv "
+                                      "policies work on one sequence: use n=None (or n=1) with them")
         if max_new_tokens >= self.info.context_length:
             raise InvalidArgument(f"max_new_tokens must be below the model's context of {self.info.context_length} "
                                   f"tokens (prompt included); got {max_new_tokens}")
@@ -332,9 +332,9 @@ class Session:
             raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
         metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
         if isinstance(sampler, BeamSearch) and (n not in (None, 1) or speculative is not None or kv is not None
-                                                or len(capture) > 0):
+                                                or any(c != "logits" for c in capture)):
             raise InvalidArgument("beam search (sampler=BeamSearch(...)) runs its beams as the batch: it does not "
-                                  "take n, speculative, kv or capture")
+                                  "take n, speculative, kv or captures other than 'logits'")
         draft = check_speculative(speculative, sampler, capture)
         policy = None if kv is None else parse_kv(kv)
         if policy is not None:
@@ -542,7 +542,7 @@ def _run(s: Session, traces: list[Trace], ids: torch.Tensor, sampler: Sampler, r
             if isinstance(sampler, BeamSearch):
                 yield from beam.search(s.model, s.tokenizer, ids, traces[0], sampler, rules, stop_event=s._stop,
                                        top_k=top_k, token_text=s._texts, interventions=[*s._scoped, *token_level],
-                                       session=s, metrics=metrics)
+                                       session=s, metrics=metrics, keep_logits="logits" in capture)
                 return
             yield from decode.decode(s.model, s.tokenizer, ids, traces, sampler, rules, generator=generators,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,

@@ -560,6 +560,26 @@ def test_xformers_backend_refuses_what_it_cannot_compute(arch):
     models.check_xformers_fits(ARCHS["llama"].make())  # no window, no softcap: allowed
 
 
+@pytest.mark.parametrize("arch", NAMES)
+def test_batched_rows_equal_single_runs_and_beam_search_equals_transformers(arch, sessions):
+    from labkit.beam import BeamSearch
+    from labkit.sampling import Classic, ContrastiveDecoding, ContrastiveSearch
+
+    s = sessions(arch)
+    rows = s.generate(PROMPT, max_new_tokens=NEW, sampler=Classic(temperature=1.0), seed=0, n=3)
+    assert [t.token_ids for t in rows] == [s.generate(PROMPT, max_new_tokens=NEW, sampler=Classic(temperature=1.0),
+                                                      seed=b).token_ids for b in range(3)]
+    ids = s.encode(PROMPT)
+    with torch.no_grad():
+        ref = s.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                               num_beams=3, pad_token_id=2)[0, ids.shape[1]:].tolist()
+    assert s.generate(PROMPT, max_new_tokens=NEW, sampler=BeamSearch(3)).token_ids == ref
+    greedy = s.generate(PROMPT, max_new_tokens=NEW).token_ids
+    assert s.generate(PROMPT, max_new_tokens=NEW, sampler=ContrastiveSearch(0.0, 3)).token_ids == greedy
+    assert s.generate(PROMPT, max_new_tokens=NEW, sampler=ContrastiveDecoding(beta=0.0, amateur="layers:1")
+                      ).token_ids == greedy
+
+
 FEATURES = {  # README column -> the test of this module that checks it on every architecture
     "log-probs": test_next_token_logprobs_equal_a_plain_eager_forward,
     "greedy": test_greedy_generation_equals_model_generate,
@@ -577,6 +597,7 @@ FEATURES = {  # README column -> the test of this module that checks it on every
     "gradient attribution": test_gradient_attribution_methods_against_autograd_on_the_eager_model,
     "logit attribution": test_logit_attribution_parts_sum_to_the_eager_models_logit_difference,
     "KV policies": test_kv_policies_that_drop_nothing_generate_what_the_full_cache_does,
+    "batch and beams": test_batched_rows_equal_single_runs_and_beam_search_equals_transformers,
 }
 
 

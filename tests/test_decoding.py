@@ -85,6 +85,20 @@ def test_stop_during_a_batched_run_keeps_every_rows_partial_trace(session):
     assert session.generate("Hi", max_new_tokens=2).stop_reason == "max_new_tokens"  # the session is free
 
 
+def test_a_sweeps_seeds_run_as_one_batch_and_each_row_is_its_cells_single_run(session):
+    from labkit.experiments import Sweep
+
+    sweep = Sweep(["The capital of France is"], samplers={"t1": Classic(temperature=1.0), "beam": BeamSearch(2)},
+                  interventions={"none": [], "boost": [Boost(" the", 3.0)]}, seeds=[0, 1, 2], max_new_tokens=5)
+    frame = sweep.run(session, progress=False)
+    assert len(frame) == 12
+    for cell in sweep.cells()[::2]:
+        row, single = frame[frame.cell == cell.key].iloc[0], sweep.run_cell(session, cell)
+        assert (row.text, row.kv_bytes, row.tokens) == (single["text"], single["kv_bytes"], single["tokens"])
+        assert row.kl_to_baseline_bits == pytest.approx(single["kl_to_baseline_bits"], abs=1e-4)
+        assert row.perplexity == pytest.approx(single["perplexity"], rel=1e-4)
+
+
 # -- beam search ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("prompt", "beams", "ends"), [
