@@ -240,7 +240,7 @@ def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, b
                 reason = ""
     except KeyboardInterrupt:
         reason = "interrupted"
-    chosen = finished[0] if finished[0] >= 0 else running[0]
+    chosen = finished[0] if bool(finished_on[0]) else running[0]  # no hypothesis finished: the best running one
     for node in nodes:
         if node.status == "running":
             node.status = "pruned"  # the search ended: running hypotheses that did not finish

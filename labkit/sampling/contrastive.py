@@ -37,13 +37,17 @@ def _plausible(logp: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class _Shared:
-    """Holds what batch rows' copies of a sampler share (a loaded model): ``copy.deepcopy`` keeps it as is."""
+    """Holds what batch rows' copies of a sampler share (the model's sites, a loaded amateur): ``copy.deepcopy``
+    keeps it as is; pickling leaves it out."""
 
     def __init__(self, value: Any = None) -> None:
         self.value = value
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
         return self
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Shared, ()  # pickled empty (a Ray worker binds the sampler to its own Session)
 
 
 class _Contrasting(Sampler):
