@@ -89,7 +89,7 @@ def test_parse_sampler_specs():
     assert parse_sampler("entropix:temperature=0.5").cfg.temperature == 0.5
     assert label(parse_sampler("classic:temperature=0.7,top_p=0.9")) == "classic:temperature=0.7,top_p=0.9"
     assert label(parse_sampler("entropix")) == "entropix"
-    for spec, match in [("", "sampler spec must be a string"), ("beam", "sampler 'beam' is unknown"),
+    for spec, match in [("", "sampler spec must be a string"), ("nucleus", "sampler 'nucleus' is unknown"),
                         ("classic:temperature", "must look like key=value"),
                         ("classic:temprature=1", "sampler 'classic' does not take"),
                         ("greedy:temperature=1", "sampler 'greedy' does not take")]:
