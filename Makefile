@@ -51,7 +51,7 @@ browser:
 ## test: ruff, the test suite (the real-browser test included) and the notebooks under nbval
 test: setup browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest tests notebooks $(NBVAL)
+	$(PY) -m pytest tests notebooks $(NBVAL) --durations=30
 
 ## bench: benchmarks under bench/, results as JSON in bench/results/
 bench: setup

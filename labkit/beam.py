@@ -30,6 +30,7 @@ import torch
 from labkit.cache import forward_cached, new_cache
 from labkit.errors import InvalidArgument
 from labkit.interventions.base import TokenIntervention, apply_rows
+from labkit.kv import cache_bytes
 from labkit.sampling.base import Sampler
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
@@ -138,12 +139,13 @@ class BeamTree:
 def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, beams: BeamSearch, rules: Any, *,
            stop_event: threading.Event | None = None, top_k: int = 10, token_text: TokenTexts | None = None,
            interventions: Sequence[TokenIntervention] = (), session: Any = None,
-           metrics: Sequence[str] = (), keep_logits: bool = False) -> Iterator[Step]:
+           metrics: Sequence[str] = (), keep_logits: bool = False, record_kv: bool = False) -> Iterator[Step]:
     """Run beam search from ``prompt_ids`` (1, T); at the end append the returned hypothesis' Steps to ``trace``
     and yield them (nothing is yielded while hypotheses are still being ranked). ``rules`` (a StopRules) decide
     which candidates end; ``max_new_tokens`` ends every hypothesis. Stop / KeyboardInterrupt end the search early
     with the best hypothesis so far (finished if there is one, else the best running one). ``keep_logits`` keeps
-    each Step's logits after the token-level interventions in ``Step.captures["logits"]`` (V,)."""
+    each Step's logits after the token-level interventions in ``Step.captures["logits"]`` (V,); ``record_kv`` its
+    ``Step.kv`` (the full cache: one hypothesis' share of the bytes, every row holding as many positions)."""
     from labkit.decode import _measure, make_step
 
     token_text = token_text or TokenTexts(tokenizer)
@@ -199,6 +201,8 @@ def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, b
                     step.time_ms = ms
                     if keep_logits:
                         step.captures["logits"] = edited[p]
+                    if record_kv:
+                        step.kv = {"policy": "full", "bytes": cache_bytes(cache) // nb}
                     steps[node.id] = step
                 # the next running beams: the best nb candidates that do not end
                 order = torch.topk(top_scores + ends.float() * _NEG, k=nb).indices.tolist()

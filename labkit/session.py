@@ -331,10 +331,11 @@ class Session:
         if isinstance(metrics, str):
             raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
         metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
-        if isinstance(sampler, BeamSearch) and (n not in (None, 1) or speculative is not None or kv is not None
+        lossy = kv is not None and parse_kv(kv).spec != "full"
+        if isinstance(sampler, BeamSearch) and (n not in (None, 1) or speculative is not None or lossy
                                                 or any(c != "logits" for c in capture)):
             raise InvalidArgument("beam search (sampler=BeamSearch(...)) runs its beams as the batch: it does not "
-                                  "take n, speculative, kv or captures other than 'logits'")
+                                  "take n, speculative, a lossy kv policy or captures other than 'logits'")
         draft = check_speculative(speculative, sampler, capture)
         policy = None if kv is None else parse_kv(kv)
         if policy is not None:
@@ -542,7 +543,8 @@ def _run(s: Session, traces: list[Trace], ids: torch.Tensor, sampler: Sampler, r
             if isinstance(sampler, BeamSearch):
                 yield from beam.search(s.model, s.tokenizer, ids, traces[0], sampler, rules, stop_event=s._stop,
                                        top_k=top_k, token_text=s._texts, interventions=[*s._scoped, *token_level],
-                                       session=s, metrics=metrics, keep_logits="logits" in capture)
+                                       session=s, metrics=metrics, keep_logits="logits" in capture,
+                                       record_kv=kv is not None)
                 return
             yield from decode.decode(s.model, s.tokenizer, ids, traces, sampler, rules, generator=generators,
                                      stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
