@@ -255,8 +255,8 @@ class Sweep:
         """Rows of ``cells``; consecutive cells that differ only in their seed are one batched generation."""
         session = session if session is not None else (spec or SessionSpec()).load()
         resolved: dict[str, list[Any]] = {}
-        for _, group in itertools.groupby(cells, key=lambda c: (c.prompt, c.sampler, c.intervention, c.kv)):
-            yield from self.run_cells(session, list(group), resolved)
+        for group in _seed_groups(cells):
+            yield from self.run_cells(session, group, resolved)
 
     def _ray(self, spec: SessionSpec | None, cells: list[Cell], workers: int,
              num_gpus: float) -> Iterator[dict[str, Any]]:
@@ -273,10 +273,10 @@ class Sweep:
         try:
             actor = ray.remote(num_cpus=1, num_gpus=num_gpus, max_restarts=-1, max_task_retries=-1)(SweepWorker)
             pool = ActorPool([actor.remote(spec, self) for _ in range(workers)])  # the sweep travels inline
-            for cell in cells:
-                pool.submit(lambda a, c: a.run.remote(c), cell)
+            for group in _seed_groups(cells):  # one task per batch of seeds: the same batches as locally
+                pool.submit(lambda a, g: a.run.remote(g), group)
             while pool.has_next():
-                yield pool.get_next_unordered()
+                yield from pool.get_next_unordered()
         finally:
             if started:
                 ray.shutdown()
@@ -290,8 +290,13 @@ class SweepWorker:
         self.sweep = sweep
         self.resolved: dict[str, list[Any]] = {}
 
-    def run(self, cell: Cell) -> dict[str, Any]:
-        return self.sweep.run_cell(self.session, cell, self.resolved)
+    def run(self, cells: list[Cell]) -> list[dict[str, Any]]:
+        return self.sweep.run_cells(self.session, cells, self.resolved)
+
+
+def _seed_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Consecutive cells that differ only in their seed (one batched generation each)."""
+    return [list(g) for _, g in itertools.groupby(cells, key=lambda c: (c.prompt, c.sampler, c.intervention, c.kv))]
 
 
 class _Sink:

@@ -54,8 +54,9 @@ def test_rows_match_generations_and_independent_measures(session, local_rows):
                                  interventions=items)
         assert row["text"] == trace.text and row["tokens"] == len(trace)
         h = [s.entropy_bits for s in trace.steps]
-        assert row["mean_entropy_bits"] == pytest.approx(sum(h) / len(h), rel=1e-6)
-        assert row["max_entropy_bits"] == pytest.approx(max(h), rel=1e-6)
+        # a sweep batches the seeds of a cell: float sums of a batched pass differ from a single run's by ~1e-6
+        assert row["mean_entropy_bits"] == pytest.approx(sum(h) / len(h), rel=1e-5)
+        assert row["max_entropy_bits"] == pytest.approx(max(h), rel=1e-5)
         if row["intervention"] == "none":
             # no intervention: the output's own log-probs are the unmodified model's, so its perplexity follows
             assert row["perplexity"] == pytest.approx(math.exp(-sum(s.logprob for s in trace.steps) / len(trace)),
