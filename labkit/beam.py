@@ -22,118 +22,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from labkit.beam_tree import BeamNode, BeamTree
 from labkit.cache import forward_cached, new_cache
-from labkit.errors import InvalidArgument
+from labkit.decode import _measure, make_step
 from labkit.interventions.base import TokenIntervention, apply_rows
 from labkit.kv import cache_bytes
-from labkit.sampling.base import Sampler
+from labkit.sampling.beam import BeamSearch
 from labkit.tokens import TokenTexts
 from labkit.trace import Step, Trace
 
+__all__ = ["BeamNode", "BeamSearch", "BeamTree", "search"]
+
 _NEG = -1.0e9  # transformers' "impossible" score (kept equal so ties and masks behave as there)
-
-
-class BeamSearch(Sampler):
-    """Beam search (pass it as ``sampler=``): ``num_beams`` ≥ 1 hypotheses; ``length_penalty`` the exponent of
-    the length a finished score is divided by (> 0 favours longer outputs); ``early_stopping`` True (stop when
-    ``num_beams`` hypotheses have finished), False (stop when no running beam can still beat the worst finished
-    one at its current length) or ``"never"`` (... at the longest length it may reach); ``entropy_coef`` λ adds
-    λ × each step's entropy in bits to the running score (0: transformers' beam search)."""
-
-    name = "beam"
-    params = ("num_beams", "length_penalty", "early_stopping", "entropy_coef")
-
-    def __init__(self, num_beams: int = 4, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                 entropy_coef: float = 0.0) -> None:
-        self.num_beams = num_beams
-        self.length_penalty = length_penalty
-        self.early_stopping = early_stopping
-        self.entropy_coef = entropy_coef
-
-    def validate(self, key: str, value: Any) -> Any:
-        if key == "early_stopping":
-            if value not in (True, False, "never") or (isinstance(value, int) and not isinstance(value, bool)):
-                raise InvalidArgument(f"early_stopping must be True, False or 'never'; got {value!r}")
-            return value
-        if key == "num_beams" and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
-            raise InvalidArgument(f"num_beams must be an integer in [1, 64]; got {value!r}")
-        if key in ("length_penalty", "entropy_coef"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) > 1e6:
-                raise InvalidArgument(f"{key} must be a finite number; got {value!r}")
-            return float(value)
-        return value
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """The scores beams are ranked by: log_softmax of the logits (nats), as transformers ranks them."""
-        return torch.log_softmax(scores.float(), dim=-1)
-
-    def draw(self, scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return scores.argmax(dim=-1)
-
-
-@dataclass
-class BeamNode:
-    """One hypothesis of the tree: the candidate ``token_id`` appended to node ``parent`` (−1: the prompt) at
-    ``step``."""
-
-    id: int
-    parent: int
-    step: int
-    token_id: int
-    token: str
-    logprob: float
-    """log p of the token under its parent's distribution (nats)."""
-    score: float
-    """The running score it was ranked by (Σ log p nats, + λ Σ H bits)."""
-    status: str = "pruned"
-    """"running" (kept for the next round), "finished" (in the final finished set), "returned" (the output),
-    "expanded" (a running beam with a kept child), "pruned" (dropped at ``ended_at``)."""
-    final_score: float | None = None
-    """For ending candidates: score / length ** length_penalty, as the finished set ranks them."""
-    ended_at: int = -1
-    """The round it stopped being considered."""
-
-
-@dataclass
-class BeamTree:
-    """Every candidate kept at some round (the best 2·num_beams of each), as stored in ``trace.meta.beam``."""
-
-    nodes: list[BeamNode]
-    returned: int
-    """Node id of the returned hypothesis' last token."""
-    config: dict[str, Any]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BeamTree:
-        return cls([BeamNode(**n) for n in data["nodes"]], data["returned"], data["config"])
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"nodes": [asdict(n) for n in self.nodes], "returned": self.returned, "config": self.config}
-
-    def path(self, node: int | None = None) -> list[BeamNode]:
-        """The nodes from the first token to ``node`` (default: the returned hypothesis)."""
-        out, at = [], self.returned if node is None else node
-        while at >= 0:
-            out.append(self.nodes[at])
-            at = self.nodes[at].parent
-        return out[::-1]
-
-    def to_pandas(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame([asdict(n) for n in self.nodes])
-
-    def image(self, title: str = "Beam search tree") -> Any:
-        """A Picture: one column per step, each kept candidate a labelled dot joined to its parent; the returned
-        path bold, finished hypotheses marked, pruned ones grey."""
-        from labkit.figures import beam_tree_picture
-
-        return beam_tree_picture(self, title)
 
 
 def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, beams: BeamSearch, rules: Any, *,
@@ -146,8 +50,6 @@ def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, b
     with the best hypothesis so far (finished if there is one, else the best running one). ``keep_logits`` keeps
     each Step's logits after the token-level interventions in ``Step.captures["logits"]`` (V,); ``record_kv`` its
     ``Step.kv`` (the full cache: one hypothesis' share of the bytes, every row holding as many positions)."""
-    from labkit.decode import _measure, make_step
-
     token_text = token_text or TokenTexts(tokenizer)
     stop_event = stop_event or threading.Event()
     nb, lp, coef, early = beams.num_beams, beams.length_penalty, beams.entropy_coef, beams.early_stopping

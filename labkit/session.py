@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from labkit import __version__, beam, decode, info, models
-from labkit.beam import BeamSearch
 from labkit.errors import InvalidArgument, SessionBusy, check_int
 from labkit.interventions.base import activated, check_interventions
 from labkit.kv import check_kv, parse_kv
 from labkit.results import Distribution, Score
 from labkit.sampling.base import Greedy, Sampler
+from labkit.sampling.beam import BeamSearch
 from labkit.speculative import Speculator, check_speculative
 from labkit.tokens import TokenTexts, token_id
 from labkit.trace import Step, Trace, TraceMeta

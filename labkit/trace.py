@@ -176,7 +176,7 @@ class Trace:
 
     def beam_tree(self) -> Any:
         """The tree of hypotheses of a beam search (:class:`labkit.beam.BeamTree`); refused for other runs."""
-        from labkit.beam import BeamTree
+        from labkit.beam_tree import BeamTree
 
         if not self.meta.beam:
             raise InvalidArgument("this trace was not made by beam search (sampler=BeamSearch(...)): no beam tree")

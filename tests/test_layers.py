@@ -60,7 +60,7 @@ def test_the_loop_the_measures_and_the_core_import_nothing_above_them():
              "labkit.interventions.base", "labkit.interventions.token", "labkit.interventions.activation",
              "labkit.patterns", "labkit.results", "labkit.figures", "labkit.cache", "labkit.speculative.rule",
              "labkit.speculative.drafts", "labkit.speculative.speculator", "labkit.activations", "labkit.attribution",
-             "labkit.logit_attribution", "labkit.kv"]
+             "labkit.logit_attribution", "labkit.kv", "labkit.beam", "labkit.beam_tree"]
     below += [m for m in MODULES if m.startswith("labkit.sampling")]
     above = ("labkit.session", "labkit.cli", "labkit.magics", "labkit.panels", "labkit.experiments",
              "labkit.workshop", "labkit.speculative.measure", "labkit.teaching")

@@ -9,7 +9,6 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from labkit.beam import BeamSearch
 from labkit.errors import invalid_choice
 from labkit.sampling import (
     Classic,
@@ -21,6 +20,7 @@ from labkit.sampling import (
     Greedy,
     Sampler,
 )
+from labkit.sampling.beam import BeamSearch
 
 KINDS: dict[str, Callable[[], Sampler]] = {
     "greedy": Greedy,

@@ -13,7 +13,6 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from labkit.beam import BeamSearch
 from labkit.interventions import ForceTokens
 from labkit.interventions.specs import from_text
 from labkit.panels.attention_view import AttentionImage, grow
@@ -22,6 +21,7 @@ from labkit.panels.controls import SamplerControls
 from labkit.panels.stream import Throttle, TokenStream
 from labkit.panels.why_view import WhyView, explain
 from labkit.sampling import Sampler
+from labkit.sampling.beam import BeamSearch
 from labkit.trace import Step, Trace
 
 

@@ -8,9 +8,9 @@ e.g. ``greedy``, ``classic:temperature=0.7,top_p=0.9``, ``mirostat:tau=4``, ``en
 
 from __future__ import annotations
 
-from labkit.beam import BeamSearch
 from labkit.errors import InvalidArgument
 from labkit.sampling.base import Classic, Greedy, Sampler
+from labkit.sampling.beam import BeamSearch
 from labkit.sampling.contrastive import ContrastiveDecoding, ContrastiveSearch, DoLa
 from labkit.sampling.entropix import Entropix
 from labkit.sampling.guided import EntropyGuided
