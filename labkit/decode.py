@@ -116,9 +116,11 @@ def decode(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace | 
 
     ``trace`` may be a list of B Traces with ``generator`` a list of B generators: B sequences of the same prompt
     are then decoded together, one forward pass of shape (B, ·) per round (the batch dimension); each row has its
-    own generator and, for a stateful sampler, its own copy of ``sampler``, so row b draws exactly what a single
-    run with its generator draws. A row that meets a stop rule leaves the batch (its cache rows are dropped);
-    Steps are yielded row by row within a round. Not with a ``speculator`` or a non-full ``kv`` policy.
+    own generator and, for a stateful sampler, its own copy of ``sampler`` (made at the start, so a parameter
+    changed live reaches row 0 only; a stateless sampler is shared and reaches every row), so row b draws exactly
+    what a single run with its generator draws. A row that meets a stop rule leaves the batch (its cache rows are
+    dropped); Steps are yielded row by row within a round. Not with a ``speculator`` or a ``kv`` policy other than
+    full (whose ``Step.kv`` bytes are then one row's share: every row holds as many positions).
 
     ``capture=["attention"]`` records each step's current query row in every layer and head (AttentionRow in
     ``Step.captures``) and its summary metrics (``Step.attention``). Captures the sampler ``needs`` are switched
