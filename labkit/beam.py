@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from labkit.beam_tree import BeamNode, BeamTree
+from labkit.beam_tree import BeamNode, BeamTree, path_ids
 from labkit.cache import forward_cached, new_cache
 from labkit.decode import _measure, make_step
 from labkit.interventions.base import TokenIntervention, apply_rows
@@ -152,7 +152,7 @@ def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, b
             node.status = "pruned"  # the search ended: running hypotheses that did not finish
     if chosen >= 0:
         nodes[chosen].status = "returned"
-    path = [] if chosen < 0 else _path(nodes, chosen)
+    path = path_ids(nodes, chosen)
     trace.meta.beam = BeamTree(nodes, chosen, beams.config()).as_dict()
     out = [steps[n] for n in path]
     try:
@@ -168,14 +168,5 @@ def search(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, trace: Trace, b
         trace.text = tokenizer.decode(trace.token_ids, skip_special_tokens=True)
 
 
-def _path(nodes: list[BeamNode], node: int) -> list[int]:
-    out = []
-    while node >= 0:
-        out.append(node)
-        node = nodes[node].parent
-    return out[::-1]
-
-
 def _tokens(nodes: list[BeamNode], node: int) -> list[int]:
-    return [nodes[n].token_id for n in _path(nodes, node)]
-
+    return [nodes[n].token_id for n in path_ids(nodes, node)]

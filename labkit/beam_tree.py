@@ -47,11 +47,7 @@ class BeamTree:
 
     def path(self, node: int | None = None) -> list[BeamNode]:
         """The nodes from the first token to ``node`` (default: the returned hypothesis)."""
-        out, at = [], self.returned if node is None else node
-        while at >= 0:
-            out.append(self.nodes[at])
-            at = self.nodes[at].parent
-        return out[::-1]
+        return [self.nodes[i] for i in path_ids(self.nodes, self.returned if node is None else node)]
 
     def to_pandas(self) -> Any:
         import pandas as pd
@@ -64,3 +60,12 @@ class BeamTree:
         from labkit.figures import beam_tree_picture
 
         return beam_tree_picture(self, title)
+
+
+def path_ids(nodes: list[BeamNode], node: int) -> list[int]:
+    """Node ids from the first token to ``node`` (−1, the prompt: empty)."""
+    out = []
+    while node >= 0:
+        out.append(node)
+        node = nodes[node].parent
+    return out[::-1]

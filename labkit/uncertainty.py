@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from labkit.errors import InvalidArgument
 
 _LN2 = math.log(2)
@@ -139,8 +141,7 @@ def estimate(prompt: str, texts: Sequence[str], nll_nats: Sequence[float], n_tok
 
 
 def _logsumexp(values: Sequence[float]) -> float:
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))
+    return float(torch.logsumexp(torch.tensor(values, dtype=torch.float64), dim=0))
 
 
 def uncertainty(session: Any, prompt: str, n: int = 10, seed: int = 0, max_new_tokens: int = 32,

@@ -40,10 +40,16 @@ _RANGES: dict[str, tuple[str, Any]] = {
     "min_entropy": ("≥ 0 bits", lambda v: v >= 0),
     "tau": ("> 0 bits", lambda v: v > 0),
     "eta": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "alpha": ("in (0, 1]", lambda v: 0 < v <= 1),  # contrastive decoding / DoLa plausibility threshold
+    "beta": ("≥ 0", lambda v: v >= 0),
+    "penalty_alpha": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "length_penalty": ("with |value| ≤ 1e6", lambda v: abs(v) <= 1e6),
+    "entropy_coef": ("with |value| ≤ 1e6 (0: plain beam search)", lambda v: abs(v) <= 1e6),
 }
 _INT_RANGES: dict[str, tuple[str, Any]] = {
     "top_k": ("an integer ≥ 0 (0 disables it)", lambda v: v >= 0),
     "n_candidates": ("an integer ≥ 1", lambda v: v >= 1),
+    "num_beams": ("an integer in [1, 64]", lambda v: 1 <= v <= 64),
 }
 
 

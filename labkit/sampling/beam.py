@@ -32,13 +32,7 @@ class BeamSearch(Sampler):
             if value not in (True, False, "never") or (isinstance(value, int) and not isinstance(value, bool)):
                 raise InvalidArgument(f"early_stopping must be True, False or 'never'; got {value!r}")
             return value
-        if key == "num_beams" and not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 64):
-            raise InvalidArgument(f"num_beams must be an integer in [1, 64]; got {value!r}")
-        if key in ("length_penalty", "entropy_coef"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) > 1e6:
-                raise InvalidArgument(f"{key} must be a finite number; got {value!r}")
-            return float(value)
-        return value
+        return super().validate(key, value)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """The scores beams are ranked by: log_softmax of the logits (nats), as transformers ranks them."""

@@ -25,10 +25,9 @@ from typing import Any
 
 import torch
 
+from labkit import info
 from labkit.errors import InvalidArgument
 from labkit.sampling.base import Sampler, check_param
-
-_LN2 = 0.6931471805599453
 
 
 def _plausible(logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -107,14 +106,6 @@ class ContrastiveDecoding(_Contrasting):
             raise InvalidArgument(f"amateur must be 'layers:K', 'model:PATH' or a Session; got "
                                   f"{type(amateur).__name__}")
         self.needs = frozenset({_stream_site(self._layers)}) if self._layers else frozenset()
-
-    def validate(self, key: str, value: Any) -> Any:
-        if key == "alpha" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
-            raise InvalidArgument(f"alpha must be a number in (0, 1]; got {value!r}")
-        if key == "beta" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value
-                                  < float("inf")):
-            raise InvalidArgument(f"beta must be a finite number ≥ 0; got {value!r}")
-        return float(value) if key in ("alpha", "beta") else value
 
     def config(self) -> dict[str, Any]:
         source = self.amateur if isinstance(self.amateur, str) else f"model:{getattr(self.amateur, 'model_id', '?')}"
@@ -199,11 +190,6 @@ class DoLa(_Contrasting):
         self._candidates: list[int] = []
         self._streams: dict[str, torch.Tensor] = {}
 
-    def validate(self, key: str, value: Any) -> Any:
-        if key == "alpha" and not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1):
-            raise InvalidArgument(f"alpha must be a number in (0, 1]; got {value!r}")
-        return float(value) if key == "alpha" else value
-
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "layers": self.layers, "alpha": self.alpha}
 
@@ -222,22 +208,13 @@ class DoLa(_Contrasting):
         final = torch.log_softmax(scores.float(), dim=-1)  # (1, V) nats
         early = self._lens(torch.stack([self._streams[_stream_site(j)] for j in self._candidates]))  # (C, V)
         early = early[:, :final.shape[-1]]
-        js = js_divergence_bits(final.expand_as(early), early)  # (C,)
+        js = info.js_divergence(final.expand_as(early), early, "bits")  # (C,)
         pick = int(js.argmax())
         head = _plausible(final, self.alpha)
         out = (final - early[pick]).masked_fill(~head, float("-inf"))
         self._last = {"premature_layer": self._candidates[pick],
                       "js_bits": dict(zip(map(str, self._candidates), js.tolist(), strict=True))}
         return out
-
-
-def js_divergence_bits(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Jensen–Shannon divergence (bits) of two distributions given as log-probabilities (nats), shape (..., V)."""
-    p, q = logp.exp(), logq.exp()
-    log_m = torch.log((p + q) / 2)
-    kl_pm = (p * (logp - log_m)).nan_to_num().sum(-1)
-    kl_qm = (q * (logq - log_m)).nan_to_num().sum(-1)
-    return (kl_pm + kl_qm) / 2 / _LN2
 
 
 class ContrastiveSearch(_Contrasting):
@@ -256,12 +233,9 @@ class ContrastiveSearch(_Contrasting):
         self._lookahead: Any = None
 
     def validate(self, key: str, value: Any) -> Any:
-        if key == "penalty_alpha" and not (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                           and 0 <= value <= 1):
-            raise InvalidArgument(f"penalty_alpha must be a number in [0, 1]; got {value!r}")
         if key == "top_k" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise InvalidArgument(f"top_k must be an integer ≥ 1; got {value!r}")
-        return float(value) if key == "penalty_alpha" else check_param("n_candidates", value)
+            raise InvalidArgument(f"top_k must be an integer ≥ 1 here (the candidates); got {value!r}")
+        return check_param(key, value)
 
     def reset(self, tokenizer: Any = None) -> None:
         self._context, self._last = None, {}
