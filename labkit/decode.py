@@ -65,18 +65,21 @@ class StopRules:
 
 class PlainRounds:
     """The round of plain decoding: propose nothing, draw the sampler's token, nothing to settle. A
-    :class:`~labkit.speculative.Speculator` is the other kind of round (same three methods)."""
+    :class:`~labkit.speculative.speculator.Speculator` is the other kind of round (same three methods)."""
 
     def propose(self, ids: torch.Tensor, cache: Any, limit: int, sampler: Sampler,
                 generator: torch.Generator | None) -> Proposal:
+        """No draft: every round verifies nothing and makes one token."""
         return NOTHING
 
     def choose(self, proposal: Proposal, i: int, scores: torch.Tensor, log_q: torch.Tensor, sampler: Sampler,
                generator: torch.Generator | None, token_text: TokenTexts) -> tuple[int, dict[str, Any]]:
+        """The sampler's draw from this position's scores (no draft to judge)."""
         return int(sampler.draw(scores, generator)), {}
 
     def end_round(self, proposal: Proposal, records: list[dict[str, Any]], cache: Any, target_ms: float,
                   length: int) -> None:
+        """Nothing to account for after a plain round."""
         pass
 
 

@@ -56,6 +56,10 @@ class UnsupportedArchitecture(LabkitError):
     what is missing and how to declare an adapter with :func:`labkit.hooks.register_adapter`)."""
 
 
+class MissingExtra(LabkitError, ImportError):
+    """An optional feature whose packages are not installed; the message names the pip extra that brings them."""
+
+
 class SaveError(LabkitError, OSError):
     """A file could not be written (disk full, no permission, a folder in the way...); the file that was at the path
     before is untouched and no partial file is left."""

@@ -37,6 +37,7 @@ import torch
 
 from labkit import info
 from labkit.errors import InvalidArgument, check_int, invalid_choice
+from labkit.extras import require
 from labkit.files import atomic_path
 
 EXECUTORS = ("local", "ray")
@@ -76,6 +77,7 @@ class SessionSpec:
     """torch threads in a worker (None: leave torch's default)."""
 
     def load(self) -> Any:
+        """A Session from this spec (torch's thread count set first when ``threads`` is given)."""
         from labkit.session import Session
 
         if self.threads is not None:
@@ -138,6 +140,7 @@ class Sweep:
         return cls(**{k: v for k, v in config.items() if k in allowed})
 
     def cells(self) -> list[Cell]:
+        """Every cell of the grid: prompts × samplers × interventions × KV policies × seeds, seeds innermost."""
         return [Cell(p, s, i, seed, kv) for p in self.prompts for s in self.samplers for i in self.interventions
                 for kv in self.kv for seed in self.seeds]
 
@@ -229,6 +232,8 @@ class Sweep:
 
         if executor not in EXECUTORS:
             raise invalid_choice("executor", executor, EXECUTORS)
+        if executor == "ray":
+            require("ray", "sweeps on Ray (executor='ray')", "ray")
         check_int("workers", workers, 1)
         if isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0:
             raise InvalidArgument(f"num_gpus must be a number ≥ 0; got {num_gpus!r}")
@@ -291,6 +296,7 @@ class SweepWorker:
         self.resolved: dict[str, list[Any]] = {}
 
     def run(self, cells: list[Cell]) -> list[dict[str, Any]]:
+        """The rows of ``cells`` (one batch of seeds), on this worker's Session."""
         return self.sweep.run_cells(self.session, cells, self.resolved)
 
 

@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 from labkit.errors import InvalidArgument
 from labkit.files import atomic_path
 
-DPI = 100
+DPI = 100  #: dots per inch of every static figure
 MIN_WIDTH_IN, MIN_HEIGHT_IN = 5.0, 3.6
 """The smallest figure drawn (inches at :data:`DPI`): 500 × 360 px, so 9-pt tick labels stay legible."""
 MAX_TICK_LABELS = 64
@@ -52,6 +52,7 @@ class Picture:
         return self.figure.get_suptitle() or next((ax.get_title() for ax in self.figure.axes if ax.get_title()), "")
 
     def png(self) -> bytes:
+        """The figure as PNG bytes, at the figure's own DPI."""
         buf = io.BytesIO()
         self.figure.savefig(buf, format="png", dpi=self.figure.dpi)
         return buf.getvalue()
@@ -222,7 +223,7 @@ def grouped_bars(series: dict[str, Sequence[float]], x_labels: Sequence[Any], xl
 
 
 def beam_tree_picture(tree: Any, title: str = "Beam search tree") -> Picture:
-    """A :class:`~labkit.beam.BeamTree` as a Picture: x the step, y the candidate's rank among that step's kept
+    """A :class:`~labkit.beam_tree.BeamTree` as a Picture: x the step, y the candidate's rank among that step's kept
     candidates (0 = best score); each node joined to its parent; the returned path red and labelled, finished
     hypotheses green (labelled with their length-normalised score), expanded beams blue, pruned ones grey."""
     colours = {"returned": "#d62728", "finished": "#2ca02c", "expanded": "#1f77b4", "pruned": "#b0b0b0"}

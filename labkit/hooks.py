@@ -251,6 +251,7 @@ class Sites:
 
     # -- parts ----------------------------------------------------------------------------------------------
     def block(self, layer: int) -> torch.nn.Module:
+        """Decoder block ``layer`` (checked: an error names how many there are)."""
         return self.blocks[self.check_layer(layer)]
 
     def part(self, layer: int, which: str) -> torch.nn.Module:
@@ -268,6 +269,7 @@ class Sites:
         return layer % n
 
     def check_head(self, head: Any) -> int:
+        """``head`` if it is a head index of this model, else InvalidArgument naming the range."""
         n = self.n_heads
         if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n:
             raise InvalidArgument(f"head must be an integer in [0, {n}): each layer has {n} heads; got {head!r}")

@@ -75,7 +75,7 @@ def varentropy(logits: torch.Tensor, unit: Unit = "bits") -> torch.Tensor:
 
 
 def entropy_and_varentropy(logp: torch.Tensor, unit: Unit = "bits") -> tuple[torch.Tensor, torch.Tensor]:
-    """Entropy (``unit``) and varentropy (``unit``²) from already-normalised natural-log probabilities.
+    """Entropy (``unit``) and varentropy (``unit`` squared) from already-normalised natural-log probabilities.
 
     The decoding loop uses this to compute both from one ``log_softmax``. Raw logits are refused (their
     probabilities would not sum to 1 and both numbers would be silently wrong): use :func:`entropy` and

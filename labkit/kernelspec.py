@@ -11,12 +11,14 @@ import tempfile
 from pathlib import Path
 
 from labkit.errors import InvalidArgument, check_int
+from labkit.extras import require
 
 KERNEL_NAME = "labkit"
 _HERE = Path(__file__).resolve().parent
 
 
 def template_dir() -> Path:
+    """The folder of the kernelspec template (inside the wheel, or ``kernels_ext/`` in a checkout)."""
     for folder in (_HERE / "_kernels_ext" / KERNEL_NAME, _HERE.parent / "kernels_ext" / KERNEL_NAME):
         if (folder / "kernel.json").is_file():
             return folder
@@ -41,6 +43,7 @@ def spec(threads: int | None = None, python: str | None = None) -> dict:
 def install(user: bool = False, prefix: str | None = None, threads: int | None = None) -> str:
     """Install the kernelspec (``user``: the user's Jupyter folder; ``prefix``: ``<prefix>/share/jupyter``;
     neither: the system folder); returns the folder it was written to."""
+    require("lab", "the workshop kernel", "jupyter_client", "IPython")
     from jupyter_client.kernelspec import KernelSpecManager
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +56,7 @@ def install(user: bool = False, prefix: str | None = None, threads: int | None =
 
 def remove() -> str:
     """Remove the installed kernelspec; returns the folder removed (InvalidArgument when none is installed)."""
+    require("lab", "the workshop kernel", "jupyter_client")
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:

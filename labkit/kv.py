@@ -75,6 +75,7 @@ def quantize(x: torch.Tensor, bits: int, group: int) -> Quantized:
 
 
 def dequantize(q: Quantized) -> torch.Tensor:
+    """The float32 values of a quantized block, shape (..., T, D): ``min + code · scale`` per group."""
     codes = q.codes
     if q.bits == 4:
         codes = torch.stack([codes & 0x0F, codes >> 4], dim=-1).flatten(-2)  # (..., T, D)
@@ -114,6 +115,7 @@ def _layer_base() -> type:
 
 
 def _tiered_layer_class() -> type:
+    """The cache-layer class of the ``quant`` policy (built on first use: transformers loads lazily)."""
     base = _layer_base()
 
     class TieredQuantizedLayer(base):  # type: ignore[misc, valid-type]
@@ -176,6 +178,7 @@ def _tiered_layer_class() -> type:
 
 
 def _window_layer_class() -> type:
+    """The cache-layer class of the ``window`` policy (built on first use)."""
     base = _layer_base()
 
     class SinkWindowLayer(base):  # type: ignore[misc, valid-type]
@@ -229,6 +232,7 @@ def _window_layer_class() -> type:
 
 
 def _heavy_hitter_layer_class() -> type:
+    """The cache-layer class of the ``h2o`` policy (built on first use)."""
     base = _window_layer_class()
 
     class HeavyHitterLayer(base):  # type: ignore[misc, valid-type]
@@ -276,6 +280,7 @@ class Full:
         return "full"
 
     def new_cache(self, n_layers: int) -> Any:
+        """transformers' DynamicCache: every position at full precision."""
         from labkit.cache import new_cache
 
         return new_cache()
@@ -361,6 +366,7 @@ POLICIES = {"full": Full, "quant": Quant, "window": Window, "h2o": HeavyHitters}
 
 
 def needs_attention(policy: Any) -> bool:
+    """Whether the policy scores keys by attention (H2O): the loop then captures attention rows."""
     return isinstance(policy, HeavyHitters)
 
 
@@ -454,6 +460,7 @@ class KVReport:
     rows: list[dict[str, Any]]
 
     def to_pandas(self) -> Any:
+        """:meth:`summary`'s rows before aggregation: one per policy × prompt (memory, KL bits/step, top-1, ms)."""
         import pandas as pd
 
         return pd.DataFrame(self.rows)

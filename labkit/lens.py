@@ -57,7 +57,8 @@ class LogitLens:
 
 def logit_lens(model: Any, ids: torch.Tensor, token_text: Any, k: int = 5) -> LogitLens:
     """Run ``ids`` (shape (1, T)) once, reading every block's output (site ``blocks.L.resid_post``) at the last
-    position through the model's own final norm, unembedding and logit softcapping (:meth:`Sites.logits`)."""
+    position through the model's own final norm, unembedding and logit softcapping
+    (:meth:`~labkit.hooks.Sites.logits`)."""
     sites = sites_of(model)
     names = [f"blocks.{layer}.resid_post" for layer in range(sites.n_layers)]
     with sites.read(names, last=True) as seen, torch.inference_mode():

@@ -113,6 +113,7 @@ class LogitAttribution:
         return sorted(flat, key=lambda t: -abs(t[2]))[:k]
 
     def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: every field, the label and the unit (logit units)."""
         from dataclasses import asdict
 
         return {**asdict(self), "label": self.label, "unit": "logit units"}

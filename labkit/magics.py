@@ -14,11 +14,14 @@ import argparse
 import shlex
 from typing import Any
 
-from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import display
-
 from labkit.errors import LabkitError
+from labkit.extras import require
+
+require("lab", "the %labkit magics", "IPython")
+
+from IPython.core.error import UsageError  # noqa: E402 (after the check that names the extra)
+from IPython.core.magic import Magics, line_cell_magic, magics_class  # noqa: E402
+from IPython.display import display  # noqa: E402
 
 USAGE = ("%labkit next <prompt> | %labkit lab | %labkit session | "
          "%%labkit generate [--max-new-tokens N] [--sampler SPEC] [--seed S] [--chat]")
@@ -47,6 +50,7 @@ class LabkitMagics(Magics):
         self._session: Any = None
 
     def session(self) -> Any:
+        """The kernel's shared Session (the default model, loaded on first use)."""
         if self._session is None:
             import labkit
 
@@ -55,6 +59,7 @@ class LabkitMagics(Magics):
 
     @line_cell_magic
     def labkit(self, line: str, cell: str | None = None) -> Any:
+        """``%labkit VERB ...`` / ``%%labkit VERB ...``: next, generate, lab, session (see the module)."""
         words = shlex.split(line)
         if not words:
             raise UsageError(f"usage: {USAGE}")
@@ -91,4 +96,5 @@ class LabkitMagics(Magics):
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    """Register the ``%labkit`` / ``%%labkit`` magics (``%load_ext labkit``)."""
     ipython.register_magics(LabkitMagics)

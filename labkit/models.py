@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from labkit.errors import DeviceUnavailable, InvalidArgument, ModelLoadError, invalid_choice
+from labkit.extras import require
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -248,8 +249,8 @@ def resolve_attn(attn: str, device: torch.device) -> str | None:
 def _check_quantization(quantization: str | None) -> None:
     if quantization not in QUANTIZATIONS:
         raise invalid_choice("quantization", quantization, QUANTIZATIONS)
-    if quantization is not None and importlib.util.find_spec("bitsandbytes") is None:
-        raise DeviceUnavailable(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    if quantization is not None:
+        require("quant", f"quantization={quantization!r}", "bitsandbytes")
 
 
 # -- xformers attention backend ---------------------------------------------------------------------------
@@ -295,8 +296,7 @@ def check_xformers_fits(config: Any) -> None:
 
 def register_xformers() -> None:
     """Register :func:`xformers_attention` under ``"labkit_xformers"`` (requires xformers installed)."""
-    if importlib.util.find_spec("xformers") is None:
-        raise DeviceUnavailable("attn='xformers' needs the xformers package: pip install 'labkit[gpu]'")
+    require("gpu", "attn='xformers'", "xformers")
     from transformers import AttentionInterface
 
     AttentionInterface.register(XFORMERS_ATTN, xformers_attention)

@@ -25,6 +25,8 @@ Laplacian: isolated peaks (sparse attention); diagonal: lines parallel to the ma
 
 
 class Pattern(enum.StrEnum):
+    """The label of one head's attention pattern (its value is the text shown in tables and figures)."""
+
     SINK = "first-token/sink"
     PREVIOUS = "previous-token"
     DIAGONAL = "Diagonal"

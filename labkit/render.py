@@ -1,5 +1,5 @@
 """Static HTML of a Trace (``Trace._repr_html_``): coloured tokens for exports and viewers without widgets, and the
-colour scales the live :class:`labkit.panels.TokenStream` view uses too (sent to its front end), so both agree.
+colour scales the live :class:`labkit.panels.stream.TokenStream` view uses too (sent to its front end), so both agree.
 No widget, plotly or anywidget import: the core renders without the UI package."""
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ class Scale:
     rgb: tuple[int, int, int]
 
     def shade(self, value: float) -> str:
+        """The CSS colour of ``value`` on this scale (white at 0, the scale's colour at ``max`` and above)."""
         t = max(0.0, min(1.0, value / self.max))
         r, g, b = (round(255 - (255 - c) * t) for c in self.rgb)
         return f"rgb({r}, {g}, {b})"
 
 
+#: The colour scales of a token strip, by measure name (surprisal and entropy, bits).
 SCALES = {
     "surprisal": Scale("s", 10.0, "bits", "surprisal −log₂ p", (214, 39, 40)),
     "entropy": Scale("h", 8.0, "bits", "entropy H", (31, 119, 180)),

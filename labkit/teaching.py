@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.errors import InvalidArgument, LabkitError
+from labkit.extras import require
 from labkit.files import atomic_path
 
 SOLUTION_TAG, EXERCISE_TAG, CHECK_TAG = "solution", "exercise", "check"
@@ -50,6 +51,7 @@ def close(a: Any, b: Any, tol: float = 1e-4) -> bool:
 
 
 def _exporter() -> Any:
+    require("lab", "the student copy", "nbconvert")
     from nbconvert.exporters import NotebookExporter
     from nbconvert.preprocessors import ClearOutputPreprocessor, TagRemovePreprocessor
 

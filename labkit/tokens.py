@@ -12,7 +12,7 @@ def token_id(tokenizer: Any, token: str | int) -> int:
     """Resolve ``token`` (text that must be exactly one token, or an id) to a vocabulary id.
 
     Text is tokenized without special tokens; text that is not exactly one token raises
-    :class:`TokenizationError` showing how it tokenizes.
+    :class:`~labkit.errors.TokenizationError` showing how it tokenizes.
     """
     vocab_size = len(tokenizer)
     if isinstance(token, bool) or not isinstance(token, (int, str)):

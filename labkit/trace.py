@@ -1,4 +1,5 @@
-"""Results of looking at a model: one next-token :class:`Distribution`, and the :class:`Trace` of a generation.
+"""Results of looking at a model: one next-token :class:`~labkit.results.Distribution`, and the :class:`Trace` of a
+generation.
 
 A Trace is a list of :class:`Step` plus :class:`TraceMeta`. It saves to JSON or Parquet (chosen by the
 file suffix) and loads back losslessly; any other file raises :class:`~labkit.errors.TraceFormatError`.
@@ -124,7 +125,7 @@ class TraceMeta:
     speculative: dict[str, Any] = field(default_factory=dict)
     """With speculative decoding: the draft's settings and the run's SpeculativeStats (``as_dict``); else empty."""
     beam: dict[str, Any] = field(default_factory=dict)
-    """With beam search: the tree of hypotheses (:meth:`labkit.beam.BeamTree.as_dict`); else empty."""
+    """With beam search: the tree of hypotheses (``labkit.beam_tree.BeamTree.as_dict()``); else empty."""
 
 
 @dataclass
@@ -175,7 +176,7 @@ class Trace:
         return trace_html(self)
 
     def beam_tree(self) -> Any:
-        """The tree of hypotheses of a beam search (:class:`labkit.beam.BeamTree`); refused for other runs."""
+        """The tree of hypotheses of a beam search (:class:`labkit.beam_tree.BeamTree`); refused for other runs."""
         from labkit.beam_tree import BeamTree
 
         if not self.meta.beam:

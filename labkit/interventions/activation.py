@@ -229,6 +229,7 @@ class PatchingSweep:
                        title="activation patching: clean residual stream into the corrupt run")
 
     def to_pandas(self) -> Any:
+        """``recovered`` as a DataFrame: one row per layer, one column per position (``i:token``)."""
         import pandas as pd
 
         return pd.DataFrame(self.recovered.numpy(), columns=[f"{i}:{t}" for i, t in enumerate(self.tokens)])

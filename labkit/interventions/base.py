@@ -53,16 +53,21 @@ class Intervention:
         """Resolve and check arguments against ``session`` (called when the intervention is switched on)."""
 
     def describe(self) -> str:
+        """How the intervention is named in ``Step.interventions`` and tables (its repr)."""
         return repr(self)
 
 
 class TokenIntervention(Intervention, abc.ABC):
+    """Edits each step's logits, after the step's metrics are taken and before the sampler."""
+
     @abc.abstractmethod
     def apply(self, logits: torch.Tensor, ctx: InterventionContext) -> torch.Tensor:
         """Shape (1, V) -> (1, V): the step's logits after the intervention (a new tensor)."""
 
 
 class ActivationIntervention(Intervention, abc.ABC):
+    """Hooks on the model's sites for every forward pass of its scope (the metrics then include its effect)."""
+
     @abc.abstractmethod
     def attach(self, model: Any) -> list[Any]:
         """Register this intervention's hooks on ``model`` (through its :mod:`labkit.hooks` sites); return their

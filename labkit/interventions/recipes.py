@@ -64,6 +64,8 @@ def _calm(session: Any, bits: float = 1.0) -> list[Intervention]:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A named intervention recipe: ``build(session, **settings)`` returns its interventions."""
+
     name: str
     description: str
     build: Callable[..., list[Intervention]]

@@ -17,6 +17,7 @@ from labkit.interventions.base import Intervention
 from labkit.interventions.recipes import recipe
 from labkit.interventions.token import Boost, ForceTokens, Suppress
 
+#: The short forms of intervention specs: kind -> what follows ``kind=``.
 FORMS = {"suppress": "TOKEN", "boost": "TOKEN=FACTOR", "force": "STEP=TOKEN", "ablate": "LAYER:HEAD"}
 
 

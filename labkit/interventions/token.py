@@ -14,7 +14,7 @@ from labkit.errors import InvalidArgument
 from labkit.interventions.base import InterventionContext, TokenIntervention, check_interventions
 from labkit.tokens import token_id
 
-Token = str | int
+Token = str | int  #: a token: its text (exactly one token) or its id
 
 
 def _tokens(tokens: Token | Sequence[Token], name: str) -> list[Token]:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from labkit.extras import require
+
+require("lab", "the Lab panels", "anywidget", "ipywidgets", "IPython")  # looks them up; imports nothing
+
 _WHERE = {
     "AttentionImage": "attention_view", "AttentionView": "attention_view", "Lab": "lab", "NextToken": "next_token",
     "ProbabilityCharts": "charts", "SamplerControls": "controls", "SpeculativeView": "speculative_view",

@@ -57,6 +57,7 @@ class AttentionImage(widgets.VBox):
         self.render()
 
     def render(self) -> None:
+        """Draw the chosen layer and head (or the layer's grid of heads) as a PNG."""
         if self._probs is None:
             return
         layer, head = self.layer.value, self.head.value

@@ -58,6 +58,7 @@ SLIDERS: dict[str, tuple[type, float, float, float]] = {
 
 
 def kind_of(sampler: Sampler) -> str:
+    """The sampler box's name for a sampler object (``greedy``, ``classic``, ...)."""
     for kind, make in KINDS.items():
         if type(make()) is type(sampler):
             return kind
@@ -85,6 +86,7 @@ class SamplerControls(widgets.VBox):
         self._build()
 
     def on_change(self, fn: Callable[[Sampler], None]) -> None:
+        """Call ``fn(sampler)`` whenever a new sampler kind is chosen."""
         self._listeners.append(fn)
 
     def _build(self) -> None:

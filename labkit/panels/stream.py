@@ -1,6 +1,6 @@
 """TokenStream: generated tokens coloured by surprisal, entropy or speculative origin (an anywidget view whose
 front end is ``widgets/token_stream.js``). Hover a token for its alternatives; click to select; click an
-alternative to ask for a branch (the ``branch`` trait; :class:`labkit.panels.Lab` acts on it)."""
+alternative to ask for a branch (the ``branch`` trait; :class:`labkit.panels.lab.Lab` acts on it)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Throttle:
         self._last = float("-inf")
 
     def due(self) -> bool:
+        """True at most once per ``interval_s`` (then the clock restarts)."""
         now = time.perf_counter()
         if now - self._last >= self.interval_s:
             self._last = now
@@ -87,6 +88,7 @@ class TokenStream(anywidget.AnyWidget):
         self._replace(trace.prompt, [step_view(s) for s in trace.steps])
 
     def clear(self, prompt: str = "") -> None:
+        """Show ``prompt`` and no tokens."""
         self._replace(prompt, [])
 
     def _replace(self, prompt: str, steps: list[dict[str, Any]]) -> None:
@@ -103,6 +105,7 @@ class TokenStream(anywidget.AnyWidget):
             self.flush()
 
     def flush(self) -> None:
+        """Send the steps added since the last flush to the front end."""
         if not self._pending:
             return
         tail, self._pending = [*self.tail, *self._pending], []

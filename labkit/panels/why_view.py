@@ -1,6 +1,6 @@
 """WhyView: why a generated token came out — its attribution over the context as a coloured token strip (method
 selectable), the direct logit attribution by layer (bars) and by head (image), and the top heads as buttons that
-ablate that head and regenerate. The :class:`labkit.panels.Lab` shows one and fills it when a token is clicked."""
+ablate that head and regenerate. The :class:`labkit.panels.lab.Lab` shows one and fills it when a token is clicked."""
 
 from __future__ import annotations
 
@@ -51,9 +51,11 @@ class WhyView(widgets.VBox):
         self.add_class("labkit-why")
 
     def waiting(self, index: int, token: str) -> None:
+        """Say that step ``index``'s explanation is being computed."""
         self.status.value = f"computing why step {index} ({token!r}) came out…"
 
     def show(self, index: int, attribution: Any, logit_attribution: Any) -> None:
+        """Show step ``index``'s attribution strip, logit attribution bars and image, and the top heads."""
         self.attribution, self.logit_attribution = attribution, logit_attribution
         a, la = attribution, logit_attribution
         extra = f"; IG completeness error {a.completeness_error:.1%}" if a.completeness_error is not None else ""
@@ -73,6 +75,7 @@ class WhyView(widgets.VBox):
         self.status.value = ""
 
     def failed(self, exc: Exception) -> None:
+        """Show the error that stopped the explanation (the panel stays usable)."""
         self.status.value = f"{type(exc).__name__}: {exc}"
 
     def _ablate(self, layer: int, head: int) -> None:

@@ -44,6 +44,8 @@ _LN2 = math.log(2.0)
 
 
 class Branch(enum.StrEnum):
+    """Entropix's decision at one step, from the entropy and varentropy of the raw distribution."""
+
     LELV = "LELV"
     """Low entropy, low varentropy: confident; take the argmax."""
     HELV = "HELV"
@@ -177,6 +179,7 @@ class EntropixMetrics:
     """Mean |pre-softmax attention score| (logit units)."""
 
     def as_dict(self) -> dict[str, float]:
+        """The metrics as a plain dict (bits, bits²)."""
         return dataclasses.asdict(self)
 
 
@@ -195,6 +198,7 @@ class Decision:
     """Candidates drawn; the one with the highest untempered log-probability is kept."""
 
     def as_dict(self) -> dict[str, Any]:
+        """The decision as a JSON-ready dict (the branch as its name)."""
         return {**dataclasses.asdict(self), "branch": str(self.branch)}
 
 

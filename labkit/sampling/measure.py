@@ -30,6 +30,7 @@ class SamplingInfo:
     top_prob_after: float
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (entropies in bits)."""
         return dataclasses.asdict(self)
 
 

@@ -17,6 +17,7 @@ from labkit.sampling.guided import EntropyGuided
 from labkit.sampling.mirostat import Mirostat
 from labkit.specs import parse_spec
 
+#: Sampler classes by spec name (``-`` and ``_`` are the same in specs).
 SAMPLERS: dict[str, type[Sampler]] = {
     "greedy": Greedy, "classic": Classic, "mirostat": Mirostat, "entropy_guided": EntropyGuided, "entropix": Entropix,
     "beam": BeamSearch, "contrastive": ContrastiveDecoding, "dola": DoLa, "contrastive_search": ContrastiveSearch,

@@ -1,12 +1,13 @@
 """Speculative decoding (Leviathan et al., 2023; Chen et al., 2023), exact and instrumented.
 
 A *draft* proposes γ tokens; the target verifies them all in one forward pass with its KV cache (THE decoding loop
-in :mod:`labkit.decode` runs one round at a time through a :class:`Speculator`); rejected tokens' cache entries are
-cropped. Every Step records its round and whether its token was drafted and accepted or drawn by the target.
+in :mod:`labkit.decode` runs one round at a time through a :class:`~labkit.speculative.speculator.Speculator`);
+rejected tokens' cache entries are cropped. Every Step records its round and whether its token was drafted and
+accepted or drawn by the target.
 
 Layers: :mod:`.rule` (the exact acceptance rule, nothing else), :mod:`.drafts` (what proposes), :mod:`.speculator`
-(the loop's bookkeeping and :class:`SpeculativeStats`), :mod:`.measure` (speed against plain decoding, above the
-Session).
+(the loop's bookkeeping and :class:`~labkit.speculative.speculator.SpeculativeStats`), :mod:`.measure` (speed
+against plain decoding, above the Session).
 """
 
 from labkit.speculative.drafts import (

@@ -17,6 +17,7 @@ import torch
 from labkit import models
 from labkit.cache import crop, forward_cached, new_cache
 from labkit.errors import InvalidArgument, check_int
+from labkit.extras import require
 from labkit.hooks import sites_of
 from labkit.sampling.base import Greedy
 from labkit.specs import parse_spec
@@ -33,6 +34,7 @@ class Proposal:
     deterministic draft (one-hot on each token)."""
 
     def q_row(self, i: int) -> torch.Tensor | None:
+        """The draft's distribution for drafted token ``i`` (V,), or None for a deterministic draft."""
         return None if self.q is None else self.q[i]
 
 
@@ -42,9 +44,9 @@ NOTHING = Proposal([])
 class Draft:
     """Base class of draft kinds. ``gamma``: drafted tokens per round (the most, when ``adaptive``);
     ``adaptive``: choose γ each round from the recent accepted run lengths, the measured draft cost and the
-    measured growth of the verification pass (see :meth:`Speculator.gamma`); ``confidence`` (model drafts): end
-    a round's drafting after a token the draft gave a raw probability below it (transformers'
-    ``assistant_confidence_threshold``, default 0.4 there).
+    measured growth of the verification pass (see :meth:`~labkit.speculative.speculator.Speculator.gamma`);
+    ``confidence`` (model drafts): end a round's drafting after a token the draft gave a raw probability below it
+    (transformers' ``assistant_confidence_threshold``, default 0.4 there).
 
     The loop calls ``bind(session)`` once per generation call (before it starts), ``start(prompt_ids)`` per
     generation, ``propose(...)`` per round and ``rollback(length)`` after each verification.
@@ -201,6 +203,8 @@ class QuantizedDraft(_ModelDrafting):
             raise InvalidArgument(f"quantization must be one of {models.QUANTIZATIONS}; got {quantization!r}")
         if dtype is None and quantization is None:
             raise InvalidArgument("QuantizedDraft needs a lower-precision dtype or a quantization; got neither")
+        if quantization is not None:
+            require("quant", f"QuantizedDraft(quantization={quantization!r})", "bitsandbytes")
         self.dtype, self.quantization = dtype, quantization
 
     def _load(self, session: Any) -> tuple[Any, Any]:

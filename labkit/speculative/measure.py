@@ -41,7 +41,7 @@ class Measurement:
 def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generate_kw: Any) -> Measurement:
     """Run plain and speculative generation of ``prompt`` ``repeats`` times each, interleaved; compare ms/token
     (median, so a first warm-up run does not count with repeats ≥ 3) and tokens. ``generate_kw`` go to
-    :meth:`Session.generate` for both."""
+    :meth:`~labkit.session.Session.generate` for both."""
     check_int("repeats", repeats, 1)
     plain_times, spec_times = [], []
     plain = spec = None

@@ -23,7 +23,7 @@ from labkit.speculative.rule import expected_speedup, judge
 class VerifyCost:
     """Least-squares line through the target's verification passes: ms = a + b·n for a pass over n positions
     (fitted on the rounds of one generation). Gives the cost of one plain step, a + b, and the growth g = b/(a + b)
-    of :func:`expected_speedup`."""
+    of :func:`~labkit.speculative.rule.expected_speedup`."""
 
     count: int = 0
     sum_n: float = 0.0
@@ -32,6 +32,7 @@ class VerifyCost:
     sum_n_ms: float = 0.0
 
     def add(self, n: int, ms: float) -> None:
+        """Record one verification pass over ``n`` positions that took ``ms`` milliseconds."""
         self.count += 1
         self.sum_n += n
         self.sum_nn += n * n
@@ -72,7 +73,8 @@ class SpeculativeStats:
     gammas: list[int] = field(default_factory=list)
     """γ of each round (0 when the draft had nothing to propose)."""
     plain_ms_per_token: float | None = None
-    """Plain (non-speculative) decoding's ms/token on the same prompt, when measured (:func:`measure`)."""
+    """Plain (non-speculative) decoding's ms/token on the same prompt, when measured
+    (:func:`~labkit.speculative.measure.measure`)."""
 
     @property
     def alpha(self) -> float:
@@ -96,7 +98,8 @@ class SpeculativeStats:
 
     @property
     def expected_speedup(self) -> float:
-        """:func:`expected_speedup` at the measured α, mean γ and c (nan when nothing was drafted)."""
+        """:func:`~labkit.speculative.rule.expected_speedup` at the measured α, mean γ and c (nan when nothing was
+        drafted)."""
         if not self.drafted or math.isnan(self.cost_ratio):
             return math.nan
         return expected_speedup(self.alpha, max(self.mean_gamma, 1.0), self.cost_ratio)
@@ -121,6 +124,7 @@ class SpeculativeStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeStats:
+        """Statistics from their saved form (``trace.meta.speculative``); unknown keys ignored."""
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -156,6 +160,7 @@ class Speculator:
         self._runs: collections.deque[tuple[int, int]] = collections.deque(maxlen=32)  # (accepted, drafted)
 
     def start(self, prompt_ids: torch.Tensor) -> None:
+        """Start a generation: the draft sees the prompt's ids."""
         self.draft.start(prompt_ids)
 
     def expected_tokens(self, gamma: int) -> float:
@@ -181,8 +186,9 @@ class Speculator:
         """γ for the next round, at most ``limit`` (tokens still allowed after the round's target draw).
         Adaptive: the γ ≤ ``gamma`` that maximises expected tokens per round (:meth:`expected_tokens`) over the
         round's cost in target steps, 1 + γ·c + γ·g (c: measured draft cost per token; g: measured growth of the
-        verification pass per position, see :func:`expected_speedup`); 0 (a plain step) when no γ is expected to
-        beat plain decoding, except every 9th such round, which drafts the best γ anyway to see if drafts pay again."""
+        verification pass per position, see :func:`~labkit.speculative.rule.expected_speedup`); 0 (a plain step) when
+        no γ is expected to beat plain decoding, except every 9th such round, which drafts the best γ anyway to see if
+        drafts pay again."""
         gamma = self.draft.gamma
         if self.draft.adaptive:
             fit = self.verify.fit()
@@ -202,6 +208,7 @@ class Speculator:
 
     def propose(self, ids: torch.Tensor, cache: Any, limit: int, sampler: Any,
                 generator: torch.Generator | None) -> Proposal:
+        """Draft this round's tokens (γ chosen by :meth:`gamma`; none when γ is 0), timed."""
         gamma = self.gamma(limit)
         if gamma == 0:
             return NOTHING
