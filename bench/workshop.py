@@ -1,6 +1,6 @@
 """Workshop capacity: measured memory of one student's kernel (the default model loaded, a few tokens generated)
 in float32 and bfloat16, plus one idle JupyterLab server, and the total for a class of N students. Not a speed
-benchmark: the figures behind the README's capacity table."""
+benchmark: the figures behind the capacity table of docs/howto/workshop.md."""
 
 from __future__ import annotations
 

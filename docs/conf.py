@@ -88,6 +88,19 @@ def _modules() -> list[str]:
     return sorted(names)
 
 
+def _defined_in(name: str) -> str | None:
+    """The labkit module whose source assigns the module-level constant ``name`` (``NAME = ...``)."""
+    import re
+
+    pattern = re.compile(rf"^{re.escape(name)}\s*(:[^=]+)?=", re.M)
+    for module in _modules():
+        path = ROOT / (module.replace(".", "/") + ".py")
+        path = path if path.exists() else path.with_suffix("") / "__init__.py"
+        if pattern.search(path.read_text()):
+            return module
+    return None
+
+
 def _api_page(module: str) -> str:
     """The reST of one module's page: its docstring and members, then the names it re-exports (``__all__``)."""
     import importlib
@@ -103,17 +116,24 @@ def _api_page(module: str) -> str:
             elsewhere.append(f"- :py:mod:`{name} <{home}>`")
         elif home != module and hasattr(obj, "__qualname__"):
             elsewhere.append(f"- :py:obj:`{name} <{home}.{obj.__qualname__}>`")
+        elif (origin := _defined_in(name)) not in (None, module):
+            elsewhere.append(f"- :py:data:`{name} <{origin}.{name}>`")
+    if module == "labkit":
+        lines += [".. data:: __version__", "", "   labkit's version (also in every Trace's ``meta``).", ""]
     if elsewhere:
         lines += ["Also exported here (documented where they are defined):", "", *elsewhere, ""]
     return "\n".join(lines)
 
 
 def _write_api_pages() -> None:
+    """Write the pages that changed (an unchanged page keeps its time stamp, so rebuilds stay incremental)."""
     api = DOCS / "api"
-    for stale in api.glob("labkit*.rst"):
+    pages = {api / f"{module}.rst": _api_page(module) for module in _modules()}
+    for stale in set(api.glob("labkit*.rst")) - set(pages):
         stale.unlink()
-    for module in _modules():
-        (api / f"{module}.rst").write_text(_api_page(module))
+    for path, text in pages.items():
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
 
 
 _write_api_pages()

@@ -199,7 +199,8 @@ def find_adapter(model: Any) -> Adapter:
         f"labkit has no hook-site adapter for {type(model).__name__} (model_type {model_type!r}) and none of the "
         f"known layouts fits it ({tried}). Declare where its parts are in a few lines with "
         "labkit.hooks.register_adapter(labkit.hooks.Adapter(name, (model_type,), blocks=..., embed=..., "
-        "final=(...), attn=..., out_proj=..., mlp=...)); see the README's 'Any model' section")
+        "final=(...), attn=..., out_proj=..., mlp=...)); see the docs page 'Any model: hook sites and supported "
+        "architectures'")
 
 
 # -- sites of one model ----------------------------------------------------------------------------------------

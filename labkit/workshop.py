@@ -6,7 +6,7 @@ folder under the workshop folder — fine on a class machine, no isolation betwe
 teaching notebooks without their solution cells (:mod:`labkit.teaching`), the labkit kernelspec "Python (labkit)"
 as the default kernel, and the default model converted once into labkit's cache, shared by every kernel
 (``LABKIT_CACHE``) and made read-only. The proxy is the Python ``configurable-http-proxy`` package (no Node).
-Beyond one machine, see the README (Zero to JupyterHub).
+Beyond one machine, see the documentation's workshop page (Zero to JupyterHub).
 """
 
 from __future__ import annotations

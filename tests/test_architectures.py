@@ -580,7 +580,7 @@ def test_batched_rows_equal_single_runs_and_beam_search_equals_transformers(arch
                       ).token_ids == greedy
 
 
-FEATURES = {  # README column -> the test of this module that checks it on every architecture
+FEATURES = {  # column of docs/architectures.md -> the test of this module that checks it on every architecture
     "log-probs": test_next_token_logprobs_equal_a_plain_eager_forward,
     "greedy": test_greedy_generation_equals_model_generate,
     "attention rows": test_captured_attention_rows_equal_eager_output_attentions,
@@ -601,9 +601,9 @@ FEATURES = {  # README column -> the test of this module that checks it on every
 }
 
 
-def test_readme_architecture_table_is_the_matrix():
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    table = readme.split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0].strip().splitlines()
+def test_the_docs_architecture_table_is_the_matrix():
+    page = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
+    table = page.split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0].strip().splitlines()
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
     header, body = rows[0], rows[2:]
     assert header == ["architecture", *FEATURES]

@@ -90,3 +90,20 @@ def test_weights_and_caches_are_ignored():
     ignored = (ROOT / ".gitignore").read_text().split()
     for pattern in ("*.safetensors", "*.gguf", "*.bin", ".venv/"):
         assert pattern in ignored
+
+
+def test_readme_is_a_quickstart_of_at_most_200_lines_whose_links_exist():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)
+    assert len(links) >= 15
+    absent = [link for link in links if not link.startswith("http") and not (ROOT / link).exists()]
+    assert absent == []
+
+
+def test_every_docs_page_is_in_the_sites_table_of_contents():
+    docs = ROOT / "docs"
+    pages = {p.relative_to(docs).with_suffix("").as_posix() for p in docs.rglob("*.md")
+             if "_build" not in p.parts and "notebooks" not in p.parts}
+    listed = set(re.findall(r"^(\S+)$", (docs / "index.md").read_text(), re.M))
+    assert pages - {"index"} <= listed, sorted(pages - {"index"} - listed)

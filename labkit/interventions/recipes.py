@@ -71,6 +71,7 @@ class Recipe:
     build: Callable[..., list[Intervention]]
 
 
+#: The named recipes by name (``labkit recipes`` lists them).
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("suppress-word", "Never generate a word (all its single-token spellings). Args: word.", _suppress_word),
     Recipe("topic-boost", "Multiply the probability of topic words by factor. Args: words (joined by '+'), "

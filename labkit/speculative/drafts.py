@@ -38,6 +38,7 @@ class Proposal:
         return None if self.q is None else self.q[i]
 
 
+#: The empty proposal: a round that drafts nothing (a plain step).
 NOTHING = Proposal([])
 
 
@@ -286,6 +287,7 @@ class PromptLookupDraft(Draft):
         return {"name": self.name, "ngram": self.ngram, "max_tokens": self.gamma, "adaptive": self.adaptive}
 
 
+#: The draft spec forms ``--speculative`` and :func:`parse_draft` accept.
 DRAFT_SPECS = ("prompt-lookup[:ngram=3,max_tokens=10]", "layer-skip:N[,gamma=10,confidence=0.4]",
                "bf16|fp16[:gamma=10,confidence=0.4]", "8bit|4bit[:gamma=10]", "model:PATH[,gamma=10]")
 
