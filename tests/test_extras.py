@@ -14,11 +14,13 @@ import pytest
 from labkit.errors import MissingExtra
 from labkit.extras import EXTRAS, missing, require
 
-# Every top-level module the optional extras install (their own packages and what only they pull in), and the
-# test tools of `dev`: made None in sys.modules, so `import x` raises ModuleNotFoundError and find_spec finds nothing.
+# Every top-level module the optional extras install (their own packages and what only they pull in), the test
+# tools of `dev`, and plotly (a core dependency, but ARCHITECTURE.md keeps the engine free of the UI's libraries):
+# made None in sys.modules, so `import x` raises ModuleNotFoundError and find_spec finds nothing.
 BLOCKED = sorted({m for modules in EXTRAS.values() for m in modules}
                  | {"ipykernel", "jupyter_server", "notebook", "nbformat", "nbclient", "widgetsnbextension",
-                    "jupyterlab_widgets", "comm", "pytest", "nbval", "playwright", "myst_parser", "docutils"})
+                    "jupyterlab_widgets", "comm", "pytest", "nbval", "playwright", "myst_parser", "docutils",
+                    "plotly"})
 
 _CHILD = textwrap.dedent('''
     import io, json, os, sys, tempfile, contextlib
@@ -41,7 +43,8 @@ _CHILD = textwrap.dedent('''
     out["next"] = exit_code(["next", "The capital of France is", "--top", "3", "--json"])
     s = labkit.Session(progress=False)
     t = s.generate("Once upon a time", max_new_tokens=6)
-    out["generate"] = {"ids": t.token_ids, "stop": t.stop_reason, "logprob": t.steps[0].logprob}
+    out["generate"] = {"ids": t.token_ids, "stop": t.stop_reason, "logprob": t.steps[0].logprob,
+                       "html": t._repr_html_()}
 
     def refusal(fn):
         try:
@@ -117,6 +120,12 @@ def test_session_generate_without_any_optional_extra_equals_the_full_install(hea
     assert headless["generate"]["ids"] == plain.token_ids
     assert headless["generate"]["logprob"] == pytest.approx(plain.steps[0].logprob, abs=1e-4)
     assert headless["still usable"] == plain.token_ids  # after every refusal below
+
+
+@pytest.mark.slow
+def test_a_trace_renders_as_html_without_the_widget_and_chart_libraries(headless):
+    html = headless["generate"]["html"]
+    assert "<span" in html and "surprisal" in html
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,12 +89,22 @@ def test_the_network_guard_can_fail(no_network):
     assert no_network == [("192.0.2.1", 80)]
 
 
-def test_default_model_cache_is_built_offline_then_corruption_is_detected_and_rebuilt(fresh_cache, no_network):
+@pytest.fixture
+def cache_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh LABKIT_CACHE holding a copy of the converted default model (converted once for the whole run)."""
+    real = models.prepare_default_model(progress=False)
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path / "cache"))
+    copy = models.default_model_dir()
+    assert copy != real and copy.parent.parent == tmp_path / "cache"
+    shutil.copytree(real, copy)
+    return copy
+
+
+def test_default_model_cache_corruption_is_detected_and_rebuilt_offline(cache_copy, no_network):
     folder = models.prepare_default_model(progress=False)
-    assert folder.parent.parent == fresh_cache and models.check_cache(folder, verify=True) is None
+    assert folder == cache_copy and models.check_cache(folder, verify=True) is None
     manifest = json.loads((folder / models.MANIFEST).read_text())
     assert "model.safetensors" in manifest["files"] and "tokenizer.json" in manifest["files"]
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     s = labkit.Session(device="cpu", progress=False)
     assert s.next_token(PROMPT).top(1)[0].token == " Paris"
 
@@ -108,8 +120,9 @@ def test_default_model_cache_is_built_offline_then_corruption_is_detected_and_re
 
     (folder / models.MANIFEST).unlink()  # an interrupted conversion never wrote its manifest
     assert models.check_cache(folder) == "no readable manifest (conversion did not finish)"
-    rebuilt = models.prepare_default_model(progress=False)
+    rebuilt = models.prepare_default_model(progress=False)  # converts the bundled GGUF again, offline
     assert rebuilt == folder and models.check_cache(folder, verify=True) is None
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
     assert labkit.Session(device="cpu", progress=False).next_token(PROMPT).prob(" Paris") == pytest.approx(0.7725,
                                                                                                           abs=0.01)
     assert no_network == []

@@ -174,7 +174,7 @@ def test_stop_from_another_thread_ends_within_one_token(session):
 
 
 def test_second_generation_from_another_thread_is_refused_cleanly(session):
-    gen = session.stream("Once upon a time", max_new_tokens=100)
+    gen = session.stream("Once upon a time", max_new_tokens=30)
     next(gen)  # holds the session
     errors = []
 
@@ -189,7 +189,7 @@ def test_second_generation_from_another_thread_is_refused_cleanly(session):
     th.join(60)
     assert len(errors) == 1 and "another thread" in str(errors[0])
     rest = list(gen)  # the first generation is intact and continues
-    ref = session.generate("Once upon a time", max_new_tokens=100)
+    ref = session.generate("Once upon a time", max_new_tokens=30)
     assert gen.trace.token_ids == ref.token_ids and len(rest) == len(ref) - 1
 
 
