@@ -54,11 +54,13 @@ browser:
 docs: $(STAMP)
 	$(SPHINX)
 
-## test: ruff, the docs site (warnings as errors), the test suite (the real-browser tests included), the notebooks
+## test: ruff, the docs site (warnings as errors), the test suite (the real-browser tests included; two workers of
+## one torch thread each, files kept whole), then the notebooks under nbval (one process, as their outputs were made)
 test: setup browser
 	$(VENV)/bin/ruff check .
 	@start=$$(date +%s); $(SPHINX) && echo "labkit: docs built in $$(( $$(date +%s) - start )) s"
-	$(PY) -m pytest tests notebooks $(NBVAL) --durations=30
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadfile --durations=30
+	$(PY) -m pytest notebooks $(NBVAL) --durations=10
 
 ## bench: benchmarks under bench/, results as JSON in bench/results/
 bench: setup

@@ -61,7 +61,8 @@ def test_input_x_gradient_equals_a_manual_autograd_computation(session):
     a = session.attribute(PROMPT, target=" Paris", method="input_x_gradient")
     x = _embeds(session, PROMPT).requires_grad_()
     (grad,) = torch.autograd.grad(_prob_of(session, x, token_id(session.tokenizer, " Paris")).sum(), x)
-    torch.testing.assert_close(torch.tensor(a.scores), (x * grad)[0].sum(-1).detach(), atol=1e-6, rtol=1e-4)
+    # float32 sums of d_model products: 1.6e-5 apart at one torch thread (CPU kernels block differently), ≤ 1e-6 at two
+    torch.testing.assert_close(torch.tensor(a.scores), (x * grad)[0].sum(-1).detach(), atol=5e-5, rtol=1e-3)
 
 
 def test_saliency_is_the_gradient_norm_and_exactly_zero_for_tokens_the_target_cannot_see(session):
