@@ -230,9 +230,9 @@ class StepAttention:
     varentropy_bits: float
     """Variance across heads of the head entropies, averaged over layers (bits²)."""
     agreement: float
-    """Mean |p − mean over heads of p| over keys, heads and layers (probability units; 0 = all heads agree)."""
+    """Mean ``|p − mean over heads of p|`` over keys, heads and layers (probability units; 0 = all heads agree)."""
     interaction_strength: float
-    """Mean |pre-softmax score| over layers, heads and (unmasked) keys (logit units)."""
+    """Mean ``|pre-softmax score|`` over layers, heads and (unmasked) keys (logit units)."""
 
     @property
     def mean_entropy_bits(self) -> float:

@@ -65,7 +65,7 @@ class Attribution:
     baseline_value: float | None = None
     """IG: f at the baseline (zero embeddings)."""
     completeness_error: float | None = None
-    """IG: |Σ scores − (f(input) − f(baseline))| / |f(input) − f(baseline)| (relative)."""
+    """IG: ``|Σ scores − (f(input) − f(baseline))| / |f(input) − f(baseline)|`` (relative)."""
     steps: int | None = None
     baseline: str | None = None
 
@@ -99,7 +99,7 @@ class Attribution:
                              "score": self.scores})
 
     def top(self, k: int = 5) -> Any:
-        """The ``k`` tokens with the largest |score| (signs kept), largest first: a DataFrame like ``to_pandas``."""
+        """The ``k`` tokens with the largest ``|score|`` (signs kept), largest first: a DataFrame like ``to_pandas``."""
         check_int("k", k, 1)
         frame = self.to_pandas()
         return frame.reindex(frame["score"].abs().sort_values(ascending=False, kind="stable").index).head(k)
@@ -109,8 +109,8 @@ class Attribution:
         return {**asdict(self), "unit": self.unit}
 
     def html(self) -> str:
-        """The context as a token strip, each token on a background as strong as its |score| (red positive, blue
-        negative; the largest |score| is full colour), the target after it; a score in each token's title."""
+        """The context as a token strip, each token on a background as strong as its ``|score|`` (red positive, blue
+        negative; the largest ``|score|`` is full colour), the target after it; a score in each token's title."""
         peak = max((abs(s) for s in self.scores), default=0.0) or 1.0
         spans = []
         for i, (tok, score) in enumerate(zip(self.tokens, self.scores, strict=True)):

@@ -9,7 +9,7 @@ builds a transformers ``Cache`` of n layers of its own cache-layer class (transf
   the M positions before them at 8 bits, older ones at ``bits``. Each position's key (value) vector of each KV head is
   split into groups of G channels; a group is stored as unsigned codes c = round((x − min) / scale) with
   scale = (max − min) / (2^b − 1), and min and scale in float32 (per token, per head, per channel group;
-  asymmetric; round-to-nearest, so |x − dequantized| ≤ scale / 2). 4-bit codes are packed two to a byte. A position
+  asymmetric; round-to-nearest, so ``|x − dequantized| ≤ scale / 2``). 4-bit codes are packed two to a byte. A position
   is quantized once when it leaves the full-precision window (and re-quantized from its 8-bit form when it leaves
   the 8-bit window). Written by hand: transformers' ``QuantizedLayer`` needs the quanto or HQQ backends, quantizes
   the prompt at once whatever ``residual_length`` is, and re-quantizes dequantized values at every flush.

@@ -108,7 +108,7 @@ class LogitAttribution:
         return pd.DataFrame(rows)
 
     def top_heads(self, k: int = 5) -> list[tuple[int, int, float]]:
-        """The ``k`` heads with the largest |value|: (layer, head, value), largest first."""
+        """The ``k`` heads with the largest ``|value|``: (layer, head, value), largest first."""
         flat = [(layer, h, v) for layer, row in enumerate(self.heads) for h, v in enumerate(row)]
         return sorted(flat, key=lambda t: -abs(t[2]))[:k]
 

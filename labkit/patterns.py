@@ -60,7 +60,7 @@ class HeadPattern:
 
 
 def _filter_energy(a: torch.Tensor) -> dict[str, float]:
-    """Mean |response| of each fixed filter over the matrix, relative to its mean absolute value."""
+    """Mean ``|response|`` of each fixed filter over the matrix, relative to its mean absolute value."""
     x = a[None, None]  # (1, 1, T, T)
     base = float(a.abs().mean()) or 1.0
     return {name: float(torch.nn.functional.conv2d(x, k[None, None], padding=1).abs().mean()) / base

@@ -65,7 +65,7 @@ class Uncertainty:
     predictive_entropy_nats: float
     predictive_entropy_per_token_bits: float
     semantic_entropy_bits: float
-    """Of the cluster frequencies |C| / n."""
+    """Of the cluster frequencies ``|C| / n``."""
     semantic_entropy_weighted_bits: float
     """Of p(C) ∝ Σ_{s∈C} p(s | prompt) (normalised over the sampled clusters)."""
     clusters: dict[str, int]

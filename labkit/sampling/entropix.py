@@ -174,9 +174,9 @@ class EntropixMetrics:
     attn_varentropy: float
     """Population variance across heads of those entropies (bits²)."""
     agreement: float
-    """Mean over heads and positions of |P_h − mean over heads of P| (probability units)."""
+    """Mean over heads and positions of ``|P_h − mean over heads of P|`` (probability units)."""
     interaction_strength: float
-    """Mean |pre-softmax attention score| (logit units)."""
+    """Mean ``|pre-softmax attention score|`` (logit units)."""
 
     def as_dict(self) -> dict[str, float]:
         """The metrics as a plain dict (bits, bits²)."""
