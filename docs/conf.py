@@ -144,12 +144,14 @@ autodoc_type_aliases = {"Token": "labkit.interventions.token.Token"}
 # -- a public name without a docstring is a build warning (an error under -W) ---------------------------------
 
 def _require_docstring(app, what, name, obj, options, lines) -> None:
-    """Warn for a documented public module, class, function or method whose docstring is empty."""
+    """Warn for a documented public module, class, function, method or property whose docstring is empty."""
     from sphinx.util import logging
 
-    own = getattr(obj, "__module__", None) or getattr(obj, "__name__", "")
+    target = getattr(obj, "fget", obj)  # a property: its getter
+    own = getattr(target, "__module__", None) or getattr(target, "__name__", "")
     public = own.startswith("labkit") and not name.split(".")[-1].startswith("_")
-    if public and what in ("module", "class", "function", "method", "exception") and not any(s.strip() for s in lines):
+    if public and what in ("module", "class", "function", "method", "property", "exception") and not any(
+            s.strip() for s in lines):
         logging.getLogger("labkit.docs").warning("%s %s has no docstring", what, name, type="labkit",
                                                  subtype="docstring")
 

@@ -195,10 +195,12 @@ class AttentionMaps:
 
     @property
     def n_layers(self) -> int:
+        """Number of layers (L)."""
         return self.probs.shape[0]
 
     @property
     def n_heads(self) -> int:
+        """Number of attention heads per layer (H)."""
         return self.probs.shape[1]
 
     def head(self, layer: int, head: int) -> torch.Tensor:
@@ -236,6 +238,7 @@ class StepAttention:
 
     @property
     def mean_entropy_bits(self) -> float:
+        """Mean of the per-head entropies over layers and heads (bits)."""
         return float(self.entropy_bits.mean())
 
     def summary(self) -> dict[str, float]:

@@ -71,6 +71,8 @@ class Attribution:
 
     @property
     def unit(self) -> str:
+        """The unit of the scores: the attributed quantity's (probability, nats or logit units); the norm of its
+        gradient per embedding unit for saliency; an attention share for rollout."""
         if self.method == "rollout":
             return "attention share"
         if self.method == "saliency":

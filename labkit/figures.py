@@ -49,6 +49,7 @@ class Picture:
 
     @property
     def title(self) -> str:
+        """The figure's title (its suptitle, else the first axes title; empty when none)."""
         return self.figure.get_suptitle() or next((ax.get_title() for ax in self.figure.axes if ax.get_title()), "")
 
     def png(self) -> bytes:

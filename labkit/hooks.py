@@ -241,6 +241,7 @@ class Sites:
 
     @property
     def model(self) -> Any:
+        """The model these sites address (held by a weak reference; the Session keeps it alive)."""
         model = self._model_ref()
         if model is None:  # pragma: no cover - the Session keeps its model alive
             raise RuntimeError("the model of these Sites was freed")

@@ -54,10 +54,12 @@ class Quantized:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the codes, minima and scales together."""
         return self.codes.nbytes + self.mins.nbytes + self.scales.nbytes
 
     @property
     def length(self) -> int:
+        """Number of positions held (T)."""
         return self.mins.shape[-2]
 
 
@@ -277,6 +279,7 @@ class Full:
 
     @property
     def spec(self) -> str:
+        """The policy's spec string (``full``)."""
         return "full"
 
     def new_cache(self, n_layers: int) -> Any:

@@ -59,6 +59,7 @@ class LogitAttribution:
 
     @property
     def label(self) -> str:
+        """What is attributed, as text: ``logit(' Paris')`` or ``logit(' Paris') − logit(' Rome')``."""
         return f"logit({self.token!r})" + (f" − logit({self.against!r})" if self.against is not None else "")
 
     def __repr__(self) -> str:

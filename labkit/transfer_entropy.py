@@ -31,6 +31,7 @@ class TransferEntropy:
 
     @property
     def significant(self) -> bool:
+        """Whether the shuffle-surrogate p-value is below ``alpha``."""
         return self.p_value < self.alpha
 
     @property

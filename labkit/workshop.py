@@ -45,10 +45,12 @@ class WorkshopConfig:
 
     @property
     def url(self) -> str:
+        """The hub's address on this machine."""
         return f"http://127.0.0.1:{self.port}/"
 
     @property
     def usernames(self) -> list[str]:
+        """The students' user names, ``student1`` … ``studentN``."""
         return [f"student{i}" for i in range(1, self.users + 1)]
 
 

@@ -171,6 +171,8 @@ class ActivationHook(ActivationIntervention):
 
     @property
     def is_site(self) -> bool:
+        """True when ``module`` is a hook-site name (``blocks.L...``, ``embed``, ``final_norm``), False for a module
+        path."""
         return self.module.startswith("blocks.") or self.module in MODEL_SITES
 
     def bind(self, session: Any) -> None:

@@ -144,6 +144,7 @@ class Lab(widgets.VBox):
 
     @property
     def running(self) -> bool:
+        """True while a generation runs in the Lab's background thread."""
         return self._runner is not None and not self._runner.idle.is_set()
 
     # -- internals -----------------------------------------------------------------------------------------

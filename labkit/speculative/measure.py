@@ -35,6 +35,7 @@ class Measurement:
 
     @property
     def speedup(self) -> float:
+        """Plain ms/token divided by speculative ms/token (> 1: speculative decoding is faster)."""
         return self.plain_ms_per_token / self.speculative_ms_per_token
 
 

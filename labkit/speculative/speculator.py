@@ -83,10 +83,12 @@ class SpeculativeStats:
 
     @property
     def tokens_per_round(self) -> float:
+        """Tokens made per round: accepted + resampled or bonus (nan before any round)."""
         return self.tokens / self.rounds if self.rounds else math.nan
 
     @property
     def mean_gamma(self) -> float:
+        """Drafted tokens per round (nan before the first round)."""
         return self.drafted / self.rounds if self.rounds else math.nan
 
     @property
@@ -106,6 +108,7 @@ class SpeculativeStats:
 
     @property
     def ms_per_token(self) -> float:
+        """Wall time per generated token, milliseconds (nan before any token)."""
         return self.total_ms / self.tokens if self.tokens else math.nan
 
     @property
