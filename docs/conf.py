@@ -53,8 +53,6 @@ def _copy_notebooks() -> None:
             shutil.copyfile(src, dst)
 
 
-_copy_notebooks()
-
 # -- API reference ------------------------------------------------------------------------------------------
 autodoc_typehints = "description"
 autodoc_typehints_format = "short"
@@ -136,8 +134,6 @@ def _write_api_pages() -> None:
             path.write_text(text)
 
 
-_write_api_pages()
-
 autodoc_type_aliases = {"Token": "labkit.interventions.token.Token"}
 
 
@@ -156,5 +152,12 @@ def _require_docstring(app, what, name, obj, options, lines) -> None:
                                                  subtype="docstring")
 
 
+def _write_sources(app) -> None:
+    """Before Sphinx looks for its sources: the notebook copies and the API pages (importing conf.py writes nothing)."""
+    _copy_notebooks()
+    _write_api_pages()
+
+
 def setup(app) -> None:
+    app.connect("builder-inited", _write_sources)
     app.connect("autodoc-process-docstring", _require_docstring)

@@ -5,6 +5,7 @@ naming the extra that brings it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -99,7 +100,7 @@ EXPECTED_EXTRA = {"panels": "lab", "lab attribute": "lab", "magics": "lab", "ker
 def headless() -> dict:
     code = f"BLOCKED = {BLOCKED!r}\n" + _CHILD
     env_run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert env_run.returncode == 0, env_run.stderr[-3000:]
     line = next(ln for ln in env_run.stdout.splitlines() if ln.startswith("RESULT"))
     return json.loads(line[len("RESULT"):])
