@@ -21,7 +21,12 @@ from labkit.trace import format_of
 
 _MODEL_OPTIONS = [
     click.option("--model", default="default", show_default=True,
-                 help="'default' (bundled SmolLM2-135M-Instruct) or a local Hugging Face folder."),
+                 help="'default' (bundled SmolLM2-135M-Instruct), a local Hugging Face folder, a .gguf file, or a "
+                 "hub id (org/name) in the local Hugging Face cache."),
+    click.option("--revision", default=None, help="With a hub id: the branch, tag or commit in the local cache."),
+    click.option("--device-map", "device_map", type=click.Choice(["auto", "balanced", "sequential"]), default=None,
+                 help="Spread the model over GPUs, CPU and disk (accelerate); with --offload-folder for disk."),
+    click.option("--offload-folder", "offload_folder", default=None, help="Folder for disk-offloaded weights."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
     click.option("--quantization", type=click.Choice(["8bit", "4bit"]), default=None, help="bitsandbytes."),
@@ -49,10 +54,12 @@ def _errors() -> Iterator[None]:
         sys.exit(1)
 
 
-def _session(model: str, device: str, dtype: str, quantization: str | None, attn: str) -> Any:
+def _session(model: str, device: str, dtype: str, quantization: str | None, attn: str, revision: str | None = None,
+             device_map: str | None = None, offload_folder: str | None = None) -> Any:
     from labkit.session import Session
 
-    return Session(model, device=device, dtype=dtype, quantization=quantization, attn=attn)
+    return Session(model, device=device, dtype=dtype, quantization=quantization, attn=attn, revision=revision,
+                   device_map=device_map, offload_folder=offload_folder)
 
 
 class _OneLineErrors(click.Group):
@@ -110,8 +117,9 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
 @click.option("--quantity", type=click.Choice(["prob", "logprob", "logit"]), default="prob", show_default=True,
               help="What is attributed: the target's probability, log-probability (nats) or logit.")
 @click.option("--steps", default=64, show_default=True, type=click.IntRange(min=2), help="IG's integration points.")
-@click.option("--baseline", type=click.Choice(["zero", "mean"]), default="zero", show_default=True,
-              help="IG's starting point: zero embeddings or the mean token embedding.")
+@click.option("--baseline", type=click.Choice(["unk", "zero", "mean"]), default="unk", show_default=True,
+              help="IG's starting point: the UNK token everywhere (EOS kept; inseq's), zero embeddings or the mean "
+              "token embedding.")
 @click.option("--heads", default=5, show_default=True, type=click.IntRange(min=0),
               help="Also show the top heads of the direct logit attribution (0: skip it).")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
@@ -138,7 +146,7 @@ def attribute_cmd(prompt: str, target: str | None, foil: str | None, method: str
         click.echo(f"{method} attribution of {a.label} (f = {a.value:.4g})")
         if a.completeness_error is not None:
             click.echo(f"IG completeness: Σ scores = {sum(a.scores):.4g}, f(input) − f(baseline) = "
-                       f"{a.value - a.baseline_value:.4g} (error {a.completeness_error:.2%}, {steps} steps)")
+                       f"{a.value - a.baseline_value:.4g} (error {a.completeness_error:.2%}, {a.steps} steps)")
         click.echo(f"{'pos':>4}  {'token':<20} {'score':>10}")
         for pos, tok, score in zip(range(len(a.tokens)), a.tokens, a.scores, strict=True):
             click.echo(f"{pos:>4}  {tok!r:<20} {score:>+10.4f}")
@@ -346,7 +354,7 @@ def recipes_cmd() -> None:
 @click.option("--resume", is_flag=True, help="Keep the rows already in --out and run only the missing cells.")
 @model_options
 def sweep_cmd(config: str, executor: str | None, workers: int | None, num_gpus: float, out: str | None, resume: bool,
-              model: str, device: str, dtype: str, quantization: str | None, attn: str) -> None:
+              model: str, device: str, dtype: str, quantization: str | None, attn: str, **placement: Any) -> None:
     """Run the sweep in CONFIG (YAML: prompts, samplers, interventions, seeds, max_new_tokens, metrics); print a
     summary per sampler × intervention. See examples/sweep.yaml."""
     from labkit.experiments import SessionSpec, Sweep, load_config
@@ -359,7 +367,7 @@ def sweep_cmd(config: str, executor: str | None, workers: int | None, num_gpus: 
         click.echo(f"{sweep!r} on {executor}" + (f", rows into {out}" if out else ""), err=True)
         spec = SessionSpec(model=model, device="cpu" if device == "auto" else device,
                            dtype="float32" if dtype == "auto" else dtype, threads=1 if executor == "ray" else None)
-        session = _session(model, device, dtype, quantization, attn) if executor == "local" else None
+        session = _session(model, device, dtype, quantization, attn, **placement) if executor == "local" else None
         frame = sweep.run(session, executor=executor, workers=workers or cfg.get("workers", 2), num_gpus=num_gpus,
                           out=out, resume=resume, session_spec=spec)
         cols = ["mean_entropy_bits", "perplexity", "kl_to_baseline_bits", *sweep.metrics]

@@ -29,6 +29,12 @@ class DeviceUnavailable(LabkitError):
     """The requested device or backend is not available here (CUDA absent, xformers on CPU...)."""
 
 
+class MemoryBudgetExceeded(LabkitError, MemoryError):
+    """A feature would need more memory than the budget (free RAM or GPU memory, or
+    :func:`labkit.memory.budget`); the message names the bytes needed, the budget and how to need less. Raised
+    before anything is allocated: the session stays usable."""
+
+
 class SessionBusy(LabkitError, RuntimeError):
     """A generation is already running on this Session (in another thread)."""
 

@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -61,6 +62,11 @@ class ModelInfo:
     vocab_size: int
     context_length: int
     """Maximum sequence length in tokens (prompt + generated)."""
+    source: str = "folder"
+    """Where the weights came from: "default", "folder", "hub" (the local Hugging Face cache), "gguf" or
+    "object" (a model passed in)."""
+    device_map: dict[str, str] | None = None
+    """Module name -> device ("cpu", "cuda:0", "disk") when the model is spread over devices, else None."""
 
 
 # -- cache of the converted default model ------------------------------------------------------------------
@@ -304,16 +310,89 @@ def register_xformers() -> None:
 
 # -- loading ----------------------------------------------------------------------------------------------
 
-def resolve_model_path(model: str | os.PathLike[str], progress: bool = True) -> Path:
-    """``"default"`` -> the converted default model; otherwise a checked local Hugging Face folder."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""What a hub id looks like: ``org/name`` (one slash, no path separators beyond it)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights are on this machine: ``kind`` "default" | "folder" | "hub" | "gguf"; ``path`` the
+    folder transformers reads (for "gguf", the file's folder and ``gguf_file`` its name)."""
+
+    kind: str
+    path: Path
+    gguf_file: str | None = None
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache, read from the environment at each call: ``$HF_HUB_CACHE``, else
+    ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub`` (huggingface_hub reads these once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_models(cache: Path | None = None) -> list[str]:
+    """The model ids (``org/name``) present in the local Hugging Face cache, sorted."""
+    folder = cache or hub_cache_dir()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removeprefix("models--").replace("--", "/", 1) for p in folder.glob("models--*")
+                  if (p / "snapshots").is_dir())
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot folder of ``repo_id`` at ``revision`` (a branch, tag or commit hash; default "main") in the
+    local Hugging Face cache; never downloads. ModelLoadError listing the cached models when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    try:
+        with offline():
+            folder = snapshot_download(repo_id, revision=revision, cache_dir=str(cache), local_files_only=True)
+    except Exception as e:  # LocalEntryNotFoundError, a missing revision, a broken cache: one error
+        present = cached_models(cache)
+        listed = ", ".join(present) if present else "none"
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelLoadError(
+            f"{repo_id!r}{at} is not in the local Hugging Face cache {str(cache)!r} (labkit never downloads; "
+            f"{type(e).__name__}). Cached models there: {listed}. Download it once with `hf download {repo_id}` on "
+            "a machine with network access, or set HF_HUB_CACHE / HF_HOME to the cache that holds it") from None
+    return Path(folder)
+
+
+def resolve_source(model: str | os.PathLike[str], revision: str | None = None, progress: bool = True) -> ModelSource:
+    """Where ``model`` is: ``"default"`` (converted once), a local folder, a ``.gguf`` file, or a hub id found in
+    the local Hugging Face cache. Checked before anything is loaded."""
     if isinstance(model, str) and model == DEFAULT_MODEL:
-        return prepare_default_model(progress=progress)
+        if revision is not None:
+            raise InvalidArgument(f"revision applies to hub ids only; got revision={revision!r} for the default model")
+        return ModelSource("default", prepare_default_model(progress=progress))
     if not isinstance(model, (str, os.PathLike)):
-        raise InvalidArgument(f"model must be 'default' or a local folder path; got {model!r}")
+        raise InvalidArgument(f"model must be 'default', a local folder, a .gguf file, a hub id ('org/name') in the "
+                              f"local cache, or a loaded transformers model; got {type(model).__name__}")
     path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
+        return ModelSource("gguf", path.parent, gguf_file=path.name)
+    if not path.exists() and isinstance(model, str) and HUB_ID.match(model):
+        return ModelSource("hub", _checked_folder(resolve_hub_id(model, revision)))
+    if revision is not None:
+        raise InvalidArgument(f"revision applies to hub ids ('org/name') only; {str(model)!r} is a local path")
     if not path.is_dir():
-        raise ModelLoadError(f"model folder {str(path)!r} does not exist; model must be 'default' or a local "
-                             "Hugging Face folder (labkit never downloads from a hub)")
+        raise ModelLoadError(f"model folder {str(path)!r} does not exist; model must be 'default', a local Hugging "
+                             "Face folder, a .gguf file or a hub id in the local cache (labkit never downloads)")
+    return ModelSource("folder", _checked_folder(path))
+
+
+def resolve_model_path(model: str | os.PathLike[str], progress: bool = True) -> Path:
+    """The folder transformers reads for ``model`` (see :func:`resolve_source`)."""
+    return resolve_source(model, progress=progress).path
+
+
+def _checked_folder(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path)!r} has no config.json; it is not a Hugging Face model folder")
     if not any(path.glob("*.safetensors")):
@@ -383,19 +462,73 @@ def offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = before_env
 
 
-def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-         quantization: str | None = None, attn: str = "auto", progress: bool = True) -> tuple[Any, Any, ModelInfo]:
-    """Load ``(model, tokenizer, info)``. Options are validated before anything is read."""
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_placement(device: str, device_map: Any, max_memory: Any, offload_folder: Any) -> None:
+    """InvalidArgument for a ``device_map`` / ``max_memory`` / ``offload_folder`` accelerate would not take, or
+    one combined with an explicit ``device``."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise InvalidArgument("max_memory and offload_folder spread a model over devices: they need "
+                                  "device_map='auto' (or 'balanced', or a dict); got device_map=None")
+        return
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS:
+            raise invalid_choice("device_map", device_map, (*DEVICE_MAPS, "a dict {module name: device}"))
+    elif not isinstance(device_map, dict) or not device_map or not all(
+            isinstance(k, str) and isinstance(v, (str, int, torch.device)) for k, v in device_map.items()):
+        raise InvalidArgument(f"device_map must be one of {DEVICE_MAPS} or a non-empty dict {{module name: device}} "
+                              f"(device 'cpu', 'cuda:0', 0, 'disk'); got {device_map!r}")
+    if device != "auto":
+        raise InvalidArgument(f"device={device!r} and device_map={device_map!r} both place the model: give one "
+                              "(device_map decides every module's device)")
+    if max_memory is not None and not (isinstance(max_memory, dict) and all(
+            isinstance(v, (int, str)) for v in max_memory.values())):
+        raise InvalidArgument(f"max_memory must be a dict {{device: bytes or '10GiB'}}, e.g. {{0: '20GiB', 'cpu': "
+                              f"'60GiB'}}; got {max_memory!r}")
+
+
+def input_device(model: Any) -> torch.device:
+    """The device a model's input ids go to: where its token embedding runs (accelerate's execution device for
+    an offloaded embedding; CPU for one kept on disk)."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is None:
+        device = next(embed.parameters()).device
+    device = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    return torch.device("cpu") if device.type in ("meta", "disk") else device
+
+
+def load(model: Any = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
+         attn: str = "auto", progress: bool = True, *, tokenizer: Any = None, revision: str | None = None,
+         device_map: Any = None, max_memory: Any = None, offload_folder: Any = None) -> tuple[Any, Any, ModelInfo]:
+    """Load ``(model, tokenizer, info)``. Options are validated before anything is read.
+
+    ``model``: "default", a local folder, a ``.gguf`` file (dequantised to ``dtype``), a hub id in the local cache
+    (``revision``: branch, tag or commit), or a loaded transformers causal LM (with ``tokenizer``; a PEFT model is
+    unwrapped to its base model, adapters kept). ``device_map`` / ``max_memory`` / ``offload_folder``: accelerate's
+    placement over GPUs, CPU and disk."""
+    if isinstance(model, torch.nn.Module):
+        return adopt(model, tokenizer, device=device, dtype=dtype, quantization=quantization, attn=attn)
+    if tokenizer is not None:
+        raise InvalidArgument("tokenizer= goes with a loaded model object; a folder, file or hub id brings its own")
+    check_placement(device, device_map, max_memory, offload_folder)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     _check_quantization(quantization)
     impl = resolve_attn(attn, dev)
-    path = resolve_model_path(model, progress=progress)
+    source = resolve_source(model, revision=revision, progress=progress)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "use_safetensors": True,
-                              "dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "dtype": torch_dtype}
+    read_from = str(source.path)
+    if source.gguf_file is not None:
+        kwargs["gguf_file"] = source.gguf_file  # a GGUF file is plain tensors (no pickle), dequantised on load
+    else:
+        kwargs["use_safetensors"] = True
     if impl is not None:
         kwargs["attn_implementation"] = impl
     if quantization is not None:
@@ -404,30 +537,88 @@ def load(model: str | os.PathLike[str] = DEFAULT_MODEL, device: str = "auto", dt
         kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
                                          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype))
         kwargs["device_map"] = {"": dev}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+        if max_memory is not None:
+            kwargs["max_memory"] = max_memory
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     try:
         with _quiet_transformers(), offline():
-            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-            hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            tok_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+            tokenizer = AutoTokenizer.from_pretrained(read_from, local_files_only=True, trust_remote_code=False,
+                                                      **tok_kwargs)
+            hf_model = AutoModelForCausalLM.from_pretrained(read_from, **kwargs)
     except Exception as e:  # transformers, tokenizers and safetensors raise many types: one error, one line
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ModelLoadError(f"could not load a causal language model from {str(path)!r}: "
+        what = f"{read_from}/{source.gguf_file}" if source.gguf_file else read_from
+        raise ModelLoadError(f"could not load a causal language model from {what!r}: "
                              f"{type(e).__name__}: {first}") from e
+    if source.gguf_file is not None:  # the weights are plain tensors now: drop the GGUF quantizer's traces
+        hf_model.hf_quantizer = None
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
     if impl == XFORMERS_ATTN:
         check_xformers_fits(hf_model.config)
-    if quantization is None:
+    if quantization is None and device_map is None:
         hf_model.to(dev)
     hf_model.eval()
-    if dev.type == "cpu":
+    placed = getattr(hf_model, "hf_device_map", None) if device_map is not None else None
+    where = input_device(hf_model) if placed else dev
+    name = str(model) if source.kind != "gguf" else str(Path(model).expanduser())
+    return hf_model, tokenizer, _info(hf_model, tokenizer, name=name, path=str(source.path), device=where,
+                                      quantization=quantization, source=source.kind,
+                                      device_map={k: str(v) for k, v in placed.items()} if placed else None,
+                                      attn="xformers" if impl == XFORMERS_ATTN else None)
+
+
+def _info(hf_model: Any, tokenizer: Any, *, name: str, path: str, device: torch.device, quantization: str | None,
+          source: str, device_map: dict[str, str] | None, attn: str | None = None) -> ModelInfo:
+    if device.type == "cpu":
         tune_cpu_allocator()
     cfg = hf_model.config.get_text_config(decoder=True)
     n_heads = cfg.num_attention_heads
-    info = ModelInfo(
-        name=str(model), path=str(path), device=str(dev), dtype=str(torch_dtype).removeprefix("torch."),
-        quantization=quantization, attn="xformers" if impl == XFORMERS_ATTN else hf_model.config._attn_implementation,
+    return ModelInfo(
+        name=name, path=path, device=str(device), dtype=str(hf_model.dtype).removeprefix("torch."),
+        quantization=quantization, attn=attn or hf_model.config._attn_implementation,
         n_layers=cfg.num_hidden_layers, n_heads=n_heads,
         n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
         head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
         vocab_size=cfg.vocab_size,
         context_length=getattr(cfg, "max_position_embeddings", None) or tokenizer.model_max_length,
+        source=source, device_map=device_map,
     )
-    return hf_model, tokenizer, info
+
+
+def adopt(model: Any, tokenizer: Any, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
+          attn: str = "auto") -> tuple[Any, Any, ModelInfo]:
+    """``(model, tokenizer, info)`` for a transformers causal LM the user already loaded: used as it is (its
+    device, dtype, quantization, placement and attention kept; a PEFT wrapper unwrapped to its base model, whose
+    layers carry the adapters). The loading options must be left at their defaults: move or cast the model first."""
+    given = {"device": (device, "auto"), "dtype": (dtype, "auto"), "quantization": (quantization, None),
+             "attn": (attn, "auto")}
+    changed = [f"{k}={v!r}" for k, (v, default) in given.items() if v != default]
+    if changed:
+        raise InvalidArgument(f"a loaded model is used as it is; {', '.join(changed)} would change it: move or cast "
+                              "it yourself (model.to(...)) and pass only the model and tokenizer")
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model  # PEFT
+    if not hasattr(base, "config") or not callable(getattr(base, "get_output_embeddings", None)) or \
+            base.get_output_embeddings() is None:
+        raise InvalidArgument(f"model must be a transformers causal language model (an AutoModelForCausalLM, e.g. "
+                              f"LlamaForCausalLM) with an output embedding; got {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        raise InvalidArgument("a loaded model needs its tokenizer: Session(model, tokenizer=tokenizer) (a "
+                              f"transformers tokenizer); got {type(tokenizer).__name__}")
+    base.eval()
+    quant = getattr(base.config, "quantization_config", None)
+    bits = "8bit" if getattr(base, "is_loaded_in_8bit", False) else "4bit" if getattr(
+        base, "is_loaded_in_4bit", False) else None
+    if bits is None and quant is not None:
+        bits = str(getattr(quant, "quant_method", None) or (quant.get("quant_method") if isinstance(quant, dict)
+                                                           else "quantized"))
+    placed = getattr(base, "hf_device_map", None)
+    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    return base, tokenizer, _info(base, tokenizer, name=name, path=name, device=input_device(base),
+                                  quantization=bits, source="object",
+                                  device_map={k: str(v) for k, v in placed.items()} if placed and len(
+                                      set(placed.values())) > 1 else None)

@@ -31,17 +31,26 @@ CAPTURES: tuple[str, ...] = ("attention", "logits")
 class Session:
     """A real causal language model, loaded once, with instrumented next-token and generation verbs.
 
-    ``model`` is ``"default"`` (the bundled SmolLM2-135M-Instruct) or a local Hugging Face folder;
+    ``model`` is ``"default"`` (the bundled SmolLM2-135M-Instruct), a local Hugging Face folder, a ``.gguf`` file
+    (dequantised to ``dtype``), a hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` found in the local
+    Hugging Face cache (``revision`` a branch, tag or commit; nothing is ever downloaded), or a transformers causal
+    LM already loaded (with ``tokenizer=``; see :meth:`from_model`).
     ``device`` "auto"|"cpu"|"cuda"; ``dtype`` "auto"|"float32"|"bfloat16"|"float16";
-    ``quantization`` None|"8bit"|"4bit" (bitsandbytes); ``attn`` "auto"|"sdpa"|"eager"|"xformers".
+    ``quantization`` None|"8bit"|"4bit" (bitsandbytes); ``attn`` "auto"|"sdpa"|"eager"|"xformers";
+    ``device_map`` ("auto", "balanced", or a dict {module name: "cuda:0" | "cpu" | "disk"}), ``max_memory`` and
+    ``offload_folder`` spread a model larger than one device over GPUs, CPU and disk (accelerate).
     ``Session.model`` and ``Session.tokenizer`` are the transformers objects. A Session may be used from a
     background thread and the notebook at once: one generation runs at a time, a second gets SessionBusy.
     """
 
-    def __init__(self, model: str | os.PathLike[str] = "default", device: str = "auto", dtype: str = "auto",
-                 quantization: str | None = None, attn: str = "auto", progress: bool = True) -> None:
-        self.model, self.tokenizer, self.info = models.load(model, device=device, dtype=dtype,
-                                                            quantization=quantization, attn=attn, progress=progress)
+    def __init__(self, model: Any = "default", device: str = "auto", dtype: str = "auto",
+                 quantization: str | None = None, attn: str = "auto", progress: bool = True, *,
+                 tokenizer: Any = None, revision: str | None = None, device_map: Any = None, max_memory: Any = None,
+                 offload_folder: str | os.PathLike[str] | None = None) -> None:
+        self.model, self.tokenizer, self.info = models.load(
+            model, device=device, dtype=dtype, quantization=quantization, attn=attn, progress=progress,
+            tokenizer=tokenizer, revision=revision, device_map=device_map, max_memory=max_memory,
+            offload_folder=offload_folder)
         self.device = torch.device(self.info.device)
         self._lock = threading.Lock()  # not re-entrant: a generation started from inside another is refused
         self._stop = threading.Event()
@@ -55,6 +64,12 @@ class Session:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos_ids)
 
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any) -> Session:
+        """A Session over a transformers causal LM already loaded in this process (one you quantised, edited,
+        placed with ``device_map``, or a PEFT model), used as it is: same weights, device(s) and dtype."""
+        return cls(model, tokenizer=tokenizer)
+
     def __repr__(self) -> str:
         i = self.info
         return (f"Session(model={i.name!r}, device={i.device!r}, dtype={i.dtype!r}, attn={i.attn!r}, "
@@ -62,7 +77,7 @@ class Session:
 
     @property
     def model_id(self) -> str:
-        """Name recorded in traces: the default model's name, or the folder given."""
+        """Name recorded in traces: the default model's name, or the folder, file, hub id or model name given."""
         return models.DEFAULT_MODEL_NAME if self.info.name == models.DEFAULT_MODEL else self.info.name
 
     @property
@@ -209,13 +224,14 @@ class Session:
 
     def attribute(self, prompt: str, target: str | int | None = None, foil: str | int | None = None,
                   method: str = "ig", position: int | None = None, quantity: str = "prob", steps: int = 64,
-                  batch: int | None = None, baseline: str = "zero", chat: bool = False) -> Any:
+                  batch: int | None = None, baseline: str = "unk", chat: bool = False) -> Any:
         """Why the model predicts ``target`` after ``prompt``: an :class:`labkit.attribution.Attribution` with one
         score per prompt token. ``method`` "saliency" | "input_x_gradient" | "ig" | "rollout"; ``quantity`` the
         target's "prob" (default, as inseq) | "logprob" (nats) | "logit"; ``foil`` makes it a contrast
         f(target) − f(foil). ``target`` None: the prompt's own next token at ``position`` (default: the last
-        position, whose target is the model's top prediction). ``steps``/``batch``/``baseline`` ("zero" | "mean"):
-        IG's points, points per forward pass and starting point; read ``completeness_error``."""
+        position, whose target is the model's top prediction). ``steps``/``batch``/``baseline`` ("unk", inseq's
+        default | "zero" | "mean"): IG's points (doubled up to 512 while the completeness error exceeds 1 %), points
+        per forward pass (default: what the memory budget holds) and starting point; read ``completeness_error``."""
         from labkit.attribution import attribute
 
         ids = self.encode(prompt, chat=chat)
@@ -223,7 +239,7 @@ class Session:
 
     def attribute_step(self, trace: Trace, index: int, method: str = "ig", foil: str | int | None = None,
                        target: str | int | None = None, quantity: str = "prob", steps: int = 64,
-                       batch: int | None = None, baseline: str = "zero") -> Any:
+                       batch: int | None = None, baseline: str = "unk") -> Any:
         """:meth:`attribute` for step ``index`` of a generation: the context is the prompt (as fed, chat template
         included) and the tokens generated before it, the target the step's token (or ``target``). Attributes
         the model's own prediction: token-level interventions and the sampler act after it."""
@@ -254,7 +270,8 @@ class Session:
             else:
                 target_id = token_id(self.tokenizer, target)
             return attribute(self.sites, ids, target_id, foil=foil_id, method=method, position=where,
-                             quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self._texts)
+                             quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self._texts,
+                             tokenizer=self.tokenizer)
 
     def logit_attribution(self, prompt: str, token: str | int | None = None, against: str | int | None = None,
                           chat: bool = False) -> Any:
