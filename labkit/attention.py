@@ -80,30 +80,71 @@ class _Recorder:
         return [AttentionRow(scores[:, b]) for b in range(scores.shape[1])]
 
 
-_RECORDERS: dict[int, _Recorder] = {}  # id(model.config) -> recorder, only inside `capturing`
+_RECORDERS: dict[int, Any] = {}  # id(model.config) -> recorder, only inside `capturing`
 _REGISTER_LOCK = threading.Lock()
+
+
+def _row_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+                softcap: float | None = None, rows: slice = slice(-1, None)) -> torch.Tensor:
+    """Pre-softmax scores of the query ``rows``, shape (B, Hq, R, Tk), in float32: q·Kᵀ·scale, then
+    softcap·tanh(·/softcap) where the model softcaps attention logits (Gemma 2), then the mask (a boolean mask or an
+    additive one; additive entries at the dtype's minimum count as masked, −inf; no mask = causal, as SDPA's
+    ``is_causal``, aligned on the last key)."""
+    b, hq, tq, d = query.shape
+    hkv, tk = key.shape[1], key.shape[2]
+    scale = d ** -0.5 if scaling is None else scaling
+    q = query[:, :, rows, :].float() * scale  # (B, Hq, R, D)
+    r = q.shape[2]
+    grouped = q.reshape(b, hkv, (hq // hkv) * r, d)  # (B, Hkv, n_rep·R, D): grouped by KV head, no copy of K
+    scores = torch.matmul(grouped, key.float().transpose(-1, -2)).view(b, hq, r, tk)  # (B, Hq, R, Tk)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        part = mask[:, :, rows, :tk]  # (B, 1|H, R, Tk)
+        if part.dtype == torch.bool:
+            scores = scores.masked_fill(~part, float("-inf"))
+        else:
+            blocked = part <= torch.finfo(part.dtype).min / 2
+            scores = (scores + part.float()).masked_fill(blocked, float("-inf"))
+    else:
+        first = rows.indices(tq)[0] + (tk - tq)  # absolute position of the first row's query
+        q_pos = torch.arange(first, first + r, device=scores.device)[:, None]  # (R, 1)
+        scores = scores.masked_fill(torch.arange(tk, device=scores.device)[None, :] > q_pos, float("-inf"))
+    return scores
 
 
 def _last_row_scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
                      scaling: float | None, softcap: float | None = None) -> torch.Tensor:
-    """Pre-softmax scores of the last query row, shape (B, Hq, Tk), in float32: q·Kᵀ·scale, then
-    softcap·tanh(·/softcap) where the model softcaps attention logits (Gemma 2), then the mask (a boolean mask
-    or an additive one; additive entries at the dtype's minimum count as masked, −inf)."""
-    b, hq, _, d = query.shape
-    hkv, tk = key.shape[1], key.shape[2]
-    scale = d ** -0.5 if scaling is None else scaling
-    q = (query[:, :, -1, :].float() * scale).view(b, hkv, hq // hkv, d)  # (B, Hkv, n_rep, D): grouped by KV head
-    scores = torch.matmul(q, key.float().transpose(-1, -2)).view(b, hq, tk)  # (B, Hq, Tk)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        last = mask[:, :, -1, :tk]  # (B, 1|H, Tk)
-        if last.dtype == torch.bool:
-            scores = scores.masked_fill(~last, float("-inf"))
-        else:
-            blocked = last <= torch.finfo(last.dtype).min / 2
-            scores = (scores + last.float()).masked_fill(blocked, float("-inf"))
-    return scores
+    """Pre-softmax scores of the last query row, shape (B, Hq, Tk), in float32 (see :func:`_row_scores`)."""
+    return _row_scores(query, key, mask, scaling, softcap)[:, :, 0]
+
+
+class _MapRecorder:
+    """Full attention maps of chosen layers and heads, computed beside the model's own attention a block of query
+    rows at a time and stored in ``dtype`` on the CPU: ``maps[layer]`` (H_sel, T, T)."""
+
+    def __init__(self, layers: list[int], heads: list[int], dtype: torch.dtype, rows: int, base: str,
+                 mean_heads: bool = False) -> None:
+        self.layers, self.heads, self.dtype, self.rows, self.base = set(layers), heads, dtype, rows, base
+        self.mean_heads = mean_heads
+        """Keep the mean over the chosen heads only: maps[layer] of shape (1, T, T)."""
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float | None, softcap: float | None) -> None:
+        if layer not in self.layers:
+            return
+        tq, tk = query.shape[2], key.shape[2]
+        out = torch.empty(1 if self.mean_heads else len(self.heads), tq, tk, dtype=self.dtype)  # (H_sel | 1, T, Tk)
+        pick = torch.tensor(self.heads, device=query.device)
+        for start in range(0, tq, self.rows):
+            block = slice(start, min(tq, start + self.rows))
+            scores = _row_scores(query[:1], key[:1], None if mask is None else mask[:1], scaling, softcap, block)
+            probs = torch.softmax(scores[0].index_select(0, pick), dim=-1)  # (H_sel, R, Tk)
+            if self.mean_heads:
+                probs = probs.mean(0, keepdim=True)  # (1, R, Tk)
+            out[:, block] = probs.to(self.dtype).cpu()
+        self.maps[layer] = out
 
 
 def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -122,7 +163,9 @@ def capture_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
 
         out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                               dropout=dropout, **kwargs)
-    if recorder is not None:
+    if isinstance(recorder, _MapRecorder):
+        recorder.record(module.layer_idx, query, key, attention_mask, scaling, kwargs.get("softcap"))
+    elif recorder is not None:
         recorder.scores[module.layer_idx] = _last_row_scores(query, key, attention_mask, scaling,
                                                              kwargs.get("softcap"))  # (B, Hq, Tk)
     return out, weights
@@ -164,11 +207,13 @@ def check_capturable(model: Any) -> str:
 
 
 @contextlib.contextmanager
-def capturing(model: Any) -> Iterator[_Recorder]:
-    """Record the last query row of every layer at each forward pass inside the block."""
-    base = check_capturable(model)
+def capturing(model: Any, recorder: Any = None) -> Iterator[Any]:
+    """Record the last query row of every layer at each forward pass inside the block (or, given a map recorder,
+    the full maps of its layers)."""
+    base = check_capturable(model) if recorder is None else recorder.base
     _register()
-    recorder = _Recorder(model.config.get_text_config(decoder=True).num_hidden_layers, base)
+    if recorder is None:
+        recorder = _Recorder(model.config.get_text_config(decoder=True).num_hidden_layers, base)
     _RECORDERS[id(model.config)] = recorder
     try:
         with attn_implementation(model, CAPTURE_BASES[base]):
@@ -181,39 +226,70 @@ def capturing(model: Any) -> Iterator[_Recorder]:
 
 @dataclass
 class AttentionMaps:
-    """Full attention matrices of one prompt."""
+    """Full attention matrices of one prompt, for the layers and heads asked for (all by default)."""
 
     probs: torch.Tensor
-    """Shape (L, H, T, T): attention probabilities, row = query position, column = key position (causal)."""
+    """Shape (L, H, T, T): attention probabilities, row = query position, column = key position (causal); index i
+    of the first two dims is layer ``layers[i]`` and head ``heads[i]``. float32, or the dtype asked for."""
     tokens: list[str]
     """Shape (T,): display text of each position's token."""
+    layers: list[int] = field(default_factory=list)
+    """The model layers of ``probs``' first dim (all, 0..L−1, when empty at construction)."""
+    heads: list[int] = field(default_factory=list)
+    """The heads of ``probs``' second dim (all when empty at construction)."""
 
     def __post_init__(self) -> None:
         if self.probs.ndim != 4 or self.probs.shape[-1] != self.probs.shape[-2] != len(self.tokens):
             raise InvalidArgument(f"AttentionMaps.probs must have shape (L, H, T, T) with T = {len(self.tokens)} "
                                   f"tokens; got {tuple(self.probs.shape)}")
+        self.layers = list(self.layers) or list(range(self.probs.shape[0]))
+        self.heads = list(self.heads) or list(range(self.probs.shape[1]))
+        if (len(self.layers), len(self.heads)) != tuple(self.probs.shape[:2]):
+            raise InvalidArgument(f"AttentionMaps: {len(self.layers)} layers and {len(self.heads)} heads listed for "
+                                  f"probs of shape {tuple(self.probs.shape)}")
 
     @property
     def n_layers(self) -> int:
-        """Number of layers (L)."""
+        """Number of layers held (L)."""
         return self.probs.shape[0]
 
     @property
     def n_heads(self) -> int:
-        """Number of attention heads per layer (H)."""
+        """Number of attention heads held per layer (H)."""
         return self.probs.shape[1]
 
     def head(self, layer: int, head: int) -> torch.Tensor:
-        """Shape (T, T): one head's matrix (range-checked)."""
-        if not 0 <= layer < self.n_layers:
-            raise InvalidArgument(f"layer must be in [0, {self.n_layers}); got {layer}")
-        if not 0 <= head < self.n_heads:
-            raise InvalidArgument(f"head must be in [0, {self.n_heads}); got {head}")
-        return self.probs[layer, head]
+        """Shape (T, T): one head's matrix, by model layer and head number (an error lists the ones held)."""
+        if layer not in self.layers:
+            raise InvalidArgument(f"layer must be one of the layers held, {_span(self.layers)}; got {layer}")
+        if head not in self.heads:
+            raise InvalidArgument(f"head must be one of the heads held, {_span(self.heads)}; got {head}")
+        return self.probs[self.layers.index(layer), self.heads.index(head)]
 
     def entropy_bits(self) -> torch.Tensor:
         """Shape (L, H): mean over query positions of each row's attention entropy (bits)."""
         return head_entropy(self.probs).mean(-1)
+
+
+def _span(values: list[int]) -> str:
+    return f"[{values[0]}, {values[-1] + 1})" if values == list(range(values[0], values[-1] + 1)) else str(values)
+
+
+MAP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def attention_maps(model: Any, ids: torch.Tensor, layers: list[int], heads: list[int], dtype: torch.dtype,
+                   rows: int, mean_heads: bool = False) -> dict[int, torch.Tensor]:
+    """Full maps of ``ids`` (1, T) in ``layers`` × ``heads``: {layer: (H_sel, T, T) on the CPU, in ``dtype``}. One
+    forward pass with the model's own attention computing every output; beside it, ``rows`` query rows at a time,
+    softmax(q·Kᵀ·scale + mask) — what eager ``output_attentions`` returns, without its L·H·T² float32 tensors
+    (``mean_heads``: only the mean over ``heads``, (1, T, T) per layer)."""
+    impl = model.config._attn_implementation
+    base = "eager" if impl in ("eager", CAPTURE_BASES["eager"]) else "sdpa"
+    recorder = _MapRecorder(layers, heads, dtype, rows, base, mean_heads)
+    with torch.no_grad(), capturing(model, recorder):
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    return recorder.maps
 
 
 # -- metrics ---------------------------------------------------------------------------------------------

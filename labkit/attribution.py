@@ -38,7 +38,7 @@ import torch
 
 from labkit.errors import InvalidArgument, UnsupportedArchitecture, check_int, invalid_choice
 from labkit.hooks import Sites
-from labkit.memory import Shape, backward_bytes, pieces
+from labkit.memory import Shape, attention_maps_bytes, backward_bytes, check, pieces
 
 #: The attribution methods of :meth:`labkit.session.Session.attribute`.
 METHODS = ("saliency", "input_x_gradient", "ig", "rollout")
@@ -236,7 +236,7 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
     shape = Shape.of(sites.model)
     per_point = backward_bytes(shape, length, kept_logits=length - position)
     points = batch or pieces(steps, per_point, 0, f"{method} attribution over {length} tokens",
-                             sites_device(sites), "use a shorter prompt, or method='saliency' (one point)")
+                             input_device_of(sites.model), "use a shorter prompt, or method='saliency' (one point)")
     with torch.inference_mode(False), torch.enable_grad():
         f = target_function(sites, position, length, target, foil, quantity)
         with torch.no_grad():
@@ -261,11 +261,11 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
     return Attribution(scores=scores.tolist(), value=value, **base, **extra)
 
 
-def sites_device(sites: Sites) -> torch.device:
+def input_device_of(model: Any) -> torch.device:
     """Where the model's embedding runs (the device attribution works on)."""
     from labkit.models import input_device
 
-    return input_device(sites.model)
+    return input_device(model)
 
 
 def unk_token_id(tokenizer: Any) -> int:
@@ -335,16 +335,22 @@ def check_embedding_path(sites: Sites, ids: torch.Tensor, position: int, target:
 
 def rollout(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """Attention rollout of ``ids`` (1, T): shape (T, T), row q = how much position q's output draws on each
-    position through the residual stream and every layer's mean attention (rows sum to 1). Eager attention for
-    this pass (the model is switched back afterwards)."""
-    from labkit.attention import attn_implementation
+    position through the residual stream and every layer's mean attention (rows sum to 1). The heads' mean maps
+    (eager attention's probabilities) are computed beside the model's own attention, L·T² floats in all, checked
+    against the memory budget first."""
+    from labkit.attention import attention_maps
 
-    with torch.no_grad(), attn_implementation(model, "eager"):
-        out = model(input_ids=ids, output_attentions=True, use_cache=False, logits_to_keep=1)
+    shape = Shape.of(model)
     length = ids.shape[1]
+    check(attention_maps_bytes(shape, length, heads=1), f"attention rollout over {length} tokens",
+          "cpu", "use a shorter prompt")
+    rows = pieces(length, 3 * shape.n_heads * length * 4, 0, "one query row of attention scores",
+                  input_device_of(model), "use a shorter prompt")
+    layers = list(range(shape.n_layers))
+    maps = attention_maps(model, ids, layers, list(range(shape.n_heads)), torch.float32, rows, mean_heads=True)
     eye = torch.eye(length)
     flow = eye.clone()
-    for a in out.attentions:  # (1, H, T, T) per layer, input to output
-        mixed = 0.5 * a[0].float().mean(0).cpu() + 0.5 * eye  # (T, T): the residual connection as identity
+    for layer in layers:  # input to output
+        mixed = 0.5 * maps[layer][0] + 0.5 * eye  # (T, T): the residual connection as identity
         flow = (mixed / mixed.sum(-1, keepdim=True)) @ flow
     return flow

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from labkit import __version__, beam, decode, info, models
-from labkit.errors import InvalidArgument, SessionBusy, check_int
+from labkit.errors import InvalidArgument, SessionBusy, check_int, invalid_choice
 from labkit.interventions.base import activated, check_interventions
 from labkit.kv import check_kv, parse_kv
 from labkit.results import Distribution, Score
@@ -144,20 +144,54 @@ class Session:
         return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt, interventions=changed)
 
     def score(self, text: str, chat: bool = False) -> Score:
-        """Per-token surprisal, entropy and rank of ``text``'s own tokens, and its perplexity (one forward pass)."""
+        """Per-token surprisal, entropy and rank of ``text``'s own tokens, and its perplexity (one forward pass; the
+        logits over the vocabulary are made a chunk of positions at a time, sized by the memory budget)."""
         ids = self.encode(text, chat=chat)
         if ids.shape[1] < 2:
             raise InvalidArgument(f"text must be at least 2 tokens to score; {text!r} is {ids.shape[1]}")
+        chosen, ranks, entropies = [], [], []
         with self._exclusive(), torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0, :-1].float()  # (T-1, V) predicting tokens 1..T-1
-            logp = torch.log_softmax(logits, dim=-1)  # (T-1, V) nats
-            actual = ids[0, 1:]  # (T-1,)
-            chosen = logp.gather(-1, actual[:, None])  # (T-1, 1)
-            rank = (logp > chosen).sum(-1) + 1  # (T-1,)
-            entropy = info.entropy_and_varentropy(logp, "bits")[0]  # (T-1,)
+            for start, logits in self._logits_in_chunks(ids, 0, ids.shape[1] - 1):  # (R, V) predicting start+1..
+                logp = torch.log_softmax(logits, dim=-1)  # (R, V) nats
+                actual = ids[0, start + 1:start + 1 + logits.shape[0]].to(logp.device)  # (R,)
+                picked = logp.gather(-1, actual[:, None])  # (R, 1)
+                chosen.append(picked[:, 0].cpu())
+                ranks.append(((logp > picked).sum(-1) + 1).cpu())  # (R,)
+                entropies.append(info.entropy_and_varentropy(logp, "bits")[0].cpu())  # (R,)
         token_ids = ids[0].tolist()
         return Score(text=text, token_ids=token_ids, tokens=[self._texts(i) for i in token_ids],
-                     logprobs=chosen[:, 0].tolist(), entropy_bits=entropy.tolist(), rank=rank.tolist())
+                     logprobs=torch.cat(chosen).tolist(), entropy_bits=torch.cat(entropies).tolist(),
+                     rank=torch.cat(ranks).tolist())
+
+    def _logits_in_chunks(self, ids: torch.Tensor, first: int, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start, logits)`` over positions ``first``..``stop``−1 of ``ids`` (1, T): float32 (R, V) a chunk of R
+        positions at a time, R sized by the memory budget. One forward pass keeps the final norm's output (T,
+        d_model); each chunk goes through the model's own unembedding (and final softcapping). Checked against the
+        model's own logits at the last position; a model without hook sites is run whole, after a memory check."""
+        from labkit import memory
+        from labkit.errors import UnsupportedArchitecture
+
+        shape = memory.Shape.of(self.model)
+        n, length = stop - first, ids.shape[1]
+        per_row = memory.logits_bytes(shape, 1, copies=5)  # logits, log-softmax and the measures' temporaries
+        fixed = memory.forward_bytes(shape, length)
+        what, fix = f"logits over {n} positions of a {length}-token text", "use a shorter text"
+        try:
+            sites = self.sites
+        except UnsupportedArchitecture:
+            memory.check(fixed + n * per_row, what, self.device, fix)
+            yield first, self.model(input_ids=ids).logits[0, first:stop].float()
+            return
+        rows = memory.pieces(n, per_row, fixed, what, self.device, fix)
+        with sites.read(["final_norm"]) as seen:
+            own = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()  # (V,)
+        hidden = seen["final_norm"][0][0]  # (T, d_model)
+        check = sites.logits(hidden[-1:], normed=True)[0].float()
+        if not torch.allclose(check, own, rtol=1e-4, atol=1e-4 * float(own.abs().max())):
+            raise UnsupportedArchitecture(f"{type(self.model).__name__}: the unembedding of the final norm's output "
+                                          "differs from the model's own logits; chunked logits would be wrong")
+        for start in range(first, stop, rows):
+            yield start, sites.logits(hidden[start:min(stop, start + rows)], normed=True).float()
 
     def compare(self, prompts: Sequence[str], token: str | int, chat: bool = False) -> Any:
         """Probability of one ``token`` (text of one token, or an id) after each prompt: a DataFrame with
@@ -177,16 +211,48 @@ class Session:
 
     compare_token_probabilities = compare  # the name seed 000 uses
 
-    def attention(self, prompt: str, chat: bool = False) -> Any:
-        """Full attention matrices of ``prompt``: AttentionMaps with probs of shape (L, H, T, T) (eager attention
-        for this one call; the model is switched back afterwards)."""
-        from labkit.attention import AttentionMaps, attn_implementation
+    def attention(self, prompt: str, chat: bool = False, layers: Sequence[int] | None = None,
+                  heads: Sequence[int] | None = None, dtype: str = "float32") -> Any:
+        """Full attention matrices of ``prompt``: AttentionMaps with probs of shape (L, H, T, T) for ``layers`` and
+        ``heads`` (default: all), stored in ``dtype`` ("float32" | "float16" | "bfloat16") on the CPU. They equal
+        eager attention's ``output_attentions``, computed a block of query rows at a time beside the model's own
+        attention. Their memory, L·H·T²·(bytes per value), is checked against the budget first
+        (:mod:`labkit.memory`): MemoryBudgetExceeded names the bytes and how to need less."""
+        from labkit import memory
+        from labkit.attention import MAP_DTYPES, AttentionMaps, attention_maps
 
+        if dtype not in MAP_DTYPES:
+            raise invalid_choice("dtype", dtype, tuple(MAP_DTYPES))
+        layer_list = self._indices("layers", layers, self.info.n_layers)
+        head_list = self._indices("heads", heads, self.info.n_heads)
         ids = self.encode(prompt, chat=chat)
-        with self._exclusive(), torch.inference_mode(), attn_implementation(self.model, "eager"):
-            out = self.model(input_ids=ids, output_attentions=True, logits_to_keep=1)
-        probs = torch.stack([a[0].float() for a in out.attentions]).cpu()  # (L, H, T, T)
-        return AttentionMaps(probs=probs, tokens=[self._texts(i) for i in ids[0].tolist()])
+        length, torch_dtype = ids.shape[1], MAP_DTYPES[dtype]
+        shape = memory.Shape.of(self.model)
+        kept = len(layer_list) * len(head_list) * length * length * torch_dtype.itemsize
+        memory.check(kept, f"attention maps of {len(layer_list)} layers × {len(head_list)} heads over {length} "
+                     f"tokens ({dtype})", "cpu", "choose fewer layers= or heads=, dtype='float16', or a shorter prompt")
+        rows = memory.pieces(length, 3 * shape.n_heads * length * 4, 0, "one query row of attention scores",
+                             self.device, "use a shorter prompt")
+        with self._exclusive():
+            maps = attention_maps(self.model, ids, layer_list, head_list, torch_dtype, rows)
+        probs = torch.stack([maps[layer] for layer in layer_list])  # (L_sel, H_sel, T, T)
+        return AttentionMaps(probs=probs, tokens=[self._texts(i) for i in ids[0].tolist()], layers=layer_list,
+                             heads=head_list)
+
+    @staticmethod
+    def _indices(name: str, values: Sequence[int] | None, n: int) -> list[int]:
+        """``values`` checked as distinct indices in [0, n) (negative from the end), or all of them for None."""
+        if values is None:
+            return list(range(n))
+        if isinstance(values, int) and not isinstance(values, bool):
+            values = [values]
+        if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+            raise InvalidArgument(f"{name} must be a non-empty list of integers in [0, {n}) or None for all; got "
+                                  f"{values!r}")
+        out = [check_int(name, v, -n, n - 1) % n for v in values]
+        if len(set(out)) != len(out):
+            raise InvalidArgument(f"{name} must not repeat an index; got {list(values)!r}")
+        return out
 
     def lens(self, prompt: str, chat: bool = False, k: int = 5) -> Any:
         """Logit lens after ``prompt``: each layer's next-token distribution (LogitLens, shape (L, V))."""
@@ -199,13 +265,22 @@ class Session:
 
     def teacher_forced_logits(self, trace: Trace) -> torch.Tensor:
         """Shape (n, V): the model's raw logits at each of ``trace``'s n steps, recomputed in one full-cache forward
-        pass over the prompt and the generated tokens (what a full cache would have given on the same tokens)."""
+        pass over the prompt and the generated tokens (what a full cache would have given on the same tokens). The
+        result (n·V float32 values) is checked against the memory budget first; it is made in chunks."""
+        from labkit import memory
+
         if not isinstance(trace, Trace) or not trace.steps:
             raise InvalidArgument("trace must be a labkit Trace with at least one step")
+        n = len(trace)
+        memory.check(n * self.info.vocab_size * 4, f"teacher-forced logits of {n} steps", "cpu",
+                     "use a trace with fewer steps (trace.steps[:k] in a new Trace)")
         ids = torch.tensor([[*trace.prompt_ids, *trace.token_ids[:-1]]], device=self.device)
+        length = ids.shape[1]
+        out = torch.empty(n, self.info.vocab_size)  # (n, V) on the CPU
         with self._exclusive(), torch.inference_mode():
-            logits = self.model(input_ids=ids, logits_to_keep=len(trace)).logits[0].float()
-        return logits.cpu()
+            for start, logits in self._logits_in_chunks(ids, length - n, length):
+                out[start - (length - n):start - (length - n) + logits.shape[0]] = logits.cpu()
+        return out
 
     # -- why: activations and attribution ------------------------------------------------------------------
     def activations(self, prompt: str, sites: Sequence[str], chat: bool = False) -> Any:
@@ -224,7 +299,7 @@ class Session:
 
     def attribute(self, prompt: str, target: str | int | None = None, foil: str | int | None = None,
                   method: str = "ig", position: int | None = None, quantity: str = "prob", steps: int = 64,
-                  batch: int | None = None, baseline: str = "unk", chat: bool = False) -> Any:
+                  batch: int | None = None, baseline: str = "unk", chat: bool = False, max_steps: int = 512) -> Any:
         """Why the model predicts ``target`` after ``prompt``: an :class:`labkit.attribution.Attribution` with one
         score per prompt token. ``method`` "saliency" | "input_x_gradient" | "ig" | "rollout"; ``quantity`` the
         target's "prob" (default, as inseq) | "logprob" (nats) | "logit"; ``foil`` makes it a contrast
@@ -235,11 +310,12 @@ class Session:
         from labkit.attribution import attribute
 
         ids = self.encode(prompt, chat=chat)
-        return self._attribute(ids, target, foil, method, position, quantity, steps, batch, baseline, attribute)
+        return self._attribute(ids, target, foil, method, position, quantity, steps, batch, baseline, attribute,
+                               max_steps)
 
     def attribute_step(self, trace: Trace, index: int, method: str = "ig", foil: str | int | None = None,
                        target: str | int | None = None, quantity: str = "prob", steps: int = 64,
-                       batch: int | None = None, baseline: str = "unk") -> Any:
+                       batch: int | None = None, baseline: str = "unk", max_steps: int = 512) -> Any:
         """:meth:`attribute` for step ``index`` of a generation: the context is the prompt (as fed, chat template
         included) and the tokens generated before it, the target the step's token (or ``target``). Attributes
         the model's own prediction: token-level interventions and the sampler act after it."""
@@ -247,10 +323,11 @@ class Session:
 
         ids, token = self._step_context(trace, index)
         return self._attribute(ids, token if target is None else target, foil, method, None, quantity, steps, batch,
-                               baseline, attribute)
+                               baseline, attribute, max_steps)
 
     def _attribute(self, ids: torch.Tensor, target: Any, foil: Any, method: str, position: int | None,
-                   quantity: str, steps: int, batch: int | None, baseline: str, attribute: Callable[..., Any]) -> Any:
+                   quantity: str, steps: int, batch: int | None, baseline: str, attribute: Callable[..., Any],
+                   max_steps: int = 512) -> Any:
         from labkit.attribution import check_baseline, check_method, check_quantity
 
         check_method(method)
@@ -271,7 +348,7 @@ class Session:
                 target_id = token_id(self.tokenizer, target)
             return attribute(self.sites, ids, target_id, foil=foil_id, method=method, position=where,
                              quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self._texts,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, max_steps=max_steps)
 
     def logit_attribution(self, prompt: str, token: str | int | None = None, against: str | int | None = None,
                           chat: bool = False) -> Any:
@@ -368,6 +445,7 @@ class Session:
         _check_forced_steps(interventions, max_new_tokens)
         stop_ids, stop_strings = self._stop_rules(stop)
         ids = self.encode(prompt, chat=chat, reserve=max_new_tokens)
+        self._check_capture_memory(capture, ids.shape[1], max_new_tokens, n or 1)
         used_seed = seed if isinstance(seed, int) else secrets.randbits(63)
         seeds = listed or [(used_seed + b) % 2**63 for b in range(n or 1)]  # row b = the single run with seed + b
         generators = [torch.Generator(device=self.device).manual_seed(row_seed) for row_seed in seeds]
@@ -384,6 +462,26 @@ class Session:
         return Generation(self, ids, traces, sampler, rules, generators, top_k, tuple(capture), interventions,
                           Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None, metrics,
                           policy)
+
+    def _check_capture_memory(self, capture: Sequence[str], prompt_length: int, steps: int, rows: int) -> None:
+        """Refuse, before the first token, per-step captures whose total over ``steps`` steps of ``rows`` sequences
+        exceeds the memory budget: an attention row (L, H, T) grows with the context, logits are V floats a step,
+        a site's activation d_model (or H·d_head) floats a step."""
+        from labkit import memory
+
+        i = self.info
+        per_step = {"logits": i.vocab_size * 4}
+        need = 0
+        for name in capture:
+            if name == "attention":  # Σ over steps of L·H·(prompt + t) float32 scores
+                need += i.n_layers * i.n_heads * 4 * (steps * prompt_length + steps * (steps + 1) // 2)
+            else:
+                width = i.n_heads * i.head_dim if name.endswith("attn.z") else memory.Shape.of(self.model).d_model
+                need += steps * per_step.get(name, width * 4)
+        if need:
+            memory.check(need * rows, f"capture={list(capture)} over {steps} steps of {rows} sequence(s) after a "
+                         f"{prompt_length}-token prompt", "cpu",
+                         "capture fewer things, lower max_new_tokens, or use a shorter prompt")
 
     def generate(self, prompt: str, max_new_tokens: int = 64, sampler: Sampler | None = None,
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,

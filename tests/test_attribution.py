@@ -42,18 +42,27 @@ def test_ig_scores_sum_to_the_change_of_the_probability_from_the_baseline_within
     assert a.value == pytest.approx(float(session.next_token(PROMPT).probs[paris]), abs=1e-5)
 
 
-def test_ig_equals_a_hand_written_gauss_legendre_integral_of_autograd_gradients(session):
+@pytest.mark.parametrize("baseline", ["unk", "zero"])
+def test_ig_equals_a_hand_written_gauss_legendre_integral_of_autograd_gradients(session, baseline):
     rome, paris = (token_id(session.tokenizer, t) for t in (" Rome", " Paris"))
-    a = session.attribute(PROMPT, target=" Paris", foil=" Rome", method="ig", steps=16)
+    a = session.attribute(PROMPT, target=" Paris", foil=" Rome", method="ig", steps=16, max_steps=16,
+                          baseline=baseline)
     x = _embeds(session, PROMPT)
+    if baseline == "unk":  # inseq's: every token but EOS replaced by the UNK token (<|endoftext|> here)
+        ids = session.encode(PROMPT)
+        assert session.tokenizer.unk_token == a.baseline_token == "<|endoftext|>"
+        x0 = session.model.get_input_embeddings()(torch.full_like(ids, session.tokenizer.unk_token_id)).detach()
+    else:
+        x0 = torch.zeros_like(x)
     nodes, weights = np.polynomial.legendre.leggauss(16)  # on [-1, 1] -> [0, 1]
     alphas, w = (nodes + 1) / 2, weights / 2
     total = torch.zeros_like(x)
     for alpha, weight in zip(alphas, w, strict=True):
-        point = (float(alpha) * x).requires_grad_()
+        point = (x0 + float(alpha) * (x - x0)).requires_grad_()
         (grad,) = torch.autograd.grad(_prob_of(session, point, paris, rome).sum(), point)
         total += float(weight) * grad
-    expected = (x * total)[0].sum(-1)  # (T,): (x − 0) · ∫ gradient
+    expected = ((x - x0) * total)[0].sum(-1)  # (T,): (x − x0) · ∫ gradient
+    assert a.steps == 16
     torch.testing.assert_close(torch.tensor(a.scores), expected.float(), atol=1e-4, rtol=1e-3)
 
 

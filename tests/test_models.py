@@ -25,7 +25,7 @@ PROMPT = "The capital of France is"
     ({"attn": "flash"}, InvalidArgument, "attn must be one of 'auto', 'sdpa', 'eager', 'xformers'; got 'flash'"),
     ({"quantization": "3bit"}, InvalidArgument, "quantization must be one of None, '8bit', '4bit'; got '3bit'"),
     ({"attn": "xformers", "device": "cpu"}, DeviceUnavailable, "attn='xformers' runs only on CUDA"),
-    ({"model": 42}, InvalidArgument, "model must be 'default' or a local folder path"),
+    ({"model": 42}, InvalidArgument, "model must be 'default', a local folder, a .gguf file, a hub id"),
 ])
 def test_bad_options_are_refused_before_loading(kwargs, error, match, session):
     with pytest.raises(error, match=match):
@@ -48,7 +48,7 @@ def test_auto_choices():
 
 
 def test_unknown_folder_and_folder_without_weights(tmp_path):
-    with pytest.raises(ModelLoadError, match="does not exist; model must be 'default' or a local Hugging Face folder"):
+    with pytest.raises(ModelLoadError, match="does not exist; model must be 'default', a local Hugging Face folder"):
         labkit.Session(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match=r"has no config\.json"):
