@@ -62,17 +62,17 @@ class AttentionImage(widgets.VBox):
             return
         layer, head = self.layer.value, self.head.value
         if self.grid.value:
-            img = imaging.head_grid(self._probs[layer], cell_size=max(100, self.size // 3),
+            img = imaging.head_grid(self._probs[layer].float(), cell_size=max(100, self.size // 3),
                                     title=f"layer {layer}: every head (rows attend to columns)")
         else:
             n = self._probs.shape[-1]
             labels = self._tokens[:n] if len(self._tokens) >= n else None
-            img = imaging.heatmap(self._probs[layer, head], labels=labels, size=self.size,
+            img = imaging.heatmap(self._probs[layer, head].float(), labels=labels, size=self.size,
                                   title=f"layer {layer} head {head}")
         self.image.value = imaging.to_png(img)
         text = f"layer {layer}, head {head}: {self._probs.shape[-1]} positions"
         if self._prompt is not None:
-            text += f"; pattern in the prompt: {imaging.classify(self._prompt[layer, head]).label}"
+            text += f"; pattern in the prompt: {imaging.classify(self._prompt[layer, head].float()).label}"
         self.label.value = text
 
 

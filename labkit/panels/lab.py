@@ -25,6 +25,30 @@ from labkit.sampling.beam import BeamSearch
 from labkit.trace import Step, Trace
 
 
+def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int) -> tuple[Any, str]:
+    """The prompt's attention maps for the Lab's image, planned for the memory budget: the image grows to
+    N = T + max_new_tokens positions and is held twice (prompt maps and the grown matrix), so float32 when
+    2·L·H·N²·4 bytes fit, else float16, else none — ``(None, why)`` with the bytes and the budget, and the run goes
+    on without the image."""
+    from labkit import memory
+    from labkit.errors import MemoryBudgetExceeded
+
+    i = session.info
+    length = session.encode(prompt, chat=chat, reserve=max_new_tokens).shape[1]  # checks the prompt first
+    size = length + max_new_tokens
+    have, where = memory.available("cpu")
+    for dtype, itemsize in (("float32", 4), ("float16", 2)):
+        need = 2 * i.n_layers * i.n_heads * size * size * itemsize
+        if need <= have:
+            try:
+                return session.attention(prompt, chat=chat, dtype=dtype), ""
+            except MemoryBudgetExceeded:
+                break
+    return None, (f"attention image off: the maps of {size} positions need {memory.fmt_bytes(need)} in float16, "
+                  f"the budget is {memory.fmt_bytes(have)} ({where}); use a shorter prompt or fewer tokens "
+                  "(session.attention(prompt, layers=[...]) draws chosen layers)")
+
+
 class Lab(widgets.VBox):
     """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()`` /
     ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
@@ -168,7 +192,7 @@ class Lab(widgets.VBox):
             raise RuntimeError("a run is in progress; press Stop first")
         self._close(None)
         prompt, chat = self.prompt.value, self.chat.value
-        maps = self.session.attention(prompt, chat=chat)  # also checks the prompt (length, emptiness)
+        maps, why = prompt_maps(self.session, prompt, chat, self.max_new_tokens.value)  # also checks the prompt
         gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value, sampler=self.controls.sampler,
                                   seed=self.seed.value, chat=chat, top_k=self.top_k,
                                   capture=[] if isinstance(self.controls.sampler, BeamSearch) else ["attention"],
@@ -185,7 +209,10 @@ class Lab(widgets.VBox):
         self.stream.clear(prompt)
         self.charts.show_step(None)
         self.charts.show_series([])
-        self.attention.set_maps(maps.probs, maps.tokens, prompt=True)
+        if maps is not None:
+            self.attention.set_maps(maps.probs, maps.tokens, prompt=True)
+        else:
+            self.attention.label.value = why
 
     def _pull(self, n: int | None) -> None:
         if self.running:
