@@ -241,12 +241,15 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
         f = target_function(sites, position, length, target, foil, quantity)
         with torch.no_grad():
             embeds = sites.embed(ids).detach().clone()  # (1, T, d_model)
-            start, start_token = _baseline(sites, ids, embeds, baseline, tokenizer)
-            value, base_value = (float(v) for v in f(torch.cat([embeds, start])))  # one pass for both ends
+            if method == "ig":
+                start, start_token = _baseline(sites, ids, embeds, baseline, tokenizer)
+                value, base_value = (float(v) for v in f(torch.cat([embeds, start])))  # one pass for both ends
+            else:
+                value = float(f(embeds)[0])
             check_embedding_path(sites, ids, position, target, foil, quantity, value)
         extra: dict[str, Any] = {}
         if method != "ig":
-            scores = _gradient_scores(f, embeds.requires_grad_(), start, method, steps, points)
+            scores = _gradient_scores(f, embeds.requires_grad_(), embeds, method, steps, points)
         else:
             gap = value - base_value
             while True:

@@ -210,20 +210,22 @@ def longest_context(need: Any, shape: Shape, nbytes: int, limit: int = 1 << 22) 
     return lo
 
 
-#: Shapes for the docs' table of the longest context per budget: the default model and Llama-3-like 1B and 8B.
+#: Shapes for the docs' table of the longest context per budget: the default model and Llama-3-like 1B and 8B, in
+#: bfloat16 (weights and activations; attention maps are stored as asked).
 SHAPES = {
     "135M (SmolLM2-135M)": Shape(n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_model=576, d_ff=1536,
-                                 vocab_size=49152),
+                                 vocab_size=49152, dtype_bytes=2),
     "1B (Llama-3.2-1B)": Shape(n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, d_model=2048, d_ff=8192,
-                               vocab_size=128256),
+                               vocab_size=128256, dtype_bytes=2),
     "8B (Llama-3.1-8B)": Shape(n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, d_model=4096, d_ff=14336,
-                               vocab_size=128256),
+                               vocab_size=128256, dtype_bytes=2),
 }
 
 
 def table(budgets: tuple[str, ...] = ("8GiB", "24GiB", "80GiB")) -> Any:
-    """The longest context (tokens) each feature fits in each budget for the :data:`SHAPES` (float32
-    activations; weights not counted): a DataFrame, the docs' "Memory" table."""
+    """The longest context (tokens) each feature fits in each budget for the :data:`SHAPES`, after the weights
+    (n_params × 2 bytes) are taken from the budget (0: the weights alone do not fit): a DataFrame, the docs'
+    "Memory" table."""
     import pandas as pd
 
     features = {
@@ -239,6 +241,7 @@ def table(budgets: tuple[str, ...] = ("8GiB", "24GiB", "80GiB")) -> Any:
         for feature, need in features.items():
             row = {"model": shape_name, "feature": feature}
             for b in budgets:
-                row[b] = longest_context(need, shape, parse_bytes(b))
+                left = parse_bytes(b) - shape.n_params * shape.dtype_bytes
+                row[b] = longest_context(need, shape, left) if left > 0 else 0
             rows.append(row)
     return pd.DataFrame(rows)

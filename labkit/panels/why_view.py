@@ -22,7 +22,7 @@ def explain(session: Any, trace: Trace, index: int, method: str, locked: bool = 
     if locked:
         return session.attribute_step(trace, index, method=method), session.logit_attribution_step(trace, index)
     ids, token = session._step_context(trace, index)
-    return (attribute(session.sites, ids, token, method=method, token_text=session._texts),
+    return (attribute(session.sites, ids, token, method=method, token_text=session._texts, tokenizer=session.tokenizer),
             decompose(session.sites, ids, token, token_text=session._texts))
 
 
