@@ -58,8 +58,8 @@ def measure(s: labkit.Session, repeats: int) -> dict[str, object]:
 
     def plain() -> int:
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                 do_sample=False, pad_token_id=2)
+            out = model.generate(ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,
+                                 min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
         return out.shape[1] - ids.shape[1]
 
     def labkit_decode() -> int:

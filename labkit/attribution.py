@@ -12,12 +12,14 @@ default, as inseq's), its log-probability (nats) or its logit, or, with a ``foil
   default, as inseq's): every token replaced by the tokenizer's UNK token (its pad token, else EOS, where it has no
   UNK), EOS tokens kept; ``"zero"``: zero embeddings (captum's default); ``"mean"``: the mean token embedding.
   Completeness: the scores sum to f(input) − f(baseline); the residual is ``completeness_error``, always reported.
-  When it exceeds ``tolerance`` (1 %), the points are doubled, up to ``max_steps``, and ``steps`` records how many
-  were used. Why "unk" is the default: on a model with RMSNorm the zero baseline is a singular point — the first
-  norm rescales α·x back to x's scale, so the integrand is flat except for a spike near α = 0 that no fixed rule
-  resolves (measured on the 12 tiny architectures of the tests: 1–113 % error at 64 points, where GPT-2 and OPT with
-  LayerNorm are exact); the UNK baseline is an ordinary embedding, the path stays in the model's normal range, and 32
-  points give ≤ 0.2 % on every one of them;
+  The rule is adaptive (:func:`adaptive_ig`): ``steps`` points in intervals of 8, and the intervals whose own
+  residual is largest halved until the residuals add up to ``tolerance`` (1 %) or ``max_steps`` points are used;
+  ``steps`` records the final rule's points. Why "unk" is the default: on a model with RMSNorm the zero baseline is
+  a singular point — the first norm rescales α·x back to x's scale, so the integrand is flat except for a spike
+  near α = 0 (measured on the 12 tiny architectures of the tests at 64 fixed points: 1–113 % error, where GPT-2 and
+  OPT with LayerNorm are within 1 %); from UNK, an ordinary embedding, 32 points give ≤ 0.2 % on every one of them.
+  Real models are rougher: on the default model f jumps and swings along any straight path between embeddings,
+  which is what the adaptive rule is for;
 - ``rollout`` (attention rollout, Abnar & Zuidema 2020): the product over layers of (½·A + ½·I) with A the heads'
   mean eager attention, rows renormalised; the row of ``position`` (sums to 1). It depends on the position only,
   not on the target token.
@@ -251,17 +253,60 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
         if method != "ig":
             scores = _gradient_scores(f, embeds.requires_grad_(), embeds, method, steps, points)
         else:
+            scores, used = adaptive_ig(f, embeds, start, steps, max_steps, tolerance, points)
             gap = value - base_value
-            while True:
-                scores = _gradient_scores(f, embeds.requires_grad_(), start.clone(), method, steps, min(points, steps))
-                error = abs(float(scores.double().sum()) - gap) / abs(gap) if gap else math.inf
-                if error <= tolerance or steps * 2 > max_steps:
-                    break
-                steps *= 2
-            extra.update(baseline_value=base_value, completeness_error=error, steps=steps, baseline=baseline,
+            error = abs(float(scores.double().sum()) - gap) / abs(gap) if gap else math.inf
+            extra.update(baseline_value=base_value, completeness_error=error, steps=used, baseline=baseline,
                          baseline_token=start_token)
     scores[position + 1:] = 0.0  # exactly 0 already (causal mask): made explicit for the -0.0 of a product
     return Attribution(scores=scores.tolist(), value=value, **base, **extra)
+
+
+#: Gauss–Legendre points per interval of IG's composite rule.
+POINTS_PER_INTERVAL = 8
+
+
+def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: torch.Tensor, steps: int,
+                max_steps: int, tolerance: float, batch: int) -> tuple[torch.Tensor, int]:
+    """Integrated gradients of f from ``x0`` to ``x`` (both (1, T, d_model)) by an adaptive composite Gauss–Legendre
+    rule: shape (T,) scores and the number of points of the final rule.
+
+    [0, 1] starts as ``steps // 8`` equal intervals of 8 points each. An interval [a, b]'s share of the scores must
+    sum to f(x_b) − f(x_a) (completeness holds on every piece of the path), and f at the ends costs one forward
+    pass, so each interval's own residual is known exactly; the intervals with the largest residuals are halved
+    until the residuals add up to at most ``tolerance`` · |f(x) − f(x0)| or ``max_steps`` points are used. Why by
+    hand around captum (which integrates each interval): real models are not smooth along a straight path between
+    two embeddings — on the default model f jumps by 0.08 within 2.5 % of the path and swings by 0.7 over a gap of
+    0.15 — and a fixed rule, however many points, leaves 15–130 % completeness error there."""
+    from captum.attr import IntegratedGradients
+
+    ig = IntegratedGradients(f)
+    m = min(POINTS_PER_INTERVAL, steps)
+    direction = x - x0  # (1, T, d)
+
+    def ends(alphas: list[float]) -> list[float]:
+        with torch.no_grad():
+            points = torch.cat([x0 + a * direction for a in alphas])  # (k, T, d)
+            return [float(v) for chunk in points.split(max(1, batch)) for v in f(chunk)]
+
+    def piece(a: float, b: float, fa: float, fb: float) -> tuple[float, float, float, float, torch.Tensor, float]:
+        attrs = ig.attribute((x0 + b * direction).clone().requires_grad_(), baselines=x0 + a * direction,
+                             n_steps=m, method="gausslegendre", internal_batch_size=min(batch, m))  # (1, T, d)
+        scores = attrs[0].double().sum(-1).detach()  # (T,)
+        return a, b, fa, fb, scores, abs(float(scores.sum()) - (fb - fa))
+
+    n = max(1, steps // m)
+    edges = [i / n for i in range(n + 1)]
+    values = ends(edges)
+    parts = [piece(edges[i], edges[i + 1], values[i], values[i + 1]) for i in range(n)]
+    gap = abs(values[-1] - values[0])
+    while sum(p[5] for p in parts) > tolerance * gap and (len(parts) + 1) * m <= max_steps:
+        worst = max(range(len(parts)), key=lambda i: parts[i][5])
+        a, b, fa, fb, _, _ = parts[worst]
+        mid = (a + b) / 2
+        (fm,) = ends([mid])
+        parts[worst:worst + 1] = [piece(a, mid, fa, fm), piece(mid, b, fm, fb)]
+    return torch.stack([p[4] for p in parts]).sum(0).float(), len(parts) * m
 
 
 def input_device_of(model: Any) -> torch.device:
