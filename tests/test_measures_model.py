@@ -77,7 +77,7 @@ def test_full_attention_maps(session):
     labels = imaging.classify_heads(maps.probs)
     assert len(labels) == session.info.n_layers and {h.label for row in labels for h in row} >= {
         imaging.Pattern.SINK}
-    with pytest.raises(InvalidArgument, match=r"layer must be in \[0, 30\)"):
+    with pytest.raises(InvalidArgument, match=r"layer must be one of the layers held, \[0, 30\)"):
         maps.head(30, 0)
 
 
