@@ -50,7 +50,7 @@ class ModelInfo:
     name: str
     """``"default"`` or the folder given by the user."""
     path: str
-    """Folder the weights were read from."""
+    """Folder (or GGUF file) the weights were read from: ``load(info.path)`` loads them again."""
     device: str
     dtype: str
     quantization: str | None
@@ -566,7 +566,8 @@ def load(model: Any = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", 
     placed = getattr(hf_model, "hf_device_map", None) if device_map is not None else None
     where = input_device(hf_model) if placed else dev
     name = str(model) if source.kind != "gguf" else str(Path(model).expanduser())
-    return hf_model, tokenizer, _info(hf_model, tokenizer, name=name, path=str(source.path), device=where,
+    path = str(source.path / source.gguf_file) if source.gguf_file else str(source.path)  # what load() takes again
+    return hf_model, tokenizer, _info(hf_model, tokenizer, name=name, path=path, device=where,
                                       quantization=quantization, source=source.kind,
                                       device_map={k: str(v) for k, v in placed.items()} if placed else None,
                                       attn="xformers" if impl == XFORMERS_ATTN else None)

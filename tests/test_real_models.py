@@ -22,6 +22,7 @@ from labkit import memory, models
 from labkit.errors import InvalidArgument, MemoryBudgetExceeded, ModelLoadError
 from labkit.interventions import AblateHead, Patch
 from labkit.sampling.beam import BeamSearch
+from labkit.speculative import PromptLookupDraft
 
 PROMPT = "The old lighthouse keeper climbed the stairs every night"
 V = 49152
@@ -186,6 +187,12 @@ def test_a_cpu_disk_split_equals_the_single_device_run(arch, single, split):
     assert qd.token_ids == qa.token_ids
     torch.testing.assert_close(torch.tensor([s.logprob for s in qd.steps]), torch.tensor([s.logprob for s in qa.steps]),
                                **close)
+    torch.testing.assert_close(d.lens(PROMPT).logprobs, a.lens(PROMPT).logprobs, **close)
+    site = "blocks.2.mlp_out"  # computed on disk-offloaded weights in both splits
+    torch.testing.assert_close(d.activations(PROMPT, [site])[site], a.activations(PROMPT, [site])[site], **close)
+    repeat = "one two three four five one two three four five one two three"
+    sa, sd = (s.generate(repeat, max_new_tokens=8, speculative=PromptLookupDraft()) for s in (a, d))
+    assert sd.token_ids == sa.token_ids == a.generate(repeat, max_new_tokens=8).token_ids
     ba, bd = (s.generate(PROMPT, max_new_tokens=5, sampler=BeamSearch(num_beams=3)) for s in (a, d))
     assert bd.token_ids == ba.token_ids
     na, nd = (s.generate(PROMPT, max_new_tokens=5, n=3, seed=1, sampler=labkit.sampling.Classic()) for s in (a, d))
@@ -207,6 +214,29 @@ def test_device_map_auto_with_a_tiny_max_memory_offloads_to_disk_and_still_equal
     assert "disk" in s.info.device_map.values()
     torch.testing.assert_close(s.next_token(PROMPT).logprobs, single["llama"].next_token(PROMPT).logprobs,
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_ig_completes_within_one_percent_at_the_default_settings_on_a_300_token_text(arch, folders, tmp_path):
+    import json
+
+    long = tmp_path / arch  # the same weights with a context of 512 positions
+    shutil.copytree(folders[arch], long)
+    cfg = json.loads((long / "config.json").read_text())
+    cfg["max_position_embeddings" if arch == "llama" else "n_positions"] = 512
+    if arch == "gpt2":  # GPT-2 learns its positions: give it 512 rows (the first 128 as trained)
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(long / "model.safetensors")
+        key = next(k for k in weights if k.endswith("wpe.weight"))
+        weights[key] = torch.cat([weights[key]] * 4)
+        save_file(weights, long / "model.safetensors", metadata={"format": "pt"})
+    (long / "config.json").write_text(json.dumps(cfg))
+    s = labkit.Session(long, device="cpu", dtype="float32", progress=False)
+    text = " ".join([PROMPT + ", and the ships passed the rocks by the light of his lamp."] * 14)
+    a = s.attribute(text)
+    assert len(a.tokens) >= 256
+    assert a.completeness_error <= 0.01 and a.baseline == "unk", (a.completeness_error, a.steps)
 
 
 # -- memory ----------------------------------------------------------------------------------------------------------
