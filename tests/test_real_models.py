@@ -153,6 +153,28 @@ def test_a_bitsandbytes_8bit_model_object_is_used_as_it_is(folders):
         assert not torch.equal(s.next_token(PROMPT).logprobs, own)
 
 
+def test_a_peft_lora_model_is_unwrapped_with_its_adapters_in_place(folders):
+    peft = pytest.importorskip("peft")
+    model = tf.AutoModelForCausalLM.from_pretrained(folders["llama"], dtype=torch.float32)
+    torch.manual_seed(1)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"],
+                                                      init_lora_weights=False))  # random adapters: they change f
+    s = labkit.Session.from_model(lora, tf.AutoTokenizer.from_pretrained(folders["llama"]))
+    assert type(s.model).__name__ == "LlamaForCausalLM" and s.info.source == "object"
+    ids = s.encode(PROMPT)
+    with torch.no_grad():
+        own = torch.log_softmax(lora(input_ids=ids).logits[0, -1].float(), -1)  # PEFT's own forward
+        with lora.disable_adapter():
+            base = torch.log_softmax(lora(input_ids=ids).logits[0, -1].float(), -1)
+    got = s.next_token(PROMPT).logprobs
+    torch.testing.assert_close(got, own, atol=1e-5, rtol=0)
+    assert float((got - base).abs().max()) > 1e-3  # the adapters are in the forward labkit runs
+    z = s.activations(PROMPT, ["blocks.1.attn.z"])["blocks.1.attn.z"]  # the site before the LoRA-wrapped o_proj
+    assert z.shape == (ids.shape[1], 4, 16)
+    with s.intervene(AblateHead(1, 2)):
+        assert float((s.next_token(PROMPT).logprobs - own).abs().max()) > 1e-3
+
+
 # -- a model split between RAM and disk ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
