@@ -32,6 +32,17 @@ def interleaved(runs: dict[str, Callable[[], int]], repeats: int = 7) -> dict[st
     return out
 
 
+def best_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Best and median wall time of ``fn`` in ms over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times), statistics.median(times)
+
+
 def summary(times: dict[str, list[float]], baseline: str) -> dict[str, dict[str, float | list[float]]]:
     """Per run: best (minimum, the timeit convention: the least disturbed by other load on this 2-core machine)
     and median ms/token, and their ratios to ``baseline``."""

@@ -9,9 +9,7 @@
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
-from _timing import interleaved, summary
+from _timing import best_ms, interleaved, summary
 
 import labkit
 from labkit.attribution import target_function
@@ -33,13 +31,7 @@ SITES = ["blocks.5.resid_post", "blocks.15.attn_out", "blocks.25.mlp_out"]
 
 
 def _best(fn: Callable[[], object], repeats: int = REPEATS) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times), statistics.median(times)
+    return best_ms(fn, repeats)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ nothing downloaded), beside the default model, each as ratios against plain tran
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
-from _timing import interleaved, summary
+from _timing import best_ms, interleaved, summary
 
 import labkit
 from labkit.attribution import target_function
@@ -43,13 +42,7 @@ def one_billion(tokenizer: object) -> tuple[object, int]:
 
 
 def _best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+    return best_ms(fn, repeats)[0]
 
 
 def measure(s: labkit.Session, repeats: int) -> dict[str, object]:
