@@ -7,8 +7,9 @@ default, as inseq's), its log-probability (nats) or its logit, or, with a ``foil
 
 - ``saliency``: ‖∂f/∂e_t‖₂ over the embedding dimensions (≥ 0);
 - ``input_x_gradient``: Σ_d e_t,d · ∂f/∂e_t,d (signed);
-- ``ig`` (integrated gradients): Σ_d of captum's ``IntegratedGradients`` along the straight path from a baseline,
-  ``steps`` Gauss–Legendre points run in batches sized by memory (:mod:`labkit.memory`). Baselines: ``"unk"`` (the
+- ``ig`` (integrated gradients): Σ_d of the integral of ∂f/∂e along the straight path from a baseline (captum's
+  Gauss–Legendre ``IntegratedGradients`` on one interval; adaptive over many here), ``steps`` points run in batches
+  sized by memory (:mod:`labkit.memory`). Baselines: ``"unk"`` (the
   default, as inseq's): every token replaced by the tokenizer's UNK token (its pad token, else EOS, where it has no
   UNK), EOS tokens kept; ``"zero"``: zero embeddings (captum's default); ``"mean"``: the mean token embedding.
   Completeness: the scores sum to f(input) − f(baseline); the residual is ``completeness_error``, always reported.
@@ -24,7 +25,8 @@ default, as inseq's), its log-probability (nats) or its logit, or, with a ``foil
   mean eager attention, rows renormalised; the row of ``position`` (sums to 1). It depends on the position only,
   not on the target token.
 
-captum does the gradient methods; rollout is written here (captum has no attention-flow method). A position's
+captum does saliency and input × gradient; IG's adaptive rule and rollout are written here (captum integrates one
+path per call and has no attention-flow method). A position's
 score is exactly 0 for tokens after it (causal attention: f cannot see them).
 """
 
@@ -36,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from labkit.errors import InvalidArgument, UnsupportedArchitecture, check_int, invalid_choice
@@ -251,7 +254,7 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
             check_embedding_path(sites, ids, position, target, foil, quantity, value)
         extra: dict[str, Any] = {}
         if method != "ig":
-            scores = _gradient_scores(f, embeds.requires_grad_(), embeds, method, steps, points)
+            scores = _gradient_scores(f, embeds.requires_grad_(), method)
         else:
             scores, used = adaptive_ig(f, embeds, start, steps, max_steps, tolerance, points)
             gap = value - base_value
@@ -266,6 +269,18 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
 POINTS_PER_INTERVAL = 8
 
 
+@dataclass
+class _Piece:
+    """One interval [a, b] of IG's composite rule: f at its ends, its scores (T,), its own completeness residual."""
+
+    a: float
+    b: float
+    fa: float
+    fb: float
+    scores: torch.Tensor
+    residual: float
+
+
 def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: torch.Tensor, steps: int,
                 max_steps: int, tolerance: float, batch: int) -> tuple[torch.Tensor, int]:
     """Integrated gradients of f from ``x0`` to ``x`` (both (1, T, d_model)) by an adaptive composite Gauss–Legendre
@@ -274,14 +289,13 @@ def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: 
     [0, 1] starts as ``steps // 8`` equal intervals of 8 points each. An interval [a, b]'s share of the scores must
     sum to f(x_b) − f(x_a) (completeness holds on every piece of the path), and f at the ends costs one forward
     pass, so each interval's own residual is known exactly; the intervals with the largest residuals are halved
-    until the residuals add up to at most ``tolerance`` · |f(x) − f(x0)| or ``max_steps`` points are used. Why by
-    hand around captum (which integrates each interval): real models are not smooth along a straight path between
-    two embeddings — on the default model f jumps by 0.08 within 2.5 % of the path and swings by 0.7 over a gap of
-    0.15 — and a fixed rule, however many points, leaves 15–130 % completeness error there."""
-    from captum.attr import IntegratedGradients
-
-    ig = IntegratedGradients(f)
+    (as many at a time as fill a batch) until the residuals add up to at most ``tolerance`` · |f(x) − f(x0)| or
+    ``max_steps`` points are used. Real models are not smooth along a straight path between two embeddings — on the
+    default model f jumps by 0.08 within 2.5 % of the path and swings by 0.7 over a gap of 0.15 — and a fixed rule,
+    however many points, leaves 15–130 % completeness error there. Written here rather than with captum, which
+    integrates one path per call: the points of every interval being refined go through one batched pass."""
     m = min(POINTS_PER_INTERVAL, steps)
+    nodes, weights = (torch.tensor(v, dtype=torch.float64) for v in np.polynomial.legendre.leggauss(m))
     direction = x - x0  # (1, T, d)
 
     def ends(alphas: list[float]) -> list[float]:
@@ -289,24 +303,39 @@ def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: 
             points = torch.cat([x0 + a * direction for a in alphas])  # (k, T, d)
             return [float(v) for chunk in points.split(max(1, batch)) for v in f(chunk)]
 
-    def piece(a: float, b: float, fa: float, fb: float) -> tuple[float, float, float, float, torch.Tensor, float]:
-        attrs = ig.attribute((x0 + b * direction).clone().requires_grad_(), baselines=x0 + a * direction,
-                             n_steps=m, method="gausslegendre", internal_batch_size=min(batch, m))  # (1, T, d)
-        scores = attrs[0].double().sum(-1).detach()  # (T,)
-        return a, b, fa, fb, scores, abs(float(scores.sum()) - (fb - fa))
+    def integrate(spans: list[tuple[float, float, float, float]]) -> list[_Piece]:
+        """The pieces of ``spans`` (a, b, f(a), f(b)): every Gauss–Legendre point of every span in passes of
+        ``batch`` points; a span's scores are (x − x0) · Σ_k w_k (b − a)/2 · ∇f(x0 + α_k (x − x0)), summed over d."""
+        alphas = torch.cat([a + (b - a) * (nodes + 1) / 2 for a, b, _, _ in spans])  # (S·m,)
+        w = torch.cat([(b - a) * weights / 2 for a, b, _, _ in spans])  # (S·m,)
+        owner = torch.arange(len(spans)).repeat_interleave(m)  # (S·m,): the span of each point
+        total = torch.zeros(len(spans), *x.shape[1:], dtype=torch.float64)  # (S, T, d): Σ w·∇f per span
+        for part in torch.arange(len(alphas)).split(max(1, batch)):
+            points = (x0 + alphas[part].to(x.dtype).to(x.device)[:, None, None] * direction).requires_grad_()
+            (grad,) = torch.autograd.grad(f(points).sum(), points)  # (k, T, d): f's rows are independent
+            total.index_add_(0, owner[part], w[part][:, None, None] * grad.detach().double().cpu())
+        scores = (total * direction.detach().double().cpu()).sum(-1)  # (S, T)
+        return [_Piece(a, b, fa, fb, scores[i], abs(float(scores[i].sum()) - (fb - fa)))
+                for i, (a, b, fa, fb) in enumerate(spans)]
 
     n = max(1, steps // m)
     edges = [i / n for i in range(n + 1)]
     values = ends(edges)
-    parts = [piece(edges[i], edges[i + 1], values[i], values[i + 1]) for i in range(n)]
+    parts = integrate([(edges[i], edges[i + 1], values[i], values[i + 1]) for i in range(n)])
     gap = abs(values[-1] - values[0])
-    while sum(p[5] for p in parts) > tolerance * gap and (len(parts) + 1) * m <= max_steps:
-        worst = max(range(len(parts)), key=lambda i: parts[i][5])
-        a, b, fa, fb, _, _ = parts[worst]
-        mid = (a + b) / 2
-        (fm,) = ends([mid])
-        parts[worst:worst + 1] = [piece(a, mid, fa, fm), piece(mid, b, fm, fb)]
-    return torch.stack([p[4] for p in parts]).sum(0).float(), len(parts) * m
+    while sum(p.residual for p in parts) > tolerance * gap:
+        k = min(max(1, batch // (2 * m)), max_steps // m - len(parts))  # intervals split in this round
+        if k < 1:
+            break
+        worst = sorted(range(len(parts)), key=lambda i: parts[i].residual, reverse=True)[:k]
+        mids = ends([(parts[i].a + parts[i].b) / 2 for i in worst])
+        spans = [span for i, fm in zip(worst, mids, strict=True) for span in (
+            (parts[i].a, (parts[i].a + parts[i].b) / 2, parts[i].fa, fm),
+            ((parts[i].a + parts[i].b) / 2, parts[i].b, fm, parts[i].fb))]
+        halves = integrate(spans)
+        parts = [p for i, p in enumerate(parts) if i not in set(worst)] + halves
+        parts.sort(key=lambda p: p.a)
+    return torch.stack([p.scores for p in parts]).sum(0).float(), len(parts) * m
 
 
 def input_device_of(model: Any) -> torch.device:
@@ -352,19 +381,14 @@ def _mean_embedding(sites: Sites) -> torch.Tensor:
     return (total / vocab)[None].to(next(sites.embed.parameters()).dtype)
 
 
-def _gradient_scores(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, baseline: torch.Tensor,
-                     method: str, steps: int, batch: int) -> torch.Tensor:
-    """Shape (T,): the method's score of each position (captum)."""
-    from captum.attr import InputXGradient, IntegratedGradients, Saliency
+def _gradient_scores(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, method: str) -> torch.Tensor:
+    """Shape (T,): saliency or input × gradient of each position (captum)."""
+    from captum.attr import InputXGradient, Saliency
 
     if method == "saliency":
         grads = Saliency(f).attribute(embeds, abs=True)  # (1, T, d) |∂f/∂e|
         return grads[0].float().norm(dim=-1)
-    if method == "input_x_gradient":
-        return InputXGradient(f).attribute(embeds)[0].float().sum(-1)
-    attrs = IntegratedGradients(f).attribute(embeds, baselines=baseline, n_steps=steps, method="gausslegendre",
-                                             internal_batch_size=batch)  # (1, T, d)
-    return attrs[0].double().sum(-1).float().detach()  # completeness is checked by the caller, from f at both ends
+    return InputXGradient(f).attribute(embeds)[0].float().sum(-1)
 
 
 def check_embedding_path(sites: Sites, ids: torch.Tensor, position: int, target: int, foil: int | None,

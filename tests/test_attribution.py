@@ -299,3 +299,20 @@ def test_adaptive_ig_resolves_a_steep_step_on_the_path_against_the_closed_form()
     assert 16 < used <= 1024
     torch.testing.assert_close(scores.double(), closed, atol=0.01 * float(closed.abs().max()), rtol=0)
     assert abs(float(scores.sum()) - float(g)) <= 0.01 * abs(float(g))
+
+
+def test_ig_on_one_interval_equals_captums_integrated_gradients(session):
+    from captum.attr import IntegratedGradients
+
+    from labkit.attribution import target_function
+
+    ids = session.encode(PROMPT)
+    paris = token_id(session.tokenizer, " Paris")
+    a = session.attribute(PROMPT, target=" Paris", steps=8, max_steps=8)  # one interval of 8 points
+    x = _embeds(session, PROMPT)
+    x0 = session.model.get_input_embeddings()(torch.full_like(ids, session.tokenizer.unk_token_id)).detach()
+    f = target_function(session.sites, ids.shape[1] - 1, ids.shape[1], paris, None, "prob")
+    expected = IntegratedGradients(f).attribute(x.clone().requires_grad_(), baselines=x0, n_steps=8,
+                                                method="gausslegendre")[0].sum(-1)
+    assert a.steps == 8
+    torch.testing.assert_close(torch.tensor(a.scores), expected.detach().float(), atol=1e-5, rtol=1e-4)
