@@ -299,7 +299,8 @@ class Session:
 
     def attribute(self, prompt: str, target: str | int | None = None, foil: str | int | None = None,
                   method: str = "ig", position: int | None = None, quantity: str = "prob", steps: int = 64,
-                  batch: int | None = None, baseline: str = "unk", chat: bool = False, max_steps: int = 512) -> Any:
+                  batch: int | None = None, baseline: str = "unk", chat: bool = False, max_steps: int = 512,
+                  tolerance: float = 0.01) -> Any:
         """Why the model predicts ``target`` after ``prompt``: an :class:`labkit.attribution.Attribution` with one
         score per prompt token. ``method`` "saliency" | "input_x_gradient" | "ig" | "rollout"; ``quantity`` the
         target's "prob" (default, as inseq) | "logprob" (nats) | "logit"; ``foil`` makes it a contrast
@@ -311,11 +312,12 @@ class Session:
 
         ids = self.encode(prompt, chat=chat)
         return self._attribute(ids, target, foil, method, position, quantity, steps, batch, baseline, attribute,
-                               max_steps)
+                               max_steps, tolerance)
 
     def attribute_step(self, trace: Trace, index: int, method: str = "ig", foil: str | int | None = None,
                        target: str | int | None = None, quantity: str = "prob", steps: int = 64,
-                       batch: int | None = None, baseline: str = "unk", max_steps: int = 512) -> Any:
+                       batch: int | None = None, baseline: str = "unk", max_steps: int = 512,
+                       tolerance: float = 0.01) -> Any:
         """:meth:`attribute` for step ``index`` of a generation: the context is the prompt (as fed, chat template
         included) and the tokens generated before it, the target the step's token (or ``target``). Attributes
         the model's own prediction: token-level interventions and the sampler act after it."""
@@ -323,11 +325,11 @@ class Session:
 
         ids, token = self._step_context(trace, index)
         return self._attribute(ids, token if target is None else target, foil, method, None, quantity, steps, batch,
-                               baseline, attribute, max_steps)
+                               baseline, attribute, max_steps, tolerance)
 
     def _attribute(self, ids: torch.Tensor, target: Any, foil: Any, method: str, position: int | None,
                    quantity: str, steps: int, batch: int | None, baseline: str, attribute: Callable[..., Any],
-                   max_steps: int = 512) -> Any:
+                   max_steps: int = 512, tolerance: float = 0.01) -> Any:
         from labkit.attribution import check_baseline, check_method, check_quantity
 
         check_method(method)
@@ -348,7 +350,7 @@ class Session:
                 target_id = token_id(self.tokenizer, target)
             return attribute(self.sites, ids, target_id, foil=foil_id, method=method, position=where,
                              quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self._texts,
-                             tokenizer=self.tokenizer, max_steps=max_steps)
+                             tokenizer=self.tokenizer, max_steps=max_steps, tolerance=tolerance)
 
     def logit_attribution(self, prompt: str, token: str | int | None = None, against: str | int | None = None,
                           chat: bool = False) -> Any:
