@@ -43,23 +43,27 @@ def main() -> None:
     length = ids.shape[1]
     f = target_function(s.sites, length - 1, length, target, None, "prob")
     embeds = s.sites.embed(ids).detach()
+    unk = s.sites.embed(torch.full_like(ids, s.tokenizer.unk_token_id)).detach()  # labkit's default baseline
 
     def forward() -> None:
         with torch.no_grad():
             s.model(input_ids=ids, use_cache=False)
 
     def ig_separate() -> None:  # the same integral, one point per forward/backward pass
-        IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=torch.zeros_like(embeds),
+        IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=unk,
                                          n_steps=STEPS, method="gausslegendre", internal_batch_size=1)
 
     def captum_direct() -> None:  # the same outputs labkit returns: attributions and their completeness
-        IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=torch.zeros_like(embeds),
+        IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=unk,
                                          n_steps=STEPS, method="gausslegendre", return_convergence_delta=True)
 
     runs = {"forward": forward,
             "saliency": lambda: s.attribute(PROMPT, target=" Mary", method="saliency"),
             "input_x_gradient": lambda: s.attribute(PROMPT, target=" Mary", method="input_x_gradient"),
-            "ig_batched": lambda: s.attribute(PROMPT, target=" Mary", method="ig", steps=STEPS, batch=STEPS),
+            # the same fixed rule as captum's (max_steps = steps: no refinement), then the adaptive default
+            "ig_batched": lambda: s.attribute(PROMPT, target=" Mary", method="ig", steps=STEPS, max_steps=STEPS,
+                                              batch=STEPS),
+            "ig_adaptive_default": lambda: s.attribute(PROMPT, target=" Mary"),
             "ig_separate": ig_separate, "captum_ig": captum_direct,
             "logit_attribution": lambda: s.logit_attribution(PROMPT, token=" Mary", against=" John")}
     ms = {name: _best(fn) for name, fn in runs.items()}
@@ -68,10 +72,17 @@ def main() -> None:
                for name, (b, m) in ms.items()}
     figures["ig_batched_vs_separate"] = round(ms["ig_batched"][0] / ms["ig_separate"][0], 3)
     figures["ig_labkit_vs_captum"] = round(ms["ig_batched"][0] / ms["captum_ig"][0], 3)
+    adaptive = s.attribute(PROMPT, target=" Mary")
+    fixed = s.attribute(PROMPT, target=" Mary", steps=STEPS, max_steps=STEPS)
+    figures["ig_adaptive_default_points"] = adaptive.steps
+    figures["ig_adaptive_default_completeness_error"] = adaptive.completeness_error
+    figures["ig_fixed_completeness_error"] = fixed.completeness_error
     for name, (b, m) in ms.items():
         print(f"{name:>18}: {b:8.1f} ms (median {m:8.1f}) = {b / fwd:6.2f} × one forward pass")
     print(f"IG {STEPS} steps batched / separate: {figures['ig_batched_vs_separate']:.3f}; labkit / captum direct: "
-          f"{figures['ig_labkit_vs_captum']:.3f} (target ≤ 1, labkit's includes a check forward pass)")
+          f"{figures['ig_labkit_vs_captum']:.3f} (target ≤ 1, labkit's includes a check forward pass); the adaptive "
+          f"default used {adaptive.steps} points for completeness error {adaptive.completeness_error:.2%} (fixed "
+          f"{STEPS}-point rule: {fixed.completeness_error:.2%})")
 
     def generate(capture: list[str]) -> Callable[[], int]:
         return lambda: len(s.generate(PROMPT, max_new_tokens=NEW_TOKENS, capture=capture))

@@ -5,8 +5,9 @@ nothing downloaded), beside the default model, each as ratios against plain tran
 - instrumented decode: ``Session.generate`` (greedy, per-step entropy, varentropy, top-k) vs ``model.generate``;
 - attention capture: ``generate(capture=["attention"])`` vs ``model.generate``;
 - activations: ``Session.activations`` of three sites vs one plain forward pass;
-- IG: ``Session.attribute`` (16 points, one pass) vs captum's ``IntegratedGradients`` on the same function, inputs and
-  baseline (labkit adds the completeness check and the embedding-path check).
+- IG: ``Session.attribute`` (16 points, one pass, no refinement) vs captum's ``IntegratedGradients`` on the same
+  function, inputs and baseline with its convergence delta (labkit adds the embedding-path check and f at the
+  intervals' ends).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def measure(s: labkit.Session, repeats: int) -> dict[str, object]:
 
     def captum_ig() -> None:
         IntegratedGradients(f).attribute(embeds.clone().requires_grad_(), baselines=base, n_steps=STEPS,
-                                         method="gausslegendre", internal_batch_size=STEPS)
+                                         method="gausslegendre", internal_batch_size=STEPS,
+                                         return_convergence_delta=True)  # the completeness labkit reports
 
     ig_repeats = max(1, repeats // 2)
     captum_ms = _best_ms(captum_ig, ig_repeats)
