@@ -296,7 +296,7 @@ def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: 
     [0, 1] starts as ``steps // 8`` equal intervals of 8 points each. An interval [a, b]'s share of the scores must
     sum to f(x_b) − f(x_a) (completeness holds on every piece of the path), and f at the ends costs one forward
     pass, so each interval's own residual is known exactly; the intervals with the largest residuals are halved
-    (as many at a time as fill a batch) until the residuals add up to at most ``tolerance`` · |f(x) − f(x0)| or
+    (as many at a time as fill a batch) until the residuals add up to at most ``tolerance · |f(x) − f(x0)|`` or
     ``max_steps`` points are used. Real models are not smooth along a straight path between two embeddings — on the
     default model f jumps by 0.08 within 2.5 % of the path and swings by 0.7 over a gap of 0.15 — and a fixed rule,
     however many points, leaves 15–130 % completeness error there. Written here rather than with captum, which
