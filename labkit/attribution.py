@@ -261,7 +261,7 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
         if method != "ig":
             scores = _gradient_scores(f, embeds.requires_grad_(), method)
         else:
-            scores, used = adaptive_ig(f, embeds, start, steps, max_steps, tolerance, points)
+            scores, used = adaptive_ig(f, embeds, start, steps, max_steps, tolerance, points, (base_value, value))
             gap = value - base_value
             error = abs(float(scores.double().sum()) - gap) / abs(gap) if gap else math.inf
             extra.update(baseline_value=base_value, completeness_error=error, steps=used, baseline=baseline,
@@ -289,9 +289,11 @@ class _Piece:
 
 
 def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: torch.Tensor, steps: int,
-                max_steps: int, tolerance: float, batch: int) -> tuple[torch.Tensor, int]:
+                max_steps: int, tolerance: float, batch: int,
+                f_ends: tuple[float, float] | None = None) -> tuple[torch.Tensor, int]:
     """Integrated gradients of f from ``x0`` to ``x`` (both (1, T, d_model)) by an adaptive composite Gauss–Legendre
-    rule: shape (T,) scores and the number of points of the final rule.
+    rule: shape (T,) scores and the number of points of the final rule. ``f_ends``: f(x0) and f(x) when the caller
+    has them already (saves their forward pass).
 
     [0, 1] starts as ``steps // 8`` equal intervals of 8 points each. An interval [a, b]'s share of the scores must
     sum to f(x_b) − f(x_a) (completeness holds on every piece of the path), and f at the ends costs one forward
@@ -306,6 +308,8 @@ def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: 
     direction = x - x0  # (1, T, d)
 
     def ends(alphas: list[float]) -> list[float]:
+        if not alphas:
+            return []
         with torch.no_grad():
             points = torch.cat([x0 + a * direction for a in alphas])  # (k, T, d)
             return [float(v) for chunk in points.split(max(1, batch)) for v in f(chunk)]
@@ -327,7 +331,9 @@ def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: 
 
     n = max(1, steps // m)
     edges = [i / n for i in range(n + 1)]
-    values = ends(edges)
+    inner = edges[1:-1] if (n + 1) * m <= max_steps else []  # f inside only when an interval may be split
+    known = ends(edges[:1] + edges[-1:]) if f_ends is None else list(f_ends)
+    values = [known[0], *(ends(inner) if inner else [math.nan] * (n - 1)), known[1]]
     parts = integrate([(edges[i], edges[i + 1], values[i], values[i + 1]) for i in range(n)])
     gap = abs(values[-1] - values[0])
     while sum(p.residual for p in parts) > tolerance * gap:
