@@ -263,9 +263,9 @@ def main() -> None:
     name = "gpu" if device == "cuda" else "gpu-cpu-dry-run"
     previous = Path(__file__).parent / "results" / f"{name}.json"
     if only is not None and previous.is_file():  # keep the other checks' recorded figures
-        fresh = {c["check"] for c in results}
-        kept = [c for c in json.loads(previous.read_text())["checks"] if c["check"] not in fresh]
-        order = [n for n, _, _ in CHECKS]
+        fresh, order = {c["check"] for c in results}, [n for n, _, _ in CHECKS]
+        kept = [c for c in json.loads(previous.read_text())["checks"] if c["check"] not in fresh
+                and c["check"] in order]  # a check renamed since is dropped
         results = sorted([*kept, *results], key=lambda c: order.index(c["check"]))
     failed = [c for c in results if str(c["status"]).startswith("FAILED")]
     _results.write(name, {"device": device, "checks": results, "failed": len(failed)})
