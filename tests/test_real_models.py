@@ -221,6 +221,47 @@ def test_a_cpu_disk_split_equals_the_single_device_run(arch, single, split):
     assert [t.token_ids for t in nd] == [t.token_ids for t in na]
 
 
+def test_the_lab_runs_on_a_split_model_and_draws_the_same_tokens(single, split):
+    pytest.importorskip("anywidget")
+    from labkit.panels import Lab
+
+    labs = [Lab(s, prompt=PROMPT, max_new_tokens=6) for s in (single["llama"], split["llama"])]
+    try:
+        for lab in labs:
+            lab.run()
+            lab.wait(60)
+        a, d = (lab.trace for lab in labs)
+        assert len(a) == 6 and d.token_ids == a.token_ids
+        assert labs[1].attention.image.value  # the attention image was drawn from the split model's maps
+    finally:
+        for lab in labs:
+            lab.close()
+
+
+def test_the_labs_attention_image_is_switched_off_when_the_maps_do_not_fit(single):
+    pytest.importorskip("anywidget")
+    from labkit.panels import Lab
+
+    s = single["llama"]
+    lab = Lab(s, prompt=PROMPT, max_new_tokens=6)
+    n = s.encode(PROMPT).shape[1] + 6  # positions the image grows to
+    f32, f16 = (2 * 4 * 4 * n * n * size for size in (4, 2))  # prompt maps + grown matrix, L = H = 4
+    try:
+        with memory.budget(f32 - 1):  # float32 does not fit, float16 does
+            lab.run()
+            lab.wait(60)
+        assert lab._prompt_maps.probs.dtype == torch.float16 and len(lab.trace) == 6
+        with memory.budget(f16 - 1):  # nothing fits: the image is off, the run goes on
+            lab.run()
+            lab.wait(60)
+        assert lab.attention.label.value.startswith(f"attention image off: the maps of {n} positions need "
+                                                    f"{memory.fmt_bytes(f16)} in float16, the budget is "
+                                                    f"{memory.fmt_bytes(f16 - 1)}")
+        assert lab._prompt_maps is None and len(lab.trace) == 6
+    finally:
+        lab.close()
+
+
 def test_device_map_options_are_checked_before_loading(folders):
     with pytest.raises(InvalidArgument, match="device_map must be one of 'auto', 'balanced'"):
         labkit.Session(folders["llama"], device_map="everywhere")
