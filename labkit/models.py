@@ -387,11 +387,6 @@ def resolve_source(model: str | os.PathLike[str], revision: str | None = None, p
     return ModelSource("folder", _checked_folder(path))
 
 
-def resolve_model_path(model: str | os.PathLike[str], progress: bool = True) -> Path:
-    """The folder transformers reads for ``model`` (see :func:`resolve_source`)."""
-    return resolve_source(model, progress=progress).path
-
-
 def _checked_folder(path: Path) -> Path:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{str(path)!r} has no config.json; it is not a Hugging Face model folder")
