@@ -395,7 +395,7 @@ def parse_kv(spec: Any) -> Any:
     or a policy object itself; None is ``Full()``."""
     if spec is None:
         return Full()
-    if isinstance(spec, (Full, Quant, Window, HeavyHitters)):
+    if isinstance(spec, tuple(POLICIES.values())):  # any registered policy, not only the built-in four
         return spec
     if not isinstance(spec, str):
         raise InvalidArgument(f"kv must be a cache policy or a spec string such as 'quant:bits=4'; got {spec!r}")

@@ -257,7 +257,7 @@ class Trace:
             raise TraceFormatError(f"no trace file at {str(path)!r}")
         try:
             if kind == "json":
-                data = json.loads(path.read_text())
+                data = json.loads(path.read_text(encoding="utf-8"))  # as save writes it, whatever the locale
                 if not isinstance(data, dict):
                     raise TraceFormatError(f"{str(path)!r} is not a labkit trace (top level is not an object)")
                 steps = data.get("steps")

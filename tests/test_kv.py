@@ -207,3 +207,21 @@ def test_samplers_and_interventions_run_unchanged_on_a_policy_that_drops_nothing
         trace = session.generate(PROMPT, kv=spec, **options)
         assert trace.token_ids == plain.token_ids and [s.interventions for s in trace.steps] == \
             [s.interventions for s in plain.steps]
+
+
+def test_a_policy_registered_in_policies_is_accepted_as_an_object(monkeypatch):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Coarse(kv._Layered):  # a user's policy, as ARCHITECTURE.md says to write one (not one of the built-ins)
+        bits: int = 4
+        name = "coarse"
+        evicts = False
+        layer_class = staticmethod(kv._tiered_layer_class)
+
+    monkeypatch.setitem(kv.POLICIES, "coarse", Coarse)
+    policy = Coarse(bits=4)
+    assert kv.parse_kv(policy) is policy
+    assert kv.parse_kv("coarse:bits=4") == policy
+    with pytest.raises(InvalidArgument, match="kv must be a cache policy"):
+        kv.parse_kv(object())

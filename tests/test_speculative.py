@@ -142,3 +142,19 @@ def test_the_loops_one_position_rule_follows_the_target_distribution(p, q):
     deterministic = q_t.max() == 1.0
     tokens = [judge(p_t, None if deterministic else q_t, x, g)[0] for x in drafted]
     assert chi2_p(torch.bincount(torch.tensor(tokens), minlength=len(p)).double(), p) > 0.001
+
+
+@pytest.mark.parametrize(("flag", "expected"), [("false", False), ("0", False), ("off", False), ("true", True),
+                                                ("1", True), ("yes", True)])
+def test_the_adaptive_setting_of_a_draft_spec_reads_false_as_false(flag, expected):
+    from labkit.speculative.drafts import parse_draft
+
+    assert parse_draft(f"prompt-lookup:adaptive={flag}").adaptive is expected  # bool("false") would be True
+    assert parse_draft(f"layer-skip:8,gamma=3,adaptive={flag}").adaptive is expected
+
+
+def test_an_unreadable_adaptive_setting_is_refused():
+    from labkit.speculative.drafts import parse_draft
+
+    with pytest.raises(InvalidArgument, match="adaptive must be 1/0, true/false"):
+        parse_draft("prompt-lookup:adaptive=maybe")

@@ -122,3 +122,20 @@ def test_saved_json_is_plain_and_versioned(tmp_path):
 def test_distribution_checks_shape():
     with pytest.raises(InvalidArgument, match=r"shape \(V,\)"):
         trace_mod.Distribution(logprobs=torch.zeros(2, 3), tokenizer=None)
+
+
+def test_a_json_trace_loads_under_a_non_utf8_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = make_trace(3).save(tmp_path / "run.json")  # é, 🙂 and a tab: UTF-8 on disk
+    env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "LANG": "C"}
+    code = ("import json, locale, sys; from labkit.trace import Trace; t = Trace.load(sys.argv[1]); "
+            "print(json.dumps([t.text, len(t.steps), locale.getpreferredencoding(False)]))")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                          encoding="utf-8")
+    assert done.returncode == 0, done.stderr[-500:]
+    text, steps, encoding = json.loads(done.stdout)
+    assert (text, steps) == ("é tab\t🙂", 3)
+    assert encoding.lower().replace("-", "") in ("ascii", "ansi_x3.41968")  # the locale really is not UTF-8

@@ -301,8 +301,12 @@ def parse_draft(spec: str) -> Draft:
     first, _, more = rest.partition(",")
     positional = first if first and "=" not in first else ""
     _, settings = parse_spec(f"{name}:{more if positional else rest}", "speculative")
-    if "adaptive" in settings:
-        settings["adaptive"] = bool(settings["adaptive"])
+    if "adaptive" in settings:  # bool("false") is True: read the text
+        flag = str(settings["adaptive"]).strip().lower()
+        if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise InvalidArgument(f"speculative spec {spec!r}: adaptive must be 1/0, true/false, yes/no or on/off; "
+                                  f"got {settings['adaptive']!r}")
+        settings["adaptive"] = flag in ("1", "true", "yes", "on")
     try:
         if name == "prompt-lookup" and not positional:
             return PromptLookupDraft(**settings)
