@@ -279,11 +279,18 @@ MAP_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": to
 
 
 def attention_maps(model: Any, ids: torch.Tensor, layers: list[int], heads: list[int], dtype: torch.dtype,
-                   rows: int, mean_heads: bool = False) -> dict[int, torch.Tensor]:
+                   mean_heads: bool = False) -> dict[int, torch.Tensor]:
     """Full maps of ``ids`` (1, T) in ``layers`` × ``heads``: {layer: (H_sel, T, T) on the CPU, in ``dtype``}. One
-    forward pass with the model's own attention computing every output; beside it, ``rows`` query rows at a time,
-    softmax(q·Kᵀ·scale + mask) — what eager ``output_attentions`` returns, without its L·H·T² float32 tensors
-    (``mean_heads``: only the mean over ``heads``, (1, T, T) per layer)."""
+    forward pass with the model's own attention computing every output; beside it, a block of query rows at a time
+    (as many as the memory budget of the ids' device holds), softmax(q·Kᵀ·scale + mask) — what eager
+    ``output_attentions`` returns, without its L·H·T² float32 tensors (``mean_heads``: only the mean over
+    ``heads``, (1, T, T) per layer). The caller checks the kept maps against the budget."""
+    from labkit import memory
+
+    cfg = model.config.get_text_config(decoder=True)
+    length = ids.shape[1]
+    rows = memory.pieces(length, 3 * cfg.num_attention_heads * length * 4, 0, "one query row of attention scores",
+                         ids.device, "use a shorter prompt")  # scores, probabilities and a copy, float32
     impl = model.config._attn_implementation
     base = "eager" if impl in ("eager", CAPTURE_BASES["eager"]) else "sdpa"
     recorder = _MapRecorder(layers, heads, dtype, rows, base, mean_heads)

@@ -44,6 +44,7 @@ import torch
 from labkit.errors import InvalidArgument, UnsupportedArchitecture, check_int, invalid_choice
 from labkit.hooks import Sites
 from labkit.memory import Shape, attention_maps_bytes, backward_bytes, check, pieces
+from labkit.models import input_device
 
 #: The attribution methods of :meth:`labkit.session.Session.attribute`.
 METHODS = ("saliency", "input_x_gradient", "ig", "rollout")
@@ -240,7 +241,7 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
         return Attribution(scores=rollout(sites.model, ids)[position].tolist(), value=value, **base)
     shape = Shape.of(sites.model)
     per_point = backward_bytes(shape, length, kept_logits=length - position)
-    device = input_device_of(sites.model)
+    device = input_device(sites.model)
     points = batch or pieces(steps, per_point, 0, f"{method} attribution over {length} tokens", device,
                              "use a shorter prompt, or method='saliency' (one point)")
     if batch is None and device.type == "cpu":  # on a CPU, passes of more positions run slower per point
@@ -357,13 +358,6 @@ def adaptive_ig(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, x0: 
     return torch.stack([p.scores for p in parts]).sum(0).float(), len(parts) * m
 
 
-def input_device_of(model: Any) -> torch.device:
-    """Where the model's embedding runs (the device attribution works on)."""
-    from labkit.models import input_device
-
-    return input_device(model)
-
-
 def unk_token_id(tokenizer: Any) -> int:
     """The token the "unk" baseline puts everywhere: the tokenizer's UNK token, else its pad token, else EOS."""
     for name in ("unk_token_id", "pad_token_id", "eos_token_id"):
@@ -435,10 +429,8 @@ def rollout(model: Any, ids: torch.Tensor) -> torch.Tensor:
     length = ids.shape[1]
     check(attention_maps_bytes(shape, length, heads=1), f"attention rollout over {length} tokens",
           "cpu", "use a shorter prompt")
-    rows = pieces(length, 3 * shape.n_heads * length * 4, 0, "one query row of attention scores",
-                  input_device_of(model), "use a shorter prompt")
     layers = list(range(shape.n_layers))
-    maps = attention_maps(model, ids, layers, list(range(shape.n_heads)), torch.float32, rows, mean_heads=True)
+    maps = attention_maps(model, ids, layers, list(range(shape.n_heads)), torch.float32, mean_heads=True)
     eye = torch.eye(length)
     flow = eye.clone()
     for layer in layers:  # input to output

@@ -227,14 +227,11 @@ class Session:
         head_list = self._indices("heads", heads, self.info.n_heads)
         ids = self.encode(prompt, chat=chat)
         length, torch_dtype = ids.shape[1], MAP_DTYPES[dtype]
-        shape = memory.Shape.of(self.model)
         kept = len(layer_list) * len(head_list) * length * length * torch_dtype.itemsize
         memory.check(kept, f"attention maps of {len(layer_list)} layers × {len(head_list)} heads over {length} "
                      f"tokens ({dtype})", "cpu", "choose fewer layers= or heads=, dtype='float16', or a shorter prompt")
-        rows = memory.pieces(length, 3 * shape.n_heads * length * 4, 0, "one query row of attention scores",
-                             self.device, "use a shorter prompt")
         with self._exclusive():
-            maps = attention_maps(self.model, ids, layer_list, head_list, torch_dtype, rows)
+            maps = attention_maps(self.model, ids, layer_list, head_list, torch_dtype)
         probs = torch.stack([maps[layer] for layer in layer_list])  # (L_sel, H_sel, T, T)
         return AttentionMaps(probs=probs, tokens=[self._texts(i) for i in ids[0].tolist()], layers=layer_list,
                              heads=head_list)

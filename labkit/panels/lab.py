@@ -42,8 +42,8 @@ def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int) -> t
         if need <= have:
             try:
                 return session.attention(prompt, chat=chat, dtype=dtype), ""
-            except MemoryBudgetExceeded:
-                break
+            except MemoryBudgetExceeded:  # its own estimate is stricter: try half precision
+                continue
     return None, (f"attention image off: the maps of {size} positions need {memory.fmt_bytes(need)} in float16, "
                   f"the budget is {memory.fmt_bytes(have)} ({where}); use a shorter prompt or fewer tokens "
                   "(session.attention(prompt, layers=[...]) draws chosen layers)")
