@@ -17,7 +17,7 @@ import _results
 from _timing import interleaved, long_prompt, summary
 
 import labkit
-from labkit.attention import attn_implementation
+from labkit.measures.attention import attn_implementation
 
 NEW_TOKENS = 48
 

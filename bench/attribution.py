@@ -20,8 +20,8 @@ import _results
 from _timing import best_ms, interleaved, summary
 
 import labkit
-from labkit.attribution import target_function
-from labkit.tokens import token_id
+from labkit.core.tokens import token_id
+from labkit.why.attribution import target_function
 
 PROMPT = "When Mary and John went to the store, John gave a drink to"
 STEPS = 32

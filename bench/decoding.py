@@ -17,7 +17,7 @@ import torch
 from _timing import interleaved, summary
 
 import labkit
-from labkit.beam import BeamSearch
+from labkit.decoding.beam import BeamSearch
 from labkit.sampling import Classic, parse_sampler
 
 PROMPT = "The history of the city begins with a small settlement on the river, where"

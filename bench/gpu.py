@@ -151,7 +151,7 @@ def _bnb(device: str) -> dict[str, Any]:
 
 @check("attention backends: sdpa, eager, xformers (CUDA only)")
 def _backends(device: str) -> dict[str, Any]:
-    from labkit.attention import attn_implementation
+    from labkit.measures.attention import attn_implementation
 
     out = {}
     for attn in ("sdpa", "eager", "xformers") if device == "cuda" else ("sdpa", "eager"):
@@ -240,7 +240,7 @@ def _kv(device: str) -> dict[str, Any]:
 
 @check("memory: attention maps of 4,096 tokens, estimate against the CUDA peak", needs_cuda=True)
 def _memory(device: str) -> dict[str, Any]:
-    from labkit import memory
+    from labkit.core import memory
 
     s = labkit.Session(device=device, dtype="bfloat16", progress=False)
     text = long_prompt(s.tokenizer, 4096)

@@ -1,6 +1,6 @@
 """KV-cache policies on long prompts (default model, CPU, float32, greedy, 32 new tokens; one run per cell):
 cache memory as a fraction of the full cache, mean and max KL(policy ‖ full) in bits per step, top-1 agreement and
-ms/token against the full cache measured in the same run (``labkit.kv.evaluate``), at about 2k and 6k tokens.
+ms/token against the full cache measured in the same run (``labkit.decoding.kv.evaluate``), at about 2k and 6k tokens.
 Goal: 4-bit with a 128-token full-precision window at ≤ 0.3 × the full cache's memory at 6k tokens with mean KL
 ≤ 0.05 bits/step; eviction policies at a fixed memory whatever the length.
 """
@@ -15,7 +15,7 @@ import _results
 from _timing import long_prompt
 
 import labkit
-from labkit import kv
+from labkit.decoding import kv
 
 NEW_TOKENS = 32
 LENGTHS = (2000, 6000)

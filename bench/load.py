@@ -25,7 +25,7 @@ print(json.dumps([first, second]))
 """
 GGUF = """
 import time, json, labkit
-from labkit import models
+from labkit.model import models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 g = models.default_gguf()
 t0 = time.perf_counter()

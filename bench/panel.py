@@ -22,8 +22,8 @@ import _results
 from _timing import interleaved, summary
 
 import labkit
-from labkit.panels import Lab
 from labkit.sampling import Classic
+from labkit.ui.panels import Lab
 
 NEW_TOKENS = 64
 PROMPT = "Once upon a time"  # runs the full 64 tokens (the lighthouse prompt stops at EOS after 33)

@@ -24,7 +24,7 @@ import _results
 from _timing import best_ms, interleaved, summary
 
 import labkit
-from labkit.attribution import target_function
+from labkit.why.attribution import target_function
 
 PROMPT = "The old lighthouse keeper climbed the stairs every night to light the lamp for the ships"
 NEW_TOKENS = 12

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _results
 
 import labkit
-from labkit.experiments import Sweep, load_config
+from labkit.studies.experiments import Sweep, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
 TARGET = 1.3

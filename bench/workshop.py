@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import _results
 
-from labkit import workshop
+from labkit.teach import workshop
 
 CLASS_SIZES = (10, 30, 100)
 

@@ -69,7 +69,7 @@ _EXTERNAL = ("torch", "transformers", "numpy", "np", "pandas", "pd", "plotly", "
 nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_EXTERNAL)})(\..*)?"),
     (r"py:.*", r"labkit(\.\w+)*\._\w+"),
-    (r"py:class", r"Figure"),  # matplotlib's, as labkit.figures imports it
+    (r"py:class", r"Figure"),  # matplotlib's, as labkit.records.figures imports it
 ]
 
 

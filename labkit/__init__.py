@@ -12,10 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
-from labkit import errors, info, sampling
-from labkit.results import Distribution, Score
+from labkit import _moved, sampling
+from labkit.core import errors
+from labkit.records.results import Distribution, Score
+from labkit.records.trace import Alternative, Step, Trace, TraceMeta
 from labkit.session import Generation, Session
-from labkit.trace import Alternative, Step, Trace, TraceMeta
 
 __all__ = [
     "Alternative",
@@ -28,26 +29,30 @@ __all__ = [
     "TraceMeta",
     "__version__",
     "errors",
-    "info",
     "sampling",
 ]
 
+_moved.install()
 
-_LAZY = ("interventions", "panels", "speculative", "magics", "beam", "uncertainty")
+_LAZY = ("interventions", "speculative", "core", "model", "measures", "records", "why", "decoding", "studies",
+         "teach", "ui")
 
 
 def __getattr__(name: str) -> object:
-    """``labkit.panels``, ``labkit.interventions``, ... imported on first use (widgets and plotly stay out of the
-    command line's start-up)."""
-    if name in _LAZY:
-        import importlib
+    """Subpackages imported on first use (widgets and plotly stay out of the command line's start-up); the old
+    module names (``labkit.info``, ``labkit.panels``...) with a DeprecationWarning (:mod:`labkit._moved`)."""
+    import importlib
 
+    if name in _LAZY:
         return importlib.import_module(f"labkit.{name}")
+    if name in _moved.MOVED:
+        _moved.warn(f"labkit.{name}", _moved.MOVED[name])
+        return importlib.import_module(_moved.MOVED[name])
     raise AttributeError(f"module 'labkit' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython: object) -> None:
-    """Register the ``%labkit`` / ``%%labkit`` magics (:mod:`labkit.magics`)."""
-    from labkit.magics import load_ipython_extension as load
+    """Register the ``%labkit`` / ``%%labkit`` magics (:mod:`labkit.ui.magics`)."""
+    from labkit.ui.magics import load_ipython_extension as load
 
     load(ipython)

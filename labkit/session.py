@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
-import secrets
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -13,19 +13,19 @@ from typing import Any
 
 import torch
 
-from labkit import __version__, beam, decode, info, models
-from labkit.errors import InvalidArgument, SessionBusy, check_int, invalid_choice
+from labkit import __version__
+from labkit.core.errors import InvalidArgument, SessionBusy, check_int, invalid_choice
+from labkit.core.tokens import TokenTexts, token_id
+from labkit.decoding import loop
+from labkit.decoding.settings import CAPTURES, GenerationSettings, Run, StopRules
 from labkit.interventions.base import activated, check_interventions
-from labkit.kv import check_kv, parse_kv
-from labkit.results import Distribution, Score
-from labkit.sampling.base import Greedy, Sampler
-from labkit.sampling.beam import BeamSearch
-from labkit.speculative import Speculator, check_speculative
-from labkit.tokens import TokenTexts, token_id
-from labkit.trace import Step, Trace, TraceMeta
+from labkit.measures import information as info
+from labkit.model import models
+from labkit.records.results import Distribution, Score
+from labkit.records.trace import Step, Trace, TraceMeta
+from labkit.sampling.base import Sampler
 
-CAPTURES: tuple[str, ...] = ("attention", "logits")
-"""Extra per-step captures ``generate(capture=...)`` accepts, besides hook-site names (``"blocks.3.resid_post"``)."""
+__all__ = ["CAPTURES", "Generation", "GenerationSettings", "Session"]
 
 
 class Session:
@@ -82,11 +82,11 @@ class Session:
 
     @property
     def sites(self) -> Any:
-        """The model's hook sites (:class:`labkit.hooks.Sites`): ``list(s.sites)`` gives every site name
+        """The model's hook sites (:class:`labkit.model.hooks.Sites`): ``list(s.sites)`` gives every site name
         (``"blocks.3.resid_post"``...), ``s.sites.table()`` their shapes and meaning, ``s.sites.read([...])`` and
         ``s.sites.edit({...})`` scoped reads and edits. UnsupportedArchitecture when labkit has no adapter for
-        the model (declare one with :func:`labkit.hooks.register_adapter`)."""
-        from labkit.hooks import sites_of
+        the model (declare one with :func:`labkit.model.hooks.register_adapter`)."""
+        from labkit.model.hooks import sites_of
 
         return sites_of(self.model)
 
@@ -168,8 +168,8 @@ class Session:
         positions at a time, R sized by the memory budget. One forward pass keeps the final norm's output (T,
         d_model); each chunk goes through the model's own unembedding (and final softcapping). Checked against the
         model's own logits at the last position; a model without hook sites is run whole, after a memory check."""
-        from labkit import memory
-        from labkit.errors import UnsupportedArchitecture
+        from labkit.core import memory
+        from labkit.core.errors import UnsupportedArchitecture
 
         shape = memory.Shape.of(self.model)
         n, length = stop - first, ids.shape[1]
@@ -217,9 +217,9 @@ class Session:
         ``heads`` (default: all), stored in ``dtype`` ("float32" | "float16" | "bfloat16") on the CPU. They equal
         eager attention's ``output_attentions``, computed a block of query rows at a time beside the model's own
         attention. Their memory, L·H·T²·(bytes per value), is checked against the budget first
-        (:mod:`labkit.memory`): MemoryBudgetExceeded names the bytes and how to need less."""
-        from labkit import memory
-        from labkit.attention import MAP_DTYPES, AttentionMaps, attention_maps
+        (:mod:`labkit.core.memory`): MemoryBudgetExceeded names the bytes and how to need less."""
+        from labkit.core import memory
+        from labkit.measures.attention import MAP_DTYPES, AttentionMaps, attention_maps
 
         if dtype not in MAP_DTYPES:
             raise invalid_choice("dtype", dtype, tuple(MAP_DTYPES))
@@ -253,7 +253,7 @@ class Session:
 
     def lens(self, prompt: str, chat: bool = False, k: int = 5) -> Any:
         """Logit lens after ``prompt``: each layer's next-token distribution (LogitLens, shape (L, V))."""
-        from labkit.lens import logit_lens
+        from labkit.measures.lens import logit_lens
 
         check_int("k", k, 1, self.info.vocab_size)
         ids = self.encode(prompt, chat=chat)
@@ -264,7 +264,7 @@ class Session:
         """Shape (n, V): the model's raw logits at each of ``trace``'s n steps, recomputed in one full-cache forward
         pass over the prompt and the generated tokens (what a full cache would have given on the same tokens). The
         result (n·V float32 values) is checked against the memory budget first; it is made in chunks."""
-        from labkit import memory
+        from labkit.core import memory
 
         if not isinstance(trace, Trace) or not trace.steps:
             raise InvalidArgument("trace must be a labkit Trace with at least one step")
@@ -282,9 +282,9 @@ class Session:
     # -- why: activations and attribution ------------------------------------------------------------------
     def activations(self, prompt: str, sites: Sequence[str], chat: bool = False) -> Any:
         """The activations at hook ``sites`` (names from ``list(s.sites)``) of one forward pass over ``prompt``:
-        an :class:`labkit.activations.Activations` — ``acts["blocks.3.resid_post"]`` has shape (T, d_model),
+        an :class:`labkit.why.activations.Activations` — ``acts["blocks.3.resid_post"]`` has shape (T, d_model),
         ``blocks.L.attn.z`` (T, H, d_head); ``save``/``load`` (safetensors), ``to_pandas()`` (norms)."""
-        from labkit.activations import Activations, check_site_names, run_with_cache
+        from labkit.why.activations import Activations, check_site_names, run_with_cache
 
         names = check_site_names(self.sites, sites)
         ids = self.encode(prompt, chat=chat)
@@ -298,17 +298,17 @@ class Session:
                   method: str = "ig", position: int | None = None, quantity: str = "prob", steps: int = 64,
                   batch: int | None = None, baseline: str = "unk", chat: bool = False, max_steps: int = 512,
                   tolerance: float = 0.01) -> Any:
-        """Why the model predicts ``target`` after ``prompt``: an :class:`labkit.attribution.Attribution` with one
+        """Why the model predicts ``target`` after ``prompt``: an :class:`labkit.why.attribution.Attribution` with one
         score per prompt token. ``method`` "saliency" | "input_x_gradient" | "ig" | "rollout"; ``quantity`` the
         target's "prob" (default, as inseq) | "logprob" (nats) | "logit"; ``foil`` makes it a contrast
         f(target) − f(foil). ``target`` None: the prompt's own next token at ``position`` (default: the last
         position, whose target is the model's top prediction). ``steps``/``batch``/``baseline`` ("unk", inseq's
         default | "zero" | "mean"): IG's points, points per forward pass (default: what the memory budget holds) and
-        starting point. IG's rule is adaptive (:func:`labkit.attribution.adaptive_ig`): intervals of 8 points are
+        starting point. IG's rule is adaptive (:func:`labkit.why.attribution.adaptive_ig`): intervals of 8 points are
         halved where their own completeness residual is largest until the residuals add up to ``tolerance`` (1 %)
         or ``max_steps`` points are used — on a CPU a 259-token text of the default model needed 368 points, about
         6 minutes on 2 cores; read ``completeness_error``."""
-        from labkit.attribution import attribute
+        from labkit.why.attribution import attribute
 
         ids = self.encode(prompt, chat=chat)
         return self._attribute(ids, target, foil, method, position, quantity, steps, batch, baseline, attribute,
@@ -321,7 +321,7 @@ class Session:
         """:meth:`attribute` for step ``index`` of a generation: the context is the prompt (as fed, chat template
         included) and the tokens generated before it, the target the step's token (or ``target``). Attributes
         the model's own prediction: token-level interventions and the sampler act after it."""
-        from labkit.attribution import attribute
+        from labkit.why.attribution import attribute
 
         ids, token = self._step_context(trace, index)
         return self._attribute(ids, token if target is None else target, foil, method, None, quantity, steps, batch,
@@ -330,7 +330,7 @@ class Session:
     def _attribute(self, ids: torch.Tensor, target: Any, foil: Any, method: str, position: int | None,
                    quantity: str, steps: int, batch: int | None, baseline: str, attribute: Callable[..., Any],
                    max_steps: int = 512, tolerance: float = 0.01) -> Any:
-        from labkit.attribution import check_baseline, check_method, check_quantity
+        from labkit.why.attribution import check_baseline, check_method, check_quantity
 
         check_method(method)
         check_quantity(quantity)
@@ -356,7 +356,7 @@ class Session:
                           chat: bool = False) -> Any:
         """Direct logit attribution at the last position of ``prompt``: the logit of ``token`` (default: the top
         prediction), or the difference to ``against``, split into the embedding, each layer's attention (and each
-        head) and MLP, with the final norm's scale frozen (:class:`labkit.logit_attribution.LogitAttribution`)."""
+        head) and MLP, with the final norm's scale frozen (:class:`labkit.why.logit_attribution.LogitAttribution`)."""
         ids = self.encode(prompt, chat=chat)
         return self._logit_attribution(ids, token, against)
 
@@ -366,7 +366,7 @@ class Session:
         return self._logit_attribution(ids, token, against)
 
     def _logit_attribution(self, ids: torch.Tensor, token: Any, against: Any) -> Any:
-        from labkit.logit_attribution import decompose
+        from labkit.why.logit_attribution import decompose
 
         against_id = None if against is None else token_id(self.tokenizer, against)
         with self._exclusive():
@@ -391,85 +391,56 @@ class Session:
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                speculative: Any = None, metrics: Sequence[str] = (), kv: Any = None,
-               n: int | None = None) -> Generation:
+               n: int | None = None, beam: Any = None, *, settings: GenerationSettings | None = None) -> Generation:
         """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all; with ``n``,
         ``.traces`` holds the n sequences and their Steps arrive row by row within each token).
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
         """
-        check_int("max_new_tokens", max_new_tokens, 1)
-        listed = list(seed) if isinstance(seed, (list, tuple)) else None  # seeds of a batch, one per row
-        if listed is not None:
-            if not listed or (n is not None and n != len(listed)):
-                raise InvalidArgument(f"seed as a list gives one seed per sequence (n = its length); got {seed!r} "
-                                      f"with n={n!r}")
-            n = len(listed)
-        if n is not None:
-            check_int("n", n, 1, 4096)
-            if n > 1 and (speculative is not None or (kv is not None and parse_kv(kv).spec != "full")):
-                raise InvalidArgument(f"n={n} decodes a batch of sequences; speculative decoding and lossy kv "
-                                      "policies work on one sequence: use n=None (or n=1) with them")
-        if max_new_tokens >= self.info.context_length:
-            raise InvalidArgument(f"max_new_tokens must be below the model's context of {self.info.context_length} "
-                                  f"tokens (prompt included); got {max_new_tokens}")
-        check_int("top_k", top_k, 1, self.info.vocab_size)
-        sampler = _check_sampler(sampler)
-        if isinstance(capture, str) or not isinstance(capture, Sequence):
-            raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)} and hook-site names; got "
-                                  f"{capture!r}")
-        for name in capture:
-            if name not in CAPTURES and (not isinstance(name, str) or not name.startswith(("blocks.", "embed",
-                                                                                           "final_norm"))):
-                raise InvalidArgument(f"capture must be a list of names from {list(CAPTURES)} and hook-site names "
-                                      f"such as 'blocks.0.resid_post' (list(session.sites)); got {name!r}")
-            if name not in CAPTURES:
-                self.sites.resolve(name)  # an unknown site is refused with the close names
-        if isinstance(metrics, str):
-            raise InvalidArgument(f"metrics must be a list of registered metric names; got {metrics!r}")
-        metrics = tuple(info.metric(name).name for name in metrics)  # an unknown name lists the registered ones
-        lossy = kv is not None and parse_kv(kv).spec != "full"
-        if isinstance(sampler, BeamSearch) and (n not in (None, 1) or speculative is not None or lossy
-                                                or any(c != "logits" for c in capture)):
-            raise InvalidArgument("beam search (sampler=BeamSearch(...)) runs its beams as the batch: it does not "
-                                  "take n, speculative, a lossy kv policy or captures other than 'logits'")
-        draft = check_speculative(speculative, sampler, capture)
-        policy = None if kv is None else parse_kv(kv)
-        if policy is not None:
-            check_kv(policy, speculative, capture, self.model.config)
-        interventions = self._bound(interventions)  # errors (bad layer, token text) surface here
+        return self._start(prompt, _settings(settings, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                                             stop=stop, chat=chat, capture=capture, top_k=top_k,
+                                             interventions=interventions, speculative=speculative, metrics=metrics,
+                                             kv=kv, n=n, beam=beam))
+
+    def _start(self, prompt: str, settings: GenerationSettings) -> Generation:
+        """A Generation of ``prompt`` with ``settings``, after the checks that need this model and Session: the
+        settings against the model, the interventions and the sampler (and draft) bound, the prompt and its room,
+        the captures' memory."""
+        settings.for_model(self.info, lambda: self.sites, self.model.config)
+        interventions = self._bound(settings.interventions)  # errors (bad layer, token text) surface here
         with self._exclusive():
-            sampler.bind(self)  # a sampler reading layers or loading an amateur model; its errors surface here
-            if draft is not None:
-                draft.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
-        for one in listed or [seed]:
-            if one is not None and (isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < 2**63):
-                raise InvalidArgument(f"seed must be an integer in [0, 2**63), a list of them, or None; got {seed!r}")
-        _check_forced_steps(interventions, max_new_tokens)
-        stop_ids, stop_strings = self._stop_rules(stop)
-        ids = self.encode(prompt, chat=chat, reserve=max_new_tokens)
-        self._check_capture_memory(capture, ids.shape[1], max_new_tokens, n or 1)
-        used_seed = seed if isinstance(seed, int) else secrets.randbits(63)
-        seeds = listed or [(used_seed + b) % 2**63 for b in range(n or 1)]  # row b = the single run with seed + b
-        generators = [torch.Generator(device=self.device).manual_seed(row_seed) for row_seed in seeds]
+            settings.sampler.bind(self)  # a sampler reading layers or loading an amateur model; its errors surface
+            if settings.speculative is not None:
+                settings.speculative.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
+        _check_forced_steps(interventions, settings.max_new_tokens)
+        rules = settings.stop_rules(self.tokenizer, self.info.vocab_size, self.eos_ids)
+        ids = self.encode(prompt, chat=settings.chat, reserve=settings.max_new_tokens)
+        self._check_capture_memory(settings.capture, ids.shape[1], settings.max_new_tokens, settings.rows)
+        run = Run(settings, self.model, self.tokenizer, ids, self._new_traces(prompt, ids, settings, rules), rules,
+                  [torch.Generator(device=self.device).manual_seed(seed) for seed in settings.seeds],
+                  session=self, stop_event=self._stop, token_text=self._texts)
+        return Generation(self, run, interventions)
+
+    def _new_traces(self, prompt: str, ids: torch.Tensor, settings: GenerationSettings,
+                    rules: StopRules) -> list[Trace]:
+        """One empty Trace per row, its metadata recorded (the sampler's or the beams' settings, the row's seed)."""
         created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        config = settings.beam.config() if settings.beam is not None else settings.sampler.config()
         traces = []
-        for row_seed in seeds:
-            meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device,
-                             sampler=sampler.config(), seed=row_seed, max_new_tokens=max_new_tokens, chat=chat,
-                             stop=[*stop_strings, *sorted(stop_ids)], labkit_version=__version__, created=created)
+        for row_seed in settings.seeds:
+            meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device, sampler=config,
+                             seed=row_seed, max_new_tokens=settings.max_new_tokens, chat=settings.chat,
+                             stop=[*rules.stop_strings, *sorted(rules.stop_ids)], labkit_version=__version__,
+                             created=created)
             traces.append(Trace(prompt=prompt, prompt_ids=ids[0].tolist(), steps=[], meta=meta))
             traces[-1]._owner = weakref.ref(self)  # Trace.attribute finds its Session (not saved with the Trace)
-        rules = decode.StopRules(max_new_tokens=max_new_tokens, eos_ids=self.eos_ids, stop_ids=stop_ids,
-                                 stop_strings=stop_strings)
-        return Generation(self, ids, traces, sampler, rules, generators, top_k, tuple(capture), interventions,
-                          Speculator(draft, rules.eos_ids | rules.stop_ids) if draft is not None else None, metrics,
-                          policy)
+        return traces
 
     def _check_capture_memory(self, capture: Sequence[str], prompt_length: int, steps: int, rows: int) -> None:
         """Refuse, before the first token, per-step captures whose total over ``steps`` steps of ``rows`` sequences
         exceeds the memory budget: an attention row (L, H, T) grows with the context, logits are V floats a step,
         a site's activation d_model (or H·d_head) floats a step."""
-        from labkit import memory
+        from labkit.core import memory
 
         i = self.info
         per_step = {"logits": i.vocab_size * 4}
@@ -489,7 +460,8 @@ class Session:
                  seed: int | None = None, stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                  capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                  on_step: Callable[[Step], None] | None = None, speculative: Any = None,
-                 metrics: Sequence[str] = (), kv: Any = None, n: int | None = None) -> Any:
+                 metrics: Sequence[str] = (), kv: Any = None, n: int | None = None, beam: Any = None, *,
+                 settings: GenerationSettings | None = None) -> Any:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``n`` (an integer ≥ 1) decodes n sequences of the prompt together, in one batched forward pass per token,
@@ -507,38 +479,41 @@ class Session:
         speculatively: same output distribution (same tokens for greedy), each Step records its round and whether
         it was drafted; ``trace.meta.speculative`` holds the SpeculativeStats. Not with a stateful sampler
         (Mirostat, Entropix) or ``capture=["attention"]``. ``metrics`` names registered metrics
-        (:func:`labkit.info.register`, e.g. ``"effective_vocab_size"``) recorded per Step in ``Step.metrics``
-        and as ``metric.<name>`` columns of ``to_pandas()``.
+        (:func:`labkit.measures.information.register`, e.g. ``"effective_vocab_size"``) recorded per Step in
+        ``Step.metrics``
+        and as ``metric.<name>`` columns of ``to_pandas()``. ``beam`` (a
+        :class:`~labkit.sampling.beam.BeamSearch`, or a number of beams) makes it a beam search instead of sampling.
+
+        ``settings`` (a :class:`~labkit.decoding.settings.GenerationSettings`) gives them all at once, as
+        transformers' ``generation_config``: the keyword arguments given beside it override its fields.
         """
         if on_step is not None and not callable(on_step):
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
-        gen = self.stream(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop, chat=chat,
-                          capture=capture, top_k=top_k, interventions=interventions, speculative=speculative,
-                          metrics=metrics, kv=kv, n=n)
+        settings = _settings(settings, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop,
+                             chat=chat, capture=capture, top_k=top_k, interventions=interventions,
+                             speculative=speculative, metrics=metrics, kv=kv, n=n, beam=beam)
+        gen = self._start(prompt, settings)
         with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
             try:
                 for step in gen:
                     if on_step is not None:
                         on_step(step)
             except KeyboardInterrupt:  # arrived between two steps rather than inside the loop
-                gen.close()
-                for trace in gen.traces:
-                    trace.stop_reason = "interrupted"
+                _cut(gen, "interrupted")
             except BaseException:
-                gen.close()
-                for trace in gen.traces:
-                    trace.stop_reason = "error"  # the callback's exception propagates; s.last_trace keeps the steps
+                _cut(gen, "error")  # the callback's exception propagates; s.last_trace keeps the steps
                 raise
-        return gen.trace if n is None and not isinstance(seed, (list, tuple)) else gen.traces
+        return gen.traces if settings.batched else gen.trace
 
     def uncertainty(self, prompt: str, n: int = 10, seed: int = 0, max_new_tokens: int = 32, sampler: Any = None,
                     stop: Any = None, chat: bool = False, normalize: Callable[[str], str] | None = None,
                     equivalent: Callable[[str, str], bool] | None = None) -> Any:
         """Sequence-level uncertainty of ``prompt``'s answers from ``n`` samples (one batched generation): NLLs
         (nats, bits), token entropies (bits), predictive and semantic entropy (bits); see
-        :mod:`labkit.uncertainty`. ``normalize`` (text -> answer) or ``equivalent(a, b)`` decide which answers mean
-        the same (default: :func:`~labkit.uncertainty.normalize_answer`)."""
-        from labkit import uncertainty as unc
+        :mod:`labkit.studies.uncertainty`. ``normalize`` (text -> answer) or ``equivalent(a, b)`` decide which answers
+        mean
+        the same (default: :func:`~labkit.studies.uncertainty.normalize_answer`)."""
+        from labkit.studies import uncertainty as unc
 
         return unc.uncertainty(self, prompt, n=n, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler,
                                stop=stop, chat=chat, normalize=normalize or unc.normalize_answer,
@@ -570,23 +545,6 @@ class Session:
         """Ask the running generation (if any) to end before its next token."""
         self._stop.set()
 
-    def _stop_rules(self, stop: Any) -> tuple[frozenset[int], tuple[str, ...]]:
-        items = [] if stop is None else [stop] if isinstance(stop, (str, int)) else list(stop)
-        ids: set[int] = set()
-        strings: list[str] = []
-        for item in items:
-            if isinstance(item, str):
-                if item == "":
-                    raise InvalidArgument("stop strings must not be empty")
-                strings.append(item)
-            elif isinstance(item, int) and not isinstance(item, bool):
-                if not 0 <= item < self.info.vocab_size:
-                    raise InvalidArgument(f"stop token ids must be in [0, {self.info.vocab_size}); got {item}")
-                ids.add(token_id(self.tokenizer, item))
-            else:
-                raise InvalidArgument(f"stop must hold strings and token ids; got {item!r}")
-        return frozenset(ids), tuple(strings)
-
 
 def _check_forced_steps(interventions: Sequence[Any], max_new_tokens: int) -> None:
     """A ForceTokens step at or beyond ``max_new_tokens`` would never apply: refuse it before the first token."""
@@ -599,13 +557,25 @@ def _check_forced_steps(interventions: Sequence[Any], max_new_tokens: int) -> No
                                   f"generation at step {max_new_tokens - 1}")
 
 
-def _check_sampler(sampler: Any) -> Sampler:
-    if sampler is None:
-        return Greedy()
-    if not isinstance(sampler, Sampler):
-        raise InvalidArgument(f"sampler must be a labkit sampler (e.g. labkit.sampling.Classic()) or None for "
-                              f"greedy; got {type(sampler).__name__}")
-    return sampler
+def _settings(settings: GenerationSettings | None, **arguments: Any) -> GenerationSettings:
+    """The settings of a ``generate``/``stream`` call: ``settings`` with the arguments that differ from their
+    defaults overriding its fields (transformers' ``generation_config`` rule), or the arguments alone."""
+    if settings is None:
+        return GenerationSettings(**arguments)
+    if not isinstance(settings, GenerationSettings):
+        raise InvalidArgument(f"settings must be a labkit GenerationSettings or None; got {type(settings).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationSettings) if f.init}
+    changed = {k: v for k, v in arguments.items() if not (v is defaults[k] or (v == defaults[k]) is True)}
+    return settings.replace(**changed) if changed else settings
+
+
+def _cut(gen: Generation, reason: str) -> None:
+    """End ``gen`` because its consumer raised (``reason`` "error") or was interrupted: rows still running when it
+    was closed get ``reason``; rows that had already ended (EOS, a stop rule) keep theirs."""
+    gen.close()
+    for trace in gen.traces:
+        if trace.stop_reason == "stopped":
+            trace.stop_reason = reason
 
 
 class Generation:
@@ -616,16 +586,14 @@ class Generation:
     in the loop's body): the iterator keeps no reference to this object, so dropping it cleans up at once, without
     waiting for the garbage collector. The consumer's code between steps runs outside torch's inference mode."""
 
-    def __init__(self, session: Session, ids: torch.Tensor, traces: list[Trace], sampler: Sampler,
-                 rules: decode.StopRules, generators: list[torch.Generator], top_k: int, capture: tuple[str, ...],
-                 interventions: list[Any], speculator: Speculator | None = None, metrics: tuple[str, ...] = (),
-                 kv: Any = None) -> None:
+    def __init__(self, session: Session, run: Run, interventions: list[Any]) -> None:
         self.session = session
-        self.traces = traces
+        self.settings = run.settings
+        """The generation's :class:`~labkit.decoding.settings.GenerationSettings`."""
+        self.traces = run.traces
         """Every sequence of the generation (one unless ``n`` was given)."""
-        self.trace = traces[0]
-        self._steps = _run(session, traces, ids, sampler, rules, generators, top_k, capture, interventions,
-                           speculator, metrics, kv)
+        self.trace = run.traces[0]
+        self._steps = _run(session, run, interventions)
 
     def __iter__(self) -> Generation:
         return self
@@ -649,23 +617,13 @@ class Generation:
             steps.close()
 
 
-def _run(s: Session, traces: list[Trace], ids: torch.Tensor, sampler: Sampler, rules: decode.StopRules,
-         generators: list[torch.Generator], top_k: int, capture: tuple[str, ...], interventions: list[Any],
-         speculator: Speculator | None, metrics: tuple[str, ...], kv: Any) -> Iterator[Step]:
+def _run(s: Session, run: Run, interventions: list[Any]) -> Iterator[Step]:
     """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
     method: the generator must not reference its Generation (see there)."""
     try:
         with s._exclusive(), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
-            if isinstance(sampler, BeamSearch):
-                yield from beam.search(s.model, s.tokenizer, ids, traces[0], sampler, rules, stop_event=s._stop,
-                                       top_k=top_k, token_text=s._texts, interventions=[*s._scoped, *token_level],
-                                       session=s, metrics=metrics, keep_logits="logits" in capture,
-                                       record_kv=kv is not None)
-                return
-            yield from decode.decode(s.model, s.tokenizer, ids, traces, sampler, rules, generator=generators,
-                                     stop_event=s._stop, top_k=top_k, token_text=s._texts, capture=capture,
-                                     interventions=[*s._scoped, *token_level], session=s, speculator=speculator,
-                                     metrics=metrics, kv=kv)
+            run.interventions = [*s._scoped, *token_level]
+            yield from loop.generate(run)
     finally:
-        s.last_trace = traces[0]
+        s.last_trace = run.traces[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import labkit
-from labkit import models
+from labkit.model import models
 
 
 @pytest.fixture(scope="session")

@@ -19,9 +19,10 @@ import torch
 import transformers as tf
 
 import labkit
-from labkit import info, models
 from labkit.interventions import AblateHead, ActivationHook, Patch, Steer
 from labkit.interventions.activation import head_importance
+from labkit.measures import information as info
+from labkit.model import models
 from labkit.speculative import LayerSkipDraft, PromptLookupDraft
 
 V = 49152  # the default tokenizer's vocabulary
@@ -196,7 +197,7 @@ def test_captured_attention_rows_equal_eager_output_attentions(arch, sessions, e
 
 @pytest.mark.parametrize("arch", NAMES)
 def test_lab_attention_image_equals_an_eager_pass(arch, sessions, eager_models):
-    from labkit.panels.attention_view import grow
+    from labkit.ui.panels.attention_view import grow
 
     s = sessions(arch)
     maps = s.attention(PROMPT)  # what the Lab shows first
@@ -311,7 +312,7 @@ def test_kv_policies_that_drop_nothing_generate_what_the_full_cache_does(arch, s
 
 
 def kv_full_bytes(s: labkit.Session, trace: Any) -> int:
-    from labkit.kv import full_cache_bytes
+    from labkit.decoding.kv import full_cache_bytes
 
     return full_cache_bytes(s.model.config, len(trace.prompt_ids) + len(trace) - 1, torch.float32)
 
@@ -416,7 +417,7 @@ def test_8bit_loading_matches_float32(arch, tiny, sessions):
 
 @pytest.mark.parametrize("arch", NAMES)
 def test_lab_generates_what_session_generate_gives_and_its_image_equals_eager(arch, sessions, eager_models):
-    from labkit.panels import Lab
+    from labkit.ui.panels import Lab
 
     s = sessions(arch)
     lab = Lab(s, prompt=PROMPT, max_new_tokens=NEW)
@@ -532,7 +533,7 @@ class _Odd(torch.nn.Module):
 
 
 def test_an_unknown_architecture_is_refused_with_what_is_missing_then_declared_in_a_few_lines():
-    from labkit import hooks
+    from labkit.model import hooks
 
     model = _Odd()
     with pytest.raises(labkit.errors.UnsupportedArchitecture, match=r"no hook-site adapter for _Odd \(model_type "
@@ -551,7 +552,7 @@ def test_an_unknown_architecture_is_refused_with_what_is_missing_then_declared_i
 
 
 def test_a_declared_model_type_whose_layout_differs_is_refused():
-    from labkit import hooks
+    from labkit.model import hooks
 
     model = _Odd()
     model.config.model_type = "gpt2"
@@ -571,7 +572,7 @@ def test_xformers_backend_refuses_what_it_cannot_compute(arch):
 
 @pytest.mark.parametrize("arch", NAMES)
 def test_batched_rows_equal_single_runs_and_beam_search_equals_transformers(arch, sessions):
-    from labkit.beam import BeamSearch
+    from labkit.decoding.beam import BeamSearch
     from labkit.sampling import Classic, ContrastiveDecoding, ContrastiveSearch
 
     s = sessions(arch)

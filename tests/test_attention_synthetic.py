@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from labkit import attention, imaging
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import attention
+from labkit.records import imaging
 
 T = 48
 

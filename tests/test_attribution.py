@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import labkit
-from labkit.activations import Activations
-from labkit.errors import ActivationsFormatError, InvalidArgument
+from labkit.core.errors import ActivationsFormatError, InvalidArgument
+from labkit.core.tokens import token_id
 from labkit.interventions import AblateHead
-from labkit.tokens import token_id
+from labkit.why.activations import Activations
 
 PROMPT = "The capital of France is"
 
@@ -279,7 +279,7 @@ def test_adaptive_ig_resolves_a_steep_step_on_the_path_against_the_closed_form()
     """f(e) = sigmoid(k·(w·e − c)) jumps within 0.2 % of the straight path; for f = g(w·e) IG has a closed form:
     IG_i = (x_i − x0_i)·w_i·(g(w·x) − g(w·x0)) / (w·(x − x0)). A fixed 16-point rule misses the step; the adaptive
     composite rule halves the intervals whose own completeness residual is large and lands within 1 %."""
-    from labkit.attribution import adaptive_ig
+    from labkit.why.attribution import adaptive_ig
 
     torch.manual_seed(0)
     w = torch.randn(1, 3, 4, dtype=torch.float64)
@@ -304,7 +304,7 @@ def test_adaptive_ig_resolves_a_steep_step_on_the_path_against_the_closed_form()
 def test_ig_on_one_interval_equals_captums_integrated_gradients(session):
     from captum.attr import IntegratedGradients
 
-    from labkit.attribution import target_function
+    from labkit.why.attribution import target_function
 
     ids = session.encode(PROMPT)
     paris = token_id(session.tokenizer, " Paris")

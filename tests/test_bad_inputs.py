@@ -17,8 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import labkit
-from labkit.cli import main
-from labkit.errors import InvalidArgument, LabkitError, ModelLoadError, SaveError, TraceFormatError
+from labkit.core.errors import InvalidArgument, LabkitError, ModelLoadError, SaveError, TraceFormatError
 from labkit.interventions import (
     AblateHead,
     ActivationHook,
@@ -31,6 +30,7 @@ from labkit.interventions import (
     Suppress,
 )
 from labkit.sampling import Classic, Entropix, EntropyGuided, Mirostat
+from labkit.ui.cli import main
 
 PROMPT = "The capital of France is"
 NAN = float("nan")
@@ -186,7 +186,7 @@ def test_a_save_that_fails_part_way_leaves_the_old_file_and_no_partial_one(trace
     target = tmp_path / f"run{suffix}"
     trace.save(target)
     good = target.read_bytes()
-    script = (f"import resource, sys; from labkit.trace import Trace; t = Trace.load({str(target)!r}); "
+    script = (f"import resource, sys; from labkit.records.trace import Trace; t = Trace.load({str(target)!r}); "
               f"t.steps = t.steps * 2000; resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "
               f"t.save({str(target)!r})")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -246,7 +246,7 @@ def test_garbage_safetensors_is_a_model_load_error_in_one_line(tiny_model_dir, t
 def test_loads_are_offline_even_when_the_environment_says_otherwise(monkeypatch):
     import huggingface_hub.constants as hub
 
-    from labkit import models
+    from labkit.model import models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)

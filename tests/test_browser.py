@@ -28,7 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CELLS = [
-    "import labkit\nfrom labkit.panels import Lab\nfrom labkit.sampling import Classic\n"
+    "import labkit\nfrom labkit.ui.panels import Lab\nfrom labkit.sampling import Classic\n"
     "s = labkit.Session(progress=False)",
     "lab = Lab(s, prompt='Hello', max_new_tokens=400, sampler=Classic(temperature=0.8))\n"
     "lab.suppress.value = s.tokenizer.eos_token  # so the run lasts until Stop\nlab",

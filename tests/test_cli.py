@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from labkit import Trace
-from labkit.cli import main
+from labkit.ui.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from labkit import Trace
-from labkit.beam import BeamSearch
-from labkit.cli import main
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.decoding.beam import BeamSearch
 from labkit.interventions import AblateHead, Boost, Steer
 from labkit.sampling import Classic, Entropix, Greedy, Mirostat, evaluate, parse_sampler
 from labkit.sampling.contrastive import ContrastiveDecoding, ContrastiveSearch, DoLa, dola_layers
-from labkit.uncertainty import estimate, normalize_answer
+from labkit.studies.uncertainty import estimate, normalize_answer
+from labkit.ui.cli import main
 
 PROMPT = "The history of the city begins"
 
@@ -86,7 +86,7 @@ def test_stop_during_a_batched_run_keeps_every_rows_partial_trace(session):
 
 
 def test_a_sweeps_seeds_run_as_one_batch_and_each_row_is_its_cells_single_run(session):
-    from labkit.experiments import Sweep
+    from labkit.studies.experiments import Sweep
 
     sweep = Sweep(["The capital of France is"], samplers={"t1": Classic(temperature=1.0), "beam": BeamSearch(2)},
                   interventions={"none": [], "boost": [Boost(" the", 3.0)]}, seeds=[0, 1], max_new_tokens=4)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from labkit.attention import AttentionRow
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures.attention import AttentionRow
 from labkit.sampling import Entropix, EntropixConfig
 from labkit.sampling.entropix import Branch, EntropixMetrics, decide, filtered_scores, metrics
 

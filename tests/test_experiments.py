@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from labkit.errors import InvalidArgument
-from labkit.experiments import Sweep, read
+from labkit.core.errors import InvalidArgument
 from labkit.interventions import Suppress
 from labkit.sampling import Classic
+from labkit.studies.experiments import Sweep, read
 
 BIN = Path(sys.executable).parent
 PROMPTS = ["The capital of France is", "My favourite colour is"]
@@ -172,14 +172,14 @@ def test_cli_sweep_runs_a_config(tmp_path):
 
 
 def test_example_config_is_valid():
-    from labkit.experiments import load_config
+    from labkit.studies.experiments import load_config
 
     sweep = Sweep.from_config(load_config(Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"))
     assert len(sweep) == 48
 
 
 def test_a_kv_axis_multiplies_the_cells_and_its_kl_is_the_caches_loss_against_the_full_model(session):
-    from labkit import kv
+    from labkit.decoding import kv
 
     sweep = Sweep(["The history of the city begins with a small settlement on the river, where traders met"],
                   kv={"full": "full", "window": "window:sinks=2,window=6"}, max_new_tokens=6)

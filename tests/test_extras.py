@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 
-from labkit.errors import MissingExtra
-from labkit.extras import EXTRAS, missing, require
+from labkit.core.errors import MissingExtra
+from labkit.core.extras import EXTRAS, missing, require
 
 # Every top-level module the optional extras install (their own packages and what only they pull in), the test
 # tools of `dev`, and plotly (a core dependency, but ARCHITECTURE.md keeps the engine free of the UI's libraries):
@@ -28,8 +28,8 @@ _CHILD = textwrap.dedent('''
     for name in BLOCKED:
         sys.modules[name] = None
     import labkit
-    from labkit import cli
-    from labkit.errors import MissingExtra
+    from labkit.ui import cli
+    from labkit.core.errors import MissingExtra
     out = {}
 
     def exit_code(args):
@@ -57,17 +57,17 @@ _CHILD = textwrap.dedent('''
         return "WRONG: no error"
 
     def panels():
-        import labkit.panels
+        import labkit.ui.panels
     def magics():
-        import labkit.magics
+        import labkit.ui.magics
     def kernel():
-        from labkit import kernelspec
+        from labkit.teach import kernelspec
         kernelspec.install(prefix=tempfile.mkdtemp())
     def student_copy():
-        from labkit import teaching
+        from labkit.teach import teaching
         teaching.student_copy("notebooks", tempfile.mkdtemp() + "/students")
     def ray_sweep():
-        from labkit.experiments import Sweep
+        from labkit.studies.experiments import Sweep
         Sweep(["Hi"], max_new_tokens=1).run(executor="ray", workers=1)
     def quantized():
         labkit.Session(quantization="8bit", progress=False)
@@ -75,14 +75,14 @@ _CHILD = textwrap.dedent('''
         from labkit.speculative import QuantizedDraft
         QuantizedDraft(dtype=None, quantization="8bit")
     def xformers():
-        from labkit import models
+        from labkit.model import models
         models.register_xformers()
     def workshop():
-        from labkit import workshop
+        from labkit.teach import workshop
         workshop.prepare(tempfile.mkdtemp(), users=2)
 
     out["refusals"] = {name: refusal(fn) for name, fn in [
-        ("panels", panels), ("lab attribute", lambda: labkit.panels), ("magics", magics), ("kernel", kernel),
+        ("panels", panels), ("lab attribute", lambda: labkit.ui.panels), ("magics", magics), ("kernel", kernel),
         ("student copy", student_copy), ("ray", ray_sweep), ("quantization", quantized),
         ("quantized draft", quantized_draft), ("xformers", xformers), ("workshop", workshop)]}
     out["cli kernel"] = exit_code(["kernel", "install", "--prefix", tempfile.mkdtemp()])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from labkit import figures
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.records import figures
 
 TOKENS = [" The", " capital", " of", " France", " is"]
 

@@ -9,8 +9,8 @@ import pytest
 import scipy.stats
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import information as info
 
 
 def _numpy_entropy_varentropy(logits: np.ndarray) -> tuple[float, float]:

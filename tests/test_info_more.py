@@ -11,8 +11,8 @@ import scipy.special
 import scipy.stats
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import information as info
 
 
 def rand_logits(seed: int, shape=(4, 31)) -> torch.Tensor:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import hooks_on
 
-from labkit import info
-from labkit.errors import InvalidArgument, TokenizationError
+from labkit.core.errors import InvalidArgument, TokenizationError
 from labkit.interventions import (
     AblateHead,
     ActivationHook,
@@ -27,6 +26,7 @@ from labkit.interventions import (
     recipe,
     steering_vector,
 )
+from labkit.measures import information as info
 from labkit.sampling import Entropix
 
 FRANCE = "The capital of France is"

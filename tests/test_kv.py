@@ -7,10 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from labkit import kv
-from labkit.cli import main
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.decoding import kv
 from labkit.speculative import PromptLookupDraft
+from labkit.ui.cli import main
 
 PROMPT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
           "grain, salt and cloth.")
@@ -122,7 +122,7 @@ def test_reported_bytes_are_the_sum_of_the_tensors_nbytes_and_the_full_formula(s
     for spec in ["full", "quant:bits=4,residual=8,int8=8", "window:sinks=4,window=8"]:
         policy = kv.parse_kv(spec)
         cache = policy.new_cache(session.info.n_layers)
-        from labkit.cache import forward_cached
+        from labkit.model.cache import forward_cached
 
         with torch.inference_mode():
             forward_cached(session.model, session.encode(PROMPT), cache)

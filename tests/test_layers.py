@@ -1,13 +1,16 @@
-"""The import rules of ARCHITECTURE.md: no cycle among labkit's modules, the loop and the measures below the
-Session, the core free of the UI (panels, plotly, ipywidgets, anywidget; tests/test_extras.py runs the engine
-without them)."""
+"""ARCHITECTURE.md's layer table is the truth about the tree: every labkit module is in it once, imports only from
+its own layer or below, and no import cycle exists — counting lazy imports inside functions and imports under
+``TYPE_CHECKING``, not only the top-level ones. The core stays free of the UI (tests/test_extras.py runs the engine
+without widgets)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "labkit"
+TABLE = Path(__file__).resolve().parents[1] / "ARCHITECTURE.md"
 
 
 def module_name(path: Path) -> str:
@@ -15,62 +18,100 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path, top_level_only: bool) -> set[str]:
-    """labkit modules ``path`` imports (``from labkit.x import y`` counts as labkit.x.y when that is a module, else as
-    labkit.x); lazy imports inside functions too unless ``top_level_only``."""
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+PACKAGES = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+
+
+def imports(path: Path) -> set[str]:
+    """Every labkit module ``path`` imports anywhere in the file (``from labkit.x import y`` counts as labkit.x.y
+    when that is a module, else as labkit.x)."""
     found: set[str] = set()
-    for node in nodes:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("labkit") and node.level == 0:
-            submodules = {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES}
-            found |= submodules if len(submodules) == len(node.names) else submodules | {node.module}
+            subs = {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES}
+            found |= subs if len(subs) == len(node.names) else subs | {node.module}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("labkit")}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module" and node.args:
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and str(arg.value).startswith("labkit"):
+                found.add(str(arg.value))
     return {m for m in found if m in MODULES}
 
 
-MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+def graph() -> dict[str, set[str]]:
+    """Module -> the labkit modules it imports; importing a module runs its parent packages first (Python's
+    order, not an edge)."""
+    return {m: {n for n in imports(p) if n != m and not m.startswith(n + ".")} for m, p in MODULES.items()}
 
 
-def test_no_import_cycle_among_labkit_modules():
-    # importing a submodule runs its parent packages first: that is Python's order, not a cycle
-    graph = {m: {n for n in imports(p, top_level_only=True) if not m.startswith(n + ".") and n != m}
-             for m, p in MODULES.items()}
+def declared_layers() -> dict[str, int]:
+    """Module -> layer from ARCHITECTURE.md's table: `pkg/` covers a package's modules not named on their own."""
+    rows = re.findall(r"^\| (\d) [^|]*\| ([^|]+) \|", TABLE.read_text(), flags=re.M)
+    explicit: dict[str, int] = {}
+    folders: dict[str, int] = {}
+    for layer, cell in rows:
+        for name in re.findall(r"`([\w/]+)`", cell):
+            if name.endswith("/"):
+                folders["labkit." + name.strip("/").replace("/", ".")] = int(layer)
+            else:
+                explicit["labkit." + name.replace("/", ".")] = int(layer)
+    out = dict(explicit)
+    for m in MODULES:
+        if m not in out and m not in PACKAGES:
+            owners = [f for f in folders if m.startswith(f + ".")]
+            if owners:
+                out[m] = folders[max(owners, key=len)]
+    return out
+
+
+def test_every_module_has_one_layer_in_architecture_md():
+    layers = declared_layers()
+    missing = sorted(m for m in MODULES if m not in PACKAGES and m != "labkit" and m not in layers)
+    assert not missing, f"modules missing from ARCHITECTURE.md's table: {missing}"
+    unknown = sorted(m for m in layers if m not in MODULES)
+    assert not unknown, f"ARCHITECTURE.md names modules that do not exist: {unknown}"
+
+
+def test_every_module_imports_only_its_layer_or_below_lazy_imports_included():
+    layers = declared_layers()
+    edges = graph()
+
+    def layer(m: str) -> int:  # a package re-exports: its layer is its highest import's
+        return layers[m] if m in layers else max((layer(n) for n in edges[m] if n != m), default=0)
+
+    bad = [f"{m} (layer {layers[m]}) imports {n} (layer {layer(n)})" for m in sorted(layers) for n in sorted(edges[m])
+           if layer(n) > layers[m]]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_cycle_of_any_kind():
+    edges = graph()
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
-        for n in sorted(graph[m]):
+        for n in sorted(edges[m]):
             if state.get(n) == 1:
                 raise AssertionError("import cycle: " + " -> ".join([*path[path.index(n):], n]))
             if n not in state:
                 visit(n, [*path, n])
         state[m] = 2
 
-    for m in sorted(graph):
+    for m in sorted(edges):
         if m not in state:
             visit(m, [m])
 
 
-def test_the_loop_the_measures_and_the_core_import_nothing_above_them():
-    below = ["labkit.decode", "labkit.info", "labkit.attention", "labkit.cache", "labkit.models", "labkit.hooks",
-             "labkit.trace", "labkit.render", "labkit.tokens", "labkit.imaging", "labkit.lens",
-             "labkit.interventions.base", "labkit.interventions.token", "labkit.interventions.activation",
-             "labkit.patterns", "labkit.results", "labkit.figures", "labkit.cache", "labkit.speculative.rule",
-             "labkit.speculative.drafts", "labkit.speculative.speculator", "labkit.activations", "labkit.attribution",
-             "labkit.logit_attribution", "labkit.kv", "labkit.beam", "labkit.beam_tree"]
-    below += [m for m in MODULES if m.startswith("labkit.sampling")]
-    above = ("labkit.session", "labkit.cli", "labkit.magics", "labkit.panels", "labkit.experiments",
-             "labkit.workshop", "labkit.speculative.measure", "labkit.teaching")
-    for m in below:
-        bad = {n for n in imports(MODULES[m], top_level_only=False) if n.startswith(above)}
-        assert not bad, f"{m} imports {sorted(bad)} (a layer above it)"
+def test_lazy_and_type_checking_imports_count(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from labkit.session import Session\n"
+                      "def f():\n    from labkit.core import errors\n    import labkit.records.trace\n")
+    assert imports(source) == {"labkit.session", "labkit.core.errors", "labkit.records.trace"}
 
 
 def test_only_the_ui_imports_the_panels():
-    ui = ("labkit.panels", "labkit.magics", "labkit.cli", "labkit")  # labkit/__init__ names it for lazy access
     for m, p in MODULES.items():
-        if not m.startswith(ui) or m in ("labkit.figures", "labkit.imaging"):
-            bad = {n for n in imports(p, top_level_only=False) if n.startswith("labkit.panels")}
+        if not m.startswith("labkit.ui"):
+            bad = {n for n in imports(p) if n.startswith("labkit.ui.panels")}
             assert not bad, f"{m} imports {sorted(bad)}"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import hooks_on
 
-from labkit.errors import InvalidArgument, SessionBusy
+from labkit.core.errors import InvalidArgument, SessionBusy
 from labkit.interventions import AblateHead, Steer
 from labkit.sampling import Classic
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from labkit import info, render
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.interventions import AblateHead, Boost, ForceTokens, Suppress
 from labkit.interventions.base import apply_rows
 from labkit.interventions.specs import from_text, parse
-from labkit.trace import Trace
+from labkit.measures import information as info
+from labkit.records import render
+from labkit.records.trace import Trace
 
 
 def test_step_measures_match_the_closed_forms_on_two_tiny_rows():
@@ -83,7 +84,7 @@ def test_one_parser_reads_every_short_form_and_names_the_bad_one():
 
 
 def test_the_live_view_and_the_static_html_share_one_colour_scale():
-    from labkit.panels import TokenStream
+    from labkit.ui.panels import TokenStream
 
     assert TokenStream().scales == render.scales_for_front_end()
     js = (Path(__file__).resolve().parents[1] / "widgets" / "token_stream.js").read_text()

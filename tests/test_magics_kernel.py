@@ -13,8 +13,8 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from labkit import kernelspec
-from labkit.panels import Lab, TokenStream
+from labkit.teach import kernelspec
+from labkit.ui.panels import Lab, TokenStream
 
 BIN = Path(sys.executable).parent
 
@@ -36,7 +36,7 @@ def test_next_magic_returns_the_distribution(shell, session):
 
 def test_generate_cell_magic_shows_a_token_stream(shell, session, monkeypatch):
     shown = []
-    monkeypatch.setattr("labkit.magics.display", shown.append)
+    monkeypatch.setattr("labkit.ui.magics.display", shown.append)
     shell.run_cell_magic("labkit", "generate --max-new-tokens 5 --sampler classic:temperature=0.7 --seed 3",
                          "Once upon a time\n")
     trace = shell.user_ns["labkit_trace"]
@@ -104,7 +104,7 @@ def test_kernelspec_installs_lists_runs_a_notebook_and_removes(tmp_path, monkeyp
 
 
 def test_kernelspec_rejects_bad_threads():
-    from labkit.errors import InvalidArgument
+    from labkit.core.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="threads"):
         kernelspec.spec(threads=0)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labkit import attention, imaging
-from labkit.attention import attn_implementation
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import attention
+from labkit.measures.attention import attn_implementation
+from labkit.measures.transfer_entropy import influential_tokens, token_influence
+from labkit.records import imaging
 from labkit.sampling import Classic
-from labkit.transfer_entropy import influential_tokens, token_influence
 
 TEXT = "The capital of France is Paris. It is a large city on the Seine."
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import labkit
-from labkit import models
-from labkit.errors import DeviceUnavailable, InvalidArgument, ModelLoadError
+from labkit.core.errors import DeviceUnavailable, InvalidArgument, ModelLoadError
+from labkit.model import models
 
 PROMPT = "The capital of France is"
 

@@ -50,7 +50,7 @@ def test_make_test_installs_every_extra_but_the_cuda_one():
 
 
 def test_the_optional_features_table_names_the_extras_of_pyproject():
-    from labkit.extras import EXTRAS
+    from labkit.core.extras import EXTRAS
 
     extras = _pyproject()["project"]["optional-dependencies"]
     assert set(EXTRAS) <= set(extras)

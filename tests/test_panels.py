@@ -14,15 +14,15 @@ import torch
 from PIL import Image
 
 import labkit
-from labkit.attention import attn_implementation
-from labkit.beam import BeamSearch
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.decoding.beam import BeamSearch
 from labkit.interventions import AblateHead
-from labkit.panels import AttentionView, Lab, NextToken, SamplerControls, SpeculativeView, TokenStream
-from labkit.panels.attention_view import grow
-from labkit.panels.stream import step_view
+from labkit.measures.attention import attn_implementation
 from labkit.sampling import Classic, DoLa, Entropix
 from labkit.speculative import PromptLookupDraft
+from labkit.ui.panels import AttentionView, Lab, NextToken, SamplerControls, SpeculativeView, TokenStream
+from labkit.ui.panels.attention_view import grow
+from labkit.ui.panels.stream import step_view
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
@@ -167,7 +167,7 @@ def test_stop_ends_the_run_within_one_token(session):
 
 
 def test_a_run_paused_by_step_holds_the_session_until_close(session):
-    from labkit.errors import SessionBusy
+    from labkit.core.errors import SessionBusy
 
     lab = Lab(session, prompt=PROMPT, max_new_tokens=8)
     lab.step()
@@ -288,7 +288,7 @@ def test_wheel_ships_the_front_end_and_the_kernelspec(tmp_path):
     wheel = next(tmp_path.glob("labkit-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"labkit/_widgets/token_stream.js", "labkit/_widgets/token_stream.css",
-            "labkit/_kernels_ext/labkit/kernel.json", "labkit/panels/lab.py"} <= names
+            "labkit/_kernels_ext/labkit/kernel.json", "labkit/ui/panels/lab.py"} <= names
 
 
 def test_why_view_of_a_clicked_token_equals_the_direct_calls_and_its_head_button_ablates_and_regenerates(session,

@@ -4,7 +4,7 @@ Each way of naming a model is checked against loading the same weights from thei
 Hugging Face cache laid out in a temporary folder, the bundled GGUF file against its dequantised folder, a model
 object passed in (plain and bitsandbytes 8-bit), and a model split between CPU-resident and disk-offloaded layers
 with accelerate's ``device_map`` (every layer-hooking feature, within 1e-5 of the single-device run). Then a small
-memory budget (``labkit.memory.budget``) forces each feature's piecewise path (equal to the whole) or its refusal
+memory budget (``labkit.core.memory.budget``) forces each feature's piecewise path (equal to the whole) or its refusal
 (naming the bytes and the budget), and the session stays usable after it.
 """
 
@@ -18,9 +18,10 @@ import torch
 import transformers as tf
 
 import labkit
-from labkit import memory, models
-from labkit.errors import InvalidArgument, MemoryBudgetExceeded, ModelLoadError
+from labkit.core import memory
+from labkit.core.errors import InvalidArgument, MemoryBudgetExceeded, ModelLoadError
 from labkit.interventions import AblateHead, Patch
+from labkit.model import models
 from labkit.sampling.beam import BeamSearch
 from labkit.speculative import PromptLookupDraft
 
@@ -223,7 +224,7 @@ def test_a_cpu_disk_split_equals_the_single_device_run(arch, single, split):
 
 def test_the_lab_runs_on_a_split_model_and_draws_the_same_tokens(single, split):
     pytest.importorskip("anywidget")
-    from labkit.panels import Lab
+    from labkit.ui.panels import Lab
 
     labs = [Lab(s, prompt=PROMPT, max_new_tokens=6) for s in (single["llama"], split["llama"])]
     try:
@@ -240,7 +241,7 @@ def test_the_lab_runs_on_a_split_model_and_draws_the_same_tokens(single, split):
 
 def test_the_labs_attention_image_is_switched_off_when_the_maps_do_not_fit(single):
     pytest.importorskip("anywidget")
-    from labkit.panels import Lab
+    from labkit.ui.panels import Lab
 
     s = single["llama"]
     lab = Lab(s, prompt=PROMPT, max_new_tokens=6)
@@ -310,7 +311,7 @@ def test_budget_parses_sizes_and_is_scoped():
         memory.parse_bytes("lots")
     outside = memory.available("cpu")[0]
     with memory.budget("3MiB"):
-        assert memory.available("cpu") == (3 * 2**20, "set with labkit.memory.budget")
+        assert memory.available("cpu") == (3 * 2**20, "set with labkit.core.memory.budget")
     assert memory.available("cpu")[0] != 3 * 2**20 and outside > 0
 
 
@@ -321,7 +322,7 @@ def test_attention_maps_refuse_with_bytes_and_budget_then_fit_by_layers_heads_an
     need = 4 * 4 * t * t * 4  # L·H·T²·4 bytes
     with memory.budget(need - 1):
         with pytest.raises(MemoryBudgetExceeded, match=r"needs about .* but the budget is .* \(set with "
-                                                       r"labkit.memory.budget\); choose fewer layers= or heads="):
+                                                       r"labkit.core.memory.budget\); choose fewer layers= or heads="):
             s.attention(PROMPT)
         some = s.attention(PROMPT, layers=[1, 3], heads=[2])  # a quarter of the layers, a quarter of the heads
         half = s.attention(PROMPT, dtype="float16")

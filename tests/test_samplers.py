@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.sampling import Classic, EntropyGuided, Greedy, Mirostat, sampling_info
 from labkit.sampling.guided import guided_scores
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.sampling import Classic, Greedy, sampling_info
 
 PROBS = torch.tensor([[0.1, 0.2, 0.3, 0.4]])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.sampling import (
     Classic,
     Entropix,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import labkit
-from labkit.errors import InvalidArgument, SessionBusy, TokenizationError
+from labkit.core.errors import InvalidArgument, SessionBusy, TokenizationError
 from labkit.sampling import Classic
 
 PROMPT = "The capital of France is"

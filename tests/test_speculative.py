@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.speculative import (
     PromptLookupDraft,
     Proposal,

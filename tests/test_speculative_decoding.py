@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.interventions import Suppress
+from labkit.records.trace import Trace
 from labkit.sampling import Classic, Entropix, Mirostat
 from labkit.speculative import (
     LayerSkipDraft,
@@ -20,7 +21,6 @@ from labkit.speculative import (
     measure,
     parse_draft,
 )
-from labkit.trace import Trace
 
 COPY = ("Repeat this paragraph exactly, changing 'river' to 'stream':\n\nThe river runs past the old mill, under "
         "the stone bridge and out into the fields, where the farmers bring their cattle to drink in the long summer "

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from nbclient import NotebookClient
 
-from labkit import teaching
-from labkit.cli import main
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.teach import teaching
+from labkit.ui.cli import main
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CORE = ["01_warmup", "02_next_token", "03_observe", "04_interventions", "05_sweeps", "06_capstone"]

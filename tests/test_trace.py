@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from labkit import trace as trace_mod
-from labkit.errors import InvalidArgument, TraceFormatError
-from labkit.trace import Alternative, Step, Trace, TraceMeta
+from labkit.core.errors import InvalidArgument, TraceFormatError
+from labkit.records import trace as trace_mod
+from labkit.records.trace import Alternative, Step, Trace, TraceMeta
 
 
 def make_trace(n: int = 3) -> Trace:
@@ -131,7 +131,7 @@ def test_a_json_trace_loads_under_a_non_utf8_locale(tmp_path):
 
     path = make_trace(3).save(tmp_path / "run.json")  # é, 🙂 and a tab: UTF-8 on disk
     env = {**os.environ, "PYTHONUTF8": "0", "LC_ALL": "C", "LANG": "C"}
-    code = ("import json, locale, sys; from labkit.trace import Trace; t = Trace.load(sys.argv[1]); "
+    code = ("import json, locale, sys; from labkit.records.trace import Trace; t = Trace.load(sys.argv[1]); "
             "print(json.dumps([t.text, len(t.steps), locale.getpreferredencoding(False)]))")
     done = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
                           encoding="utf-8")

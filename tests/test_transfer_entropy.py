@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from labkit.errors import InvalidArgument
-from labkit.transfer_entropy import transfer_entropy
+from labkit.core.errors import InvalidArgument
+from labkit.measures.transfer_entropy import transfer_entropy
 
 
 def test_lagged_copy_gives_high_te_one_way_only():

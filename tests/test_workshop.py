@@ -18,8 +18,8 @@ import pytest
 import requests
 import websocket
 
-from labkit import workshop
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.teach import workshop
 
 BIN = Path(sys.executable).parent
 PASSWORD = "labkit-class-2026"
@@ -104,11 +104,12 @@ def test_workshop_hub_student_kernel_generates(tmp_path):
         family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
         out = _execute(user, token, kernel["id"], "import os, labkit\n"
                        "t = labkit.Session().generate('The capital of France is', max_new_tokens=1)\n"
-                       "print(repr(t.text), os.environ['HF_HUB_OFFLINE'], labkit.models.default_model_dir(), sep='|')")
+                       "from labkit.model.models import default_model_dir\n"
+                       "print(repr(t.text), os.environ['HF_HUB_OFFLINE'], default_model_dir(), sep='|')")
         text, offline, model_dir = out.strip().split("|")
         assert text == repr(" Paris")
         assert offline == "1"
-        from labkit import models
+        from labkit.model import models
 
         assert model_dir == str(models.default_model_dir().resolve())  # the shared, already converted cache
         family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}

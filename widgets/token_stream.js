@@ -4,7 +4,7 @@
 // prompt, color_by ("surprisal" | "entropy" | "origin"), selected (step index or -1), branch (set on a click
 // on an alternative: {step, token_id, n}). Units: surprisal s and entropy h in bits, varentropy v in bits².
 
-// The colour scales come from Python (labkit.render.SCALES, the `scales` trait), so the static HTML and this view
+// The colour scales come from Python (labkit.records.render.SCALES, the `scales` trait), so the static HTML and this view
 // agree: {surprisal: {key: "s", max: 10, unit: "bits", label, rgb: [r, g, b]}, entropy: {...}}.
 const SCALES = {};
 const ORIGINS = {

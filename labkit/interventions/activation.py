@@ -1,5 +1,5 @@
 """Activation-level interventions (what TransformerLens and nnsight users expect), on any architecture labkit has
-an adapter for: hooks at the documented sites of :mod:`labkit.hooks`, switched on only inside a scope."""
+an adapter for: hooks at the documented sites of :mod:`labkit.model.hooks`, switched on only inside a scope."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from labkit.errors import InvalidArgument
-from labkit.hooks import MODEL_SITES, module_named, sites_of
+from labkit.core.errors import InvalidArgument
 from labkit.interventions.base import ActivationIntervention
+from labkit.model.hooks import MODEL_SITES, module_named, sites_of
 
 DEFAULT_REFERENCE = ("The museum opened its doors at nine in the morning. Visitors walked slowly through the halls, "
                      "reading the small cards beside each painting and talking quietly.")
@@ -156,7 +156,7 @@ class Patch(ActivationIntervention):
 class ActivationHook(ActivationIntervention):
     """Any hook, nnsight-style, at a site name or a module path.
 
-    - A site name (``"blocks.3.resid_post"``, ``"embed"``..., see :mod:`labkit.hooks`): ``fn(value, positions) ->
+    - A site name (``"blocks.3.resid_post"``, ``"embed"``..., see :mod:`labkit.model.hooks`): ``fn(value, positions) ->
       value | None`` with the site's documented shape.
     - Any other name is a module path of the model (``model.named_modules()``): ``fn`` is a plain PyTorch forward
       hook ``fn(module, inputs, output) -> output | None``.
@@ -217,10 +217,10 @@ class PatchingSweep:
     """The metric (target logit, or target − other logit) on the clean and the corrupt prompt."""
 
     def image(self, size: int = 480) -> Any:
-        """The map as a :class:`labkit.figures.Picture`: rows are layers (0 at the top), columns the corrupt
+        """The map as a :class:`labkit.records.figures.Picture`: rows are layers (0 at the top), columns the corrupt
         prompt's tokens, colour the fraction recovered on a diverging scale centred on 0 (red = recovered, blue =
         pushed further towards the corrupt answer)."""
-        from labkit.figures import heatmap
+        from labkit.records.figures import heatmap
 
         layers, _ = self.recovered.shape
         bound = max(1.0, float(self.recovered.abs().max()))
@@ -243,7 +243,7 @@ def patching_sweep(session: Any, clean: str, corrupt: str, target_token: str | i
     """Patch every layer's residual stream at every position from ``clean`` into ``corrupt`` (one batched forward
     per layer) and measure the recovered metric at the last position: the logit of ``target_token``, or its
     difference to ``other_token``'s logit."""
-    from labkit.tokens import token_id
+    from labkit.core.tokens import token_id
 
     model = session.model
     ci, xi = session.encode(clean), session.encode(corrupt)

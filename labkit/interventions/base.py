@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 
 
 @dataclass
@@ -70,7 +70,7 @@ class ActivationIntervention(Intervention, abc.ABC):
 
     @abc.abstractmethod
     def attach(self, model: Any) -> list[Any]:
-        """Register this intervention's hooks on ``model`` (through its :mod:`labkit.hooks` sites); return their
+        """Register this intervention's hooks on ``model`` (through its :mod:`labkit.model.hooks` sites); return their
         handles."""
 
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument, check_int
+from labkit.core.errors import InvalidArgument, check_int
 from labkit.interventions.base import check_interventions
+from labkit.measures import information as info
 
 
 @dataclass
@@ -27,9 +27,9 @@ class Effect:
     summary: dict[str, float] = field(default_factory=dict)
 
     def plot(self) -> Any:
-        """A :class:`labkit.figures.Chart` (plotly, with a static PNG): mean KL and mean entropy change per step
+        """A :class:`labkit.records.figures.Chart` (plotly, with a static PNG): mean KL and mean entropy change per step
         (bits), over samples."""
-        from labkit.figures import Chart
+        from labkit.records.figures import Chart
 
         per_step = self.table.groupby("step")[["kl_bits", "entropy_change_bits"]].mean()
         fig = Chart()

@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
-from labkit.errors import InvalidArgument, TokenizationError
-from labkit.hooks import sites_of
+from labkit.core.errors import InvalidArgument, TokenizationError
+from labkit.core.specs import parse_spec
+from labkit.core.tokens import token_id
 from labkit.interventions.activation import AblateHead, Steer, head_importance, steering_vector
 from labkit.interventions.base import Intervention
 from labkit.interventions.token import Boost, EntropyTarget, Suppress
-from labkit.specs import parse_spec
-from labkit.tokens import token_id
+from labkit.model.hooks import sites_of
 
 
 def word_tokens(session: Any, word: str) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.interventions.activation import AblateHead
 from labkit.interventions.base import Intervention
 from labkit.interventions.recipes import recipe

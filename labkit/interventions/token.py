@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.core.tokens import token_id
 from labkit.interventions.base import InterventionContext, TokenIntervention, check_interventions
-from labkit.tokens import token_id
+from labkit.measures import information as info
 
 Token = str | int  #: a token: its text (exactly one token) or its id
 

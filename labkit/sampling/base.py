@@ -23,7 +23,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 
 # -- parameter ranges, shared by every sampler (the live-slider rule: checked on every assignment) ----------
 

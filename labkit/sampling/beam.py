@@ -1,4 +1,5 @@
-"""The beam-search sampler object: its parameters, validated (the search itself is :func:`labkit.beam.search`)."""
+"""The beam-search sampler object: its parameters, validated (the search itself is
+:func:`labkit.decoding.beam.search`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 import torch
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 from labkit.sampling.base import Sampler
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import information as info
 from labkit.sampling.base import Sampler
 from labkit.sampling.registry import label, parse_sampler
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import information as info
 from labkit.sampling.base import Sampler, check_param
 
 
@@ -121,7 +121,7 @@ class ContrastiveDecoding(_Contrasting):
         if self._model.value is not None and self._model.value[2] is session:
             return
         if isinstance(self.amateur, str):
-            from labkit import models
+            from labkit.model import models
 
             model, tokenizer, _ = models.load(os.path.expanduser(self.amateur[len("model:"):]),
                                               device=session.info.device, progress=False)
@@ -142,7 +142,7 @@ class ContrastiveDecoding(_Contrasting):
         """Shape (1, V): the amateur's next-token log-probabilities (nats) after ``input_ids`` (n, T)."""
         if self._layers is not None:
             return self._lens(self._stream)
-        from labkit.cache import forward_cached, new_cache
+        from labkit.model.cache import forward_cached, new_cache
 
         model = self._model.value[0]
         if self._cache is None:

@@ -35,9 +35,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from labkit import info
-from labkit.attention import AttentionRow, step_metrics
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import information as info
+from labkit.measures.attention import AttentionRow, step_metrics
 from labkit.sampling.base import Sampler, argmax_only, check_param
 
 _LN2 = math.log(2.0)
@@ -205,7 +205,7 @@ class Decision:
 def metrics(logits: torch.Tensor, attention_scores: torch.Tensor) -> EntropixMetrics:
     """EntropixMetrics from raw ``logits`` (V,) and the last layer's pre-softmax ``attention_scores`` (heads, T)
     for the current query, real positions only (−inf entries are left out). The attention figures are
-    :func:`labkit.attention.step_metrics` of that one layer (the same measures the loop records per Step)."""
+    :func:`labkit.measures.attention.step_metrics` of that one layer (the same measures the loop records per Step)."""
     logits = logits.reshape(-1).float()
     if attention_scores.ndim != 2:
         raise InvalidArgument(f"attention_scores must have shape (heads, T); got {tuple(attention_scores.shape)}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from labkit import info
+from labkit.measures import information as info
 from labkit.sampling.base import Sampler
 
 _LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # ln of the smallest normal float32 (≈ −87.3)

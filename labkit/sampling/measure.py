@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from labkit import info
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.measures import information as info
 
 
 @dataclass(frozen=True)

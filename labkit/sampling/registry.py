@@ -8,14 +8,14 @@ e.g. ``greedy``, ``classic:temperature=0.7,top_p=0.9``, ``mirostat:tau=4``, ``en
 
 from __future__ import annotations
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
+from labkit.core.specs import parse_spec
 from labkit.sampling.base import Classic, Greedy, Sampler
 from labkit.sampling.beam import BeamSearch
 from labkit.sampling.contrastive import ContrastiveDecoding, ContrastiveSearch, DoLa
 from labkit.sampling.entropix import Entropix
 from labkit.sampling.guided import EntropyGuided
 from labkit.sampling.mirostat import Mirostat
-from labkit.specs import parse_spec
 
 #: Sampler classes by spec name (``-`` and ``_`` are the same in specs).
 SAMPLERS: dict[str, type[Sampler]] = {

@@ -1,7 +1,7 @@
 """Speculative decoding (Leviathan et al., 2023; Chen et al., 2023), exact and instrumented.
 
 A *draft* proposes γ tokens; the target verifies them all in one forward pass with its KV cache (THE decoding loop
-in :mod:`labkit.decode` runs one round at a time through a :class:`~labkit.speculative.speculator.Speculator`);
+in :mod:`labkit.decoding.loop` runs one round at a time through a :class:`~labkit.speculative.speculator.Speculator`);
 rejected tokens' cache entries are cropped. Every Step records its round and whether its token was drafted and
 accepted or drawn by the target.
 

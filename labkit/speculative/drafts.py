@@ -14,13 +14,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from labkit import models
-from labkit.cache import crop, forward_cached, new_cache
-from labkit.errors import InvalidArgument, check_int
-from labkit.extras import require
-from labkit.hooks import sites_of
+from labkit.core.errors import InvalidArgument, check_int
+from labkit.core.extras import require
+from labkit.core.specs import parse_spec
+from labkit.model import models
+from labkit.model.cache import crop, forward_cached, new_cache
+from labkit.model.hooks import sites_of
 from labkit.sampling.base import Greedy
-from labkit.specs import parse_spec
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit.errors import check_int
+from labkit.core.errors import check_int
 from labkit.speculative.drafts import Draft
 from labkit.speculative.speculator import SpeculativeStats
 

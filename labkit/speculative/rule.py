@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labkit.errors import InvalidArgument
+from labkit.core.errors import InvalidArgument
 
 ORIGINS = ("accepted", "resampled", "bonus", "target")
 """``Step.speculative["origin"]``: a drafted token the target kept; the target's draw after rejecting a drafted

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from labkit.cache import crop
-from labkit.errors import InvalidArgument
-from labkit.info import probs
+from labkit.core.errors import InvalidArgument
+from labkit.measures.information import probs
+from labkit.model.cache import crop
 from labkit.speculative.drafts import NOTHING, Draft, Proposal
 from labkit.speculative.rule import expected_speedup, judge
 

@@ -1,0 +1,1 @@
+"""Layer 2: pure measures of distributions and attention (entropy, lens, head patterns, transfer entropy)."""

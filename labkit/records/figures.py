@@ -1,0 +1,339 @@
+"""Static figures fit for a class: heatmaps with labelled axes, token tick labels and a colour bar with its unit.
+
+Drawn with matplotlib's Agg backend (offline, no pyplot state: a figure belongs to its :class:`Picture`, never to a
+global figure manager). A :class:`Picture` shows as a PNG wherever a notebook is rendered (JupyterLab, nbconvert,
+GitHub), ``png()`` gives the bytes an ``ipywidgets.Image`` takes and ``save(path)`` writes atomically. DejaVu Sans,
+matplotlib's bundled font, covers ×, →, ², ‖ and ␣, so titles never show empty boxes.
+
+:class:`Chart` is a plotly figure that stays interactive in JupyterLab and carries a PNG of the same data for static
+exports, where plotly's JavaScript does not run.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from labkit.core.errors import InvalidArgument
+from labkit.core.files import atomic_path
+
+DPI = 100  #: dots per inch of every static figure
+MIN_WIDTH_IN, MIN_HEIGHT_IN = 5.0, 3.6
+"""The smallest figure drawn (inches at :data:`DPI`): 500 × 360 px, so 9-pt tick labels stay legible."""
+MAX_TICK_LABELS = 64
+"""Token tick labels are drawn up to this many per axis; longer axes get numbered ticks."""
+
+
+class Picture:
+    """One static figure. ``figure`` is the matplotlib Figure (its axes, labels and colour bar are inspectable)."""
+
+    def __init__(self, figure: Figure) -> None:
+        self.figure = figure
+        FigureCanvasAgg(figure)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        w, h = self.figure.get_size_inches() * self.figure.dpi
+        return round(w), round(h)
+
+    @property
+    def title(self) -> str:
+        """The figure's title (its suptitle, else the first axes title; empty when none)."""
+        return self.figure.get_suptitle() or next((ax.get_title() for ax in self.figure.axes if ax.get_title()), "")
+
+    def png(self) -> bytes:
+        """The figure as PNG bytes, at the figure's own DPI."""
+        buf = io.BytesIO()
+        self.figure.savefig(buf, format="png", dpi=self.figure.dpi)
+        return buf.getvalue()
+
+    def _repr_png_(self) -> bytes:
+        return self.png()
+
+    def save(self, path: Any) -> Any:
+        """Write the figure (format from the suffix: .png, .svg, .pdf) atomically; returns the path."""
+        from pathlib import Path
+
+        target = Path(path)
+        with atomic_path(target) as tmp:
+            self.figure.savefig(tmp, format=target.suffix.lstrip(".") or "png", dpi=self.figure.dpi)
+        return target
+
+    def __repr__(self) -> str:
+        w, h = self.size
+        return f"<Picture {self.title!r}: {w}×{h} px>"
+
+
+def token_label(text: str, width: int = 16) -> str:
+    """A token as a tick label: quoted so a leading space shows (``' Paris'``), control characters escaped, cut
+    to ``width`` characters with an ellipsis."""
+    shown = repr(text)
+    return shown if len(shown) <= width else shown[:width - 1] + "…"
+
+
+def _as_2d(matrix: torch.Tensor | np.ndarray, name: str = "matrix") -> np.ndarray:
+    a = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, float)
+    if a.ndim != 2 or a.size == 0:
+        raise InvalidArgument(f"{name} must be a non-empty 2-D array; got shape {a.shape}")
+    return a
+
+
+def _check_labels(name: str, labels: Sequence[Any] | None, n: int) -> list[Any] | None:
+    if labels is None:
+        return None
+    labels = list(labels)
+    if len(labels) != n:
+        raise InvalidArgument(f"{name} must have one entry per {'column' if name.startswith('x') else 'row'} ({n}); "
+                              f"got {len(labels)}")
+    return labels
+
+
+def _ticks(ax: Any, axis: str, n: int, labels: list[str] | None, tokens: bool) -> None:
+    """Integer ticks on ``axis``; label texts (tokens quoted) when there are few enough to read."""
+    set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
+    if labels is not None and n <= MAX_TICK_LABELS:
+        texts = tokens and any(isinstance(t, str) for t in labels)  # numbers (layers, heads) are drawn unquoted
+        shown = [token_label(t) if texts and isinstance(t, str) else str(t) for t in labels]
+        set_ticks(range(n), shown, fontsize=9 if n <= 24 else 7, rotation=90 if axis == "x" and texts else 0)
+    else:
+        step = max(1, math.ceil(n / 12))
+        set_ticks(range(0, n, step))
+
+
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    return Figure(figsize=(max(width_in, MIN_WIDTH_IN), max(height_in, MIN_HEIGHT_IN)), dpi=DPI,
+                  layout="constrained")
+
+
+def heatmap(matrix: torch.Tensor | np.ndarray, labels: Sequence[str] | None = None, size: int = 512,
+            vmin: float | None = 0.0, vmax: float | None = None, title: str | None = None, *,
+            x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None,
+            xlabel: str = "key position", ylabel: str = "query position", colorbar: str = "attention probability",
+            tokens: bool = True, cmap: str = "viridis") -> Picture:
+    """Shape (R, C) -> a heatmap about ``size`` px wide (never under 500 × 360 px) with both axes labelled, a colour
+    bar titled ``colorbar`` (say the unit) and, when given, tick labels: ``labels`` for a square matrix (rows and
+    columns are the same tokens), or ``x_labels`` (C) and ``y_labels`` (R). ``tokens`` quotes string labels as
+    tokens (a leading space shows); numbers (layer, head) are drawn as they are.
+    NaN and −inf cells are left blank (white)."""
+    a = _as_2d(matrix)
+    rows, cols = a.shape
+    if labels is not None:
+        if rows != cols:
+            raise InvalidArgument(f"labels is for a square matrix; got shape {a.shape}: pass x_labels and y_labels")
+        labels = _check_labels("labels", labels, rows)
+        x_labels = y_labels = labels
+    x_labels, y_labels = _check_labels("x_labels", x_labels, cols), _check_labels("y_labels", y_labels, rows)
+    if not isinstance(size, int) or size < 100:
+        raise InvalidArgument(f"size must be an integer number of pixels ≥ 100; got {size!r}")
+    width_in = size / DPI + 1.6  # the colour bar and the row labels take about 1.6 in
+    fig = _new_figure(width_in, min(width_in * rows / cols * 0.85, 1.3 * width_in) + 0.9)  # cells may be oblong
+    ax = fig.add_subplot()
+    shown = np.ma.masked_invalid(a)
+    image = ax.imshow(shown, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+    _ticks(ax, "x", cols, x_labels, tokens)
+    _ticks(ax, "y", rows, y_labels, tokens)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=11, wrap=True)
+    fig.colorbar(image, ax=ax, label=colorbar, shrink=0.9)
+    return Picture(fig)
+
+
+def head_grid(maps: torch.Tensor, cols: int | None = None, cell_size: int = 160, titles: list[str] | None = None,
+              title: str | None = None, colorbar: str = "attention probability") -> Picture:
+    """Shape (N, T, T) -> a grid of N small heatmaps (e.g. every head of one layer) on one shared 0–1 colour scale,
+    each titled (``titles``, default "head i"), with key/query axis labels on the outer panels and one colour bar."""
+    if maps.ndim != 3:
+        raise InvalidArgument(f"maps must have shape (N, T, T); got {tuple(maps.shape)}")
+    n = maps.shape[0]
+    if titles is not None and len(titles) != n:
+        raise InvalidArgument(f"titles must have one entry per map ({n}); got {len(titles)}")
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    cell_in = max(cell_size, 100) / DPI
+    fig = _new_figure(cols * cell_in + 1.2, rows * (cell_in + 0.3) + 0.8)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    image = None
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_axis_off()
+            continue
+        image = ax.imshow(_as_2d(maps[i], "maps[i]"), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(titles[i] if titles else f"head {i}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        if i % cols == 0:
+            ax.set_ylabel("query", fontsize=8)
+        if i >= n - cols:
+            ax.set_xlabel("key", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11, wrap=True)
+    fig.colorbar(image, ax=axes, label=colorbar, shrink=0.8)
+    return Picture(fig)
+
+
+def layer_head_summary(values: torch.Tensor, size: int = 480, title: str | None = None,
+                       colorbar: str = "value", vmin: float | None = None, vmax: float | None = None,
+                       cmap: str = "viridis") -> Picture:
+    """Shape (L, H) -> one cell per (layer, head): rows are layers, columns heads, ``colorbar`` names the quantity
+    and its unit (e.g. "mean attention entropy (bits)")."""
+    if values.ndim != 2:
+        raise InvalidArgument(f"values must have shape (L, H); got {tuple(values.shape)}")
+    layers, heads = values.shape
+    return heatmap(values, size=size, vmin=vmin, vmax=vmax, title=title, xlabel="head", ylabel="layer",
+                   x_labels=list(range(heads)), y_labels=list(range(layers)),
+                   colorbar=colorbar, tokens=False, cmap=cmap)
+
+
+def grouped_bars(series: dict[str, Sequence[float]], x_labels: Sequence[Any], xlabel: str, ylabel: str,
+                 title: str | None = None, width: int = 640) -> Picture:
+    """Bars side by side: one group per x label, one bar per series (``{name: values}``, each as long as
+    ``x_labels``), a legend, labelled axes (say the unit in ``ylabel``) and a line at 0."""
+    if not series:
+        raise InvalidArgument("series must name at least one list of values")
+    n = len(x_labels)
+    for name, values in series.items():
+        if len(values) != n:
+            raise InvalidArgument(f"series {name!r} has {len(values)} values; x_labels has {n}")
+    fig = _new_figure(width / DPI, 3.4)
+    ax = fig.add_subplot()
+    step = 0.8 / len(series)
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(n) - 0.4 + step * (k + 0.5), list(values), width=step, label=name)
+    ax.axhline(0.0, color="#444", linewidth=0.8)
+    ax.set_xticks(np.arange(n), [str(v) for v in x_labels], fontsize=7 if n > 16 else 9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11, wrap=True)
+    return Picture(fig)
+
+
+def beam_tree_picture(tree: Any, title: str = "Beam search tree") -> Picture:
+    """A :class:`~labkit.records.beam_tree.BeamTree` as a Picture: x the step, y the candidate's rank among that
+    step's kept
+    candidates (0 = best score); each node joined to its parent; the returned path red and labelled, finished
+    hypotheses green (labelled with their length-normalised score), expanded beams blue, pruned ones grey."""
+    colours = {"returned": "#d62728", "finished": "#2ca02c", "expanded": "#1f77b4", "pruned": "#b0b0b0"}
+    by_step: dict[int, list[Any]] = {}
+    for node in tree.nodes:
+        by_step.setdefault(node.step, []).append(node)
+    place = {n.id: (step, rank) for step, nodes in by_step.items()
+             for rank, n in enumerate(sorted(nodes, key=lambda n: -n.score))}
+    on_path = {n.id for n in tree.path()} if tree.returned >= 0 else set()
+    steps = max(by_step, default=0) + 1
+    width = max(6.4, 0.55 * steps + 1.5)  # inches
+    height = max(3.8, 0.32 * max((len(v) for v in by_step.values()), default=1) + 1.2)
+    fig = _new_figure(width, height)
+    ax = fig.add_subplot()
+    for node in tree.nodes:
+        x, y = place[node.id]
+        if node.parent >= 0:
+            px, py = place[node.parent]
+            path = node.id in on_path
+            ax.plot([px, x], [py, y], color=colours["returned"] if path else "#cccccc", lw=2.2 if path else 0.7,
+                    zorder=2 if path else 1)
+        status = "returned" if node.id in on_path else node.status
+        ax.scatter([x], [y], s=36 if node.id in on_path else 14, color=colours[status], zorder=3)
+        if node.id in on_path or status == "finished":
+            label = token_label(node.token, 10)
+            if status == "finished" and node.final_score is not None:
+                label += f" ({node.final_score:.2f})"
+            ax.annotate(label, (x, y), xytext=(3, 4), textcoords="offset points", fontsize=7,
+                        color=colours[status])
+    for status, colour in colours.items():
+        ax.scatter([], [], color=colour, s=18, label=status)
+    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    ax.set_xlabel("step (generated token)")
+    ax.set_ylabel("rank among the kept candidates (0 = best score)")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=11, wrap=True)
+    return Picture(fig)
+
+
+def to_png(image: Any) -> bytes:
+    """PNG bytes of a :class:`Picture` or a PIL image (what ``ipywidgets.Image(value=...)`` takes)."""
+    if isinstance(image, Picture):
+        return image.png()
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- plotly with a static fallback ------------------------------------------------------------------------------
+
+def _text(title: Any) -> str:
+    return (getattr(title, "text", None) or "") if title is not None else ""
+
+
+def static_picture(fig: go.Figure) -> Picture:
+    """The same data drawn by matplotlib: bar, scatter (lines/markers) and heatmap traces on one pair of axes, with
+    the figure's title, axis titles and legend. Other trace types raise InvalidArgument (no silent blank image)."""
+    out = _new_figure((fig.layout.width or 700) / DPI, (fig.layout.height or 400) / DPI)
+    ax = out.add_subplot()
+    for trace in fig.data:
+        name = trace.name or None
+        if trace.type == "bar":
+            x, y = list(trace.x), list(trace.y)
+            if trace.orientation == "h":
+                ax.barh([str(v) for v in y], x, label=name)
+            else:
+                ax.bar([str(v) for v in x], y, label=name)
+        elif trace.type == "scatter":
+            mode = trace.mode or "lines"
+            style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode else "")
+            ax.plot(list(trace.x), list(trace.y), style or "-", label=name, markersize=4)
+        elif trace.type == "heatmap":
+            image = ax.imshow(np.asarray(trace.z, float), aspect="auto", cmap="viridis")
+            out.colorbar(image, ax=ax, label=_text(trace.colorbar.title) or "value")
+        else:
+            raise InvalidArgument(f"a static fallback draws bar, scatter and heatmap traces; got {trace.type!r}")
+    if any(t.name for t in fig.data) and len(fig.data) > 1:
+        ax.legend(fontsize=8)
+    if fig.layout.xaxis.categoryorder is None and any(t.type == "bar" for t in fig.data):
+        ax.tick_params(axis="x", labelrotation=45 if len(fig.data[0].x or []) > 6 else 0)
+    if fig.layout.xaxis.type == "log":
+        ax.set_xscale("log")
+    if fig.layout.yaxis.type == "log":
+        ax.set_yscale("log")
+    if fig.layout.yaxis.autorange == "reversed":
+        ax.invert_yaxis()
+    ax.set_xlabel(_text(fig.layout.xaxis.title))
+    ax.set_ylabel(_text(fig.layout.yaxis.title))
+    if _text(fig.layout.title):
+        ax.set_title(_text(fig.layout.title), fontsize=11, wrap=True)
+    return Picture(out)
+
+
+class Chart(go.Figure):
+    """A plotly figure (every plotly method works) whose notebook output carries both plotly's JSON, drawn
+    interactively by JupyterLab's plotly renderer, and a PNG of the same data (:func:`static_picture`) that
+    nbconvert, GitHub and docs sites show. No text/html is emitted: its script needs plotly.js, which static
+    pages do not load, and it would hide the PNG."""
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None, **kwargs: Any) -> dict[str, Any]:
+        import plotly.io as pio
+
+        bundle = pio.renderers["plotly_mimetype"].to_mimebundle(self.to_dict())
+        bundle["image/png"] = base64.b64encode(static_picture(self).png()).decode("ascii")
+        bundle["text/plain"] = f"<Chart {_text(self.layout.title)!r}: {len(self.data)} traces>"
+        return bundle
+
+    def _ipython_display_(self) -> None:  # plotly's own hook would display its renderer's bundle, without the PNG
+        from IPython.display import display
+
+        display(self._repr_mimebundle_(), raw=True)

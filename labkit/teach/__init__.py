@@ -1,0 +1,1 @@
+"""Layer 6: the course's tools (exercise checks, student copies, the workshop hub, the kernel)."""

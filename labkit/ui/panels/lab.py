@@ -1,0 +1,401 @@
+"""Lab: one panel for a whole experiment — prompt, Generate / Step / Stop, the token stream (branch by clicking an
+alternative), live probability charts, the attention image, sampler sliders, interventions, and the "why" view of a
+clicked token (its attribution over the context, the heads that wrote it, one click to ablate one).
+
+Generation runs in a background thread (the kernel stays responsive); Stop ends it before the next token. UI
+messages are batched (``interval_s``; the attention image at most every ``image_interval_s``)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import ipywidgets as widgets
+
+from labkit.interventions import ForceTokens
+from labkit.interventions.specs import from_text
+from labkit.records.trace import Step, Trace
+from labkit.sampling import Sampler
+from labkit.sampling.beam import BeamSearch
+from labkit.ui.panels.attention_view import AttentionImage, grow
+from labkit.ui.panels.charts import ProbabilityCharts
+from labkit.ui.panels.controls import SamplerControls
+from labkit.ui.panels.stream import Throttle, TokenStream
+from labkit.ui.panels.why_view import WhyView, explain
+
+
+def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int) -> tuple[Any, str]:
+    """The prompt's attention maps for the Lab's image, planned for the memory budget: the image grows to
+    N = T + max_new_tokens positions and is held twice (prompt maps and the grown matrix), so float32 when
+    2·L·H·N²·4 bytes fit, else float16, else none — ``(None, why)`` with the bytes and the budget, and the run goes
+    on without the image."""
+    from labkit.core import memory
+    from labkit.core.errors import MemoryBudgetExceeded
+
+    i = session.info
+    length = session.encode(prompt, chat=chat, reserve=max_new_tokens).shape[1]  # checks the prompt first
+    size = length + max_new_tokens
+    have, where = memory.available("cpu")
+    for dtype, itemsize in (("float32", 4), ("float16", 2)):
+        need = 2 * i.n_layers * i.n_heads * size * size * itemsize
+        if need <= have:
+            try:
+                return session.attention(prompt, chat=chat, dtype=dtype), ""
+            except MemoryBudgetExceeded:  # its own estimate is stricter: try half precision
+                continue
+    return None, (f"attention image off: the maps of {size} positions need {memory.fmt_bytes(need)} in float16, "
+                  f"the budget is {memory.fmt_bytes(have)} ({where}); use a shorter prompt or fewer tokens "
+                  "(session.attention(prompt, layers=[...]) draws chosen layers)")
+
+
+class Lab(widgets.VBox):
+    """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()`` /
+    ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
+
+    def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
+                 max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
+                 image_interval_s: float = 1.0) -> None:
+        self.session = session
+        self.top_k = top_k
+        n_layers, n_heads = session.info.n_layers, session.info.n_heads
+        # -- inputs
+        self.prompt = widgets.Textarea(value=prompt, placeholder="prompt", layout=widgets.Layout(width="98%"))
+        self.prompt.add_class("labkit-prompt")
+        self.chat = widgets.Checkbox(value=False, description="chat template")
+        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max tokens")
+        self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
+        self.kv = widgets.Combobox(value="full", options=["full", "quant:bits=8,residual=0", "quant:bits=4,residual=64",
+                                                          "window:sinks=4,window=64", "h2o:budget=48,recent=16"],
+                                   description="KV cache", ensure_option=False)
+        self.kv.add_class("labkit-kv")
+        self.kv_size = widgets.Label("")
+        self.kv_size.add_class("labkit-kv-size")
+        self.buttons = {name: widgets.Button(description=name, button_style=style)
+                        for name, style in (("Generate", "primary"), ("Step", ""), ("Stop", "danger"))}
+        for name, button in self.buttons.items():
+            button.add_class(f"labkit-{name.lower()}")
+        self.status = widgets.Label("ready")
+        self.status.add_class("labkit-status")
+        self.message = widgets.Label("", style={"text_color": "#b00020"})
+        self.message.add_class("labkit-message")
+        # -- views
+        self.stream = TokenStream(interval_s=interval_s)
+        self.color_by = widgets.ToggleButtons(options=["surprisal", "entropy"], description="colour by")
+        self.branch = widgets.Dropdown(options=[], description="run")
+        self.charts = ProbabilityCharts()
+        self.attention = AttentionImage(n_layers, n_heads)
+        self.controls = SamplerControls(sampler)
+        self.why = WhyView(on_ablate=self._ablate_and_regenerate)
+        # -- interventions (applied from the next run on)
+        self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
+        self.boost = widgets.Text(placeholder="token text", description="boost")
+        self.boost_factor = widgets.FloatSlider(value=3.0, min=0.1, max=20.0, step=0.1, description="× factor")
+        self.ablate_layer = widgets.BoundedIntText(value=0, min=0, max=n_layers - 1, description="ablate layer")
+        self.ablate_head = widgets.BoundedIntText(value=0, min=0, max=n_heads - 1, description="head")
+        self.ablate_on = widgets.Checkbox(value=False, description="ablate this head")
+        self.interventions_on = widgets.Checkbox(value=True, description="interventions on")
+        # -- state
+        self.traces: list[Trace] = []
+        self.trace: Trace | None = None
+        self._listing = False
+        self._runner: _Runner | None = None  # the open run (running, or paused by Step)
+        self._halt = threading.Event()
+        self._prompt_maps: Any = None  # (L, H, T, T) of the current run's prompt
+        self._why_thread: threading.Thread | None = None
+        self._throttle = Throttle(interval_s)
+        self._image_throttle = Throttle(image_interval_s)
+        # -- wiring
+        self.buttons["Generate"].on_click(lambda _b: self._guarded(self.run))
+        self.buttons["Step"].on_click(lambda _b: self._guarded(self.step))
+        self.buttons["Stop"].on_click(lambda _b: self._guarded(self.stop))
+        self.color_by.observe(lambda c: setattr(self.stream, "color_by", c["new"]), names="value")
+        self.stream.observe(lambda c: self._guarded(self._on_select, c["new"]), names="selected")
+        self.stream.observe(lambda c: self._guarded(self._on_branch, c["new"]), names="branch")
+        self.branch.observe(lambda c: self._guarded(self._show_run, c["new"]), names="value")
+        self.why.method.observe(lambda c: self._guarded(self._ask_why, self.stream.selected), names="value")
+        self.charts.bars.layout.height = 260
+        left = widgets.VBox([self.prompt, widgets.HBox([*self.buttons.values(), self.status]),
+                             widgets.HBox([self.chat, self.max_new_tokens, self.seed]),
+                             widgets.HBox([self.kv, self.kv_size]), self.message,
+                             widgets.HBox([self.color_by, self.branch]), self.stream],
+                            layout=widgets.Layout(width="55%"))
+        right = widgets.VBox([self.charts.bars, self.charts.lines], layout=widgets.Layout(width="45%"))
+        right.add_class("labkit-probs")
+        interventions = widgets.VBox([widgets.HTML("<b>Interventions</b> (from the next run)"), self.interventions_on,
+                                      self.suppress, widgets.HBox([self.boost, self.boost_factor]),
+                                      widgets.HBox([self.ablate_layer, self.ablate_head, self.ablate_on])])
+        lower = widgets.HBox([self.attention, widgets.VBox([widgets.HTML("<b>Sampler</b> (live)"), self.controls,
+                                                            interventions])])
+        super().__init__([widgets.HBox([left, right]), lower, self.why])
+        self.add_class("labkit-lab")
+
+    # -- actions -------------------------------------------------------------------------------------------
+    def run(self, prompt: str | None = None, extra: list[Any] | None = None) -> None:
+        """Start a new run from the prompt box (or ``prompt``) in the background; ``extra`` interventions are added
+        to the panel's (the branch mechanism uses ForceTokens)."""
+        if prompt is not None:
+            self.prompt.value = prompt
+        self._start(extra or [])
+        self._pull(None)
+
+    def step(self) -> None:
+        """One more token of the current run (a new run if none is open)."""
+        if self._runner is None or self._runner.finished:
+            self._start([])
+        self._pull(1)
+
+    def stop(self) -> None:
+        """End the current run before its next token (its steps are kept)."""
+        self._halt.set()
+        if self.running:
+            self.session.stop()
+        else:
+            self._close("stopped")
+
+    def close(self) -> None:
+        """End any open run (a run paused by Step holds the Session) and close the panel's widgets."""
+        self.stop()
+        self.wait()
+        self._close(None)
+        self.wait_why()
+        super().close()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the background work ends (for scripts and tests)."""
+        if self._runner is not None:
+            self._runner.idle.wait(timeout)
+
+    @property
+    def running(self) -> bool:
+        """True while a generation runs in the Lab's background thread."""
+        return self._runner is not None and not self._runner.idle.is_set()
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        """Run a UI callback; any error becomes the panel's message and the session stays usable."""
+        try:
+            self.message.value = ""
+            fn(*args)
+        except Exception as exc:
+            self.message.value = f"{type(exc).__name__}: {exc}"
+
+    def _interventions(self) -> list[Any]:
+        if not self.interventions_on.value:
+            return []
+        return from_text(suppress=[self.suppress.value] if self.suppress.value else [],
+                         boost=[f"{self.boost.value}={self.boost_factor.value}"] if self.boost.value else [],
+                         ablate=[f"{self.ablate_layer.value}:{self.ablate_head.value}"] if self.ablate_on.value else [])
+
+    def _start(self, extra: list[Any], label: str = "run") -> None:
+        if self.running:
+            raise RuntimeError("a run is in progress; press Stop first")
+        self._close(None)
+        prompt, chat = self.prompt.value, self.chat.value
+        maps, why = prompt_maps(self.session, prompt, chat, self.max_new_tokens.value)  # also checks the prompt
+        gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value, sampler=self.controls.sampler,
+                                  seed=self.seed.value, chat=chat, top_k=self.top_k,
+                                  capture=[] if isinstance(self.controls.sampler, BeamSearch) else ["attention"],
+                                  interventions=[*self._interventions(), *extra], kv=self.kv.value or None)
+        self._runner, self.trace = _Runner(gen, self), gen.trace
+        self._prompt_maps = maps
+        self.traces.append(gen.trace)
+        self._listing = True  # the run list changes here: not a user's choice
+        try:
+            self.branch.options = [*self.branch.options, (f"{len(self.traces)}: {label}", len(self.traces) - 1)]
+            self.branch.value = len(self.traces) - 1
+        finally:
+            self._listing = False
+        self.stream.clear(prompt)
+        self.charts.show_step(None)
+        self.charts.show_series([])
+        if maps is not None:
+            self.attention.set_maps(maps.probs, maps.tokens, prompt=True)
+        else:
+            self.attention.label.value = why
+
+    def _pull(self, n: int | None) -> None:
+        if self.running:
+            raise RuntimeError("a run is in progress; press Stop first")
+        self._halt.clear()
+        self.status.value = "running"
+        self._runner.pull(n)
+
+    def _close(self, reason: str | None) -> None:
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+        if reason is not None and self.trace is not None:
+            self.status.value = f"{reason} after {len(self.trace)} tokens"
+
+    def _on_step(self, step: Step) -> None:
+        self.stream.push(step)
+        if self._throttle.due():
+            self._refresh()
+
+    def _refresh(self, force: bool = False) -> None:
+        trace = self.trace
+        if trace is None:
+            return
+        self.stream.flush()
+        steps = list(trace.steps)
+        if self.stream.selected < 0:
+            self.charts.show_step(steps[-1] if steps else None)
+        self.charts.show_series(steps)
+        if steps and steps[-1].kv:
+            self.kv_size.value = (f"cache {steps[-1].kv['bytes'] / 2**20:.2f} MiB after {len(steps)} tokens "
+                                  f"({steps[-1].kv['policy']})")
+        if (force or self._image_throttle.due()) and self._prompt_maps is not None:
+            rows = [s.captures["attention"] for s in steps if "attention" in s.captures]
+            tokens = self._prompt_maps.tokens + [s.token for s in steps[:-1]]
+            self.attention.set_maps(grow(self._prompt_maps.probs, rows), tokens)
+
+    def _on_select(self, index: int) -> None:
+        if self.trace is not None and 0 <= index < len(self.trace):
+            self.charts.show_step(self.trace.steps[index], index)
+            self._ask_why(index)
+
+    # -- why -------------------------------------------------------------------------------------------------
+    def _ask_why(self, index: int) -> None:
+        """Compute the why view of step ``index`` in the background: in the open run's thread between two steps
+        (it holds the Session; the stream goes on after), else in a thread of its own."""
+        if self.trace is None or not 0 <= index < len(self.trace):
+            return
+        request = (self.trace, index, self.why.method.value)
+        self.why.waiting(index, self.trace.steps[index].token)
+        if self._runner is not None and not self._runner.finished:
+            self._runner.ask(request)
+        else:
+            self._why_thread = threading.Thread(target=self._explain, args=(*request, True), daemon=True,
+                                                name="labkit-why")
+            self._why_thread.start()
+
+    def _explain(self, trace: Trace, index: int, method: str, locked: bool) -> None:
+        try:
+            attribution, logit_attribution = explain(self.session, trace, index, method, locked=locked)
+        except Exception as exc:
+            self.why.failed(exc)
+            return
+        self.why.show(index, attribution, logit_attribution)
+
+    def wait_why(self, timeout: float | None = None) -> None:
+        """Block until the why view asked for last is drawn (for scripts and tests)."""
+        thread = self._why_thread
+        if thread is not None:
+            thread.join(timeout)
+        if self._runner is not None:
+            self._runner.why_idle.wait(timeout)
+
+    def _ablate_and_regenerate(self, layer: int, head: int) -> None:
+        """A top head's button: put it in the ablation box and regenerate the prompt with it ablated."""
+        self.ablate_layer.value, self.ablate_head.value, self.ablate_on.value = layer, head, True
+        self.interventions_on.value = True
+        if self.running:
+            self.stop()
+            self.wait()
+        self._guarded(self.run)
+        self.why.status.value = (f"regenerating with head {layer}:{head} ablated: run {len(self.traces)} in the run "
+                                 f"list; run {len(self.traces) - 1} is the one explained")
+
+    def _on_branch(self, request: dict[str, Any]) -> None:
+        """Regenerate from ``request["step"]`` with ``request["token_id"]`` forced there (the earlier tokens are
+        forced to the shown run's), keeping the old run in ``traces``."""
+        if not request or self.trace is None:
+            return
+        k, token = int(request["step"]), int(request["token_id"])
+        forced = {**dict(enumerate(self.trace.token_ids[:k])), k: token}
+        if self.running:
+            self.stop()
+            self.wait()
+        self._start_branch(forced)
+
+    def _start_branch(self, forced: dict[int, int]) -> None:
+        k = max(forced)
+        force = ForceTokens(forced)
+        self.prompt.value = self.trace.prompt if self.trace is not None else self.prompt.value
+        self._start([force], label=f"branch at step {k} → {self.session._texts(forced[k])!r}")
+        self._pull(None)
+
+    def _show_run(self, index: int | None) -> None:
+        if self._listing or index is None or self.running or not 0 <= index < len(self.traces):
+            return
+        if self.traces[index] is self.trace:
+            return
+        self._close(None)
+        self.trace = self.traces[index]
+        self.stream.show(self.trace)
+        self._prompt_maps = None
+        self.charts.show_step(self.trace.steps[-1] if self.trace.steps else None)
+        self.charts.show_series(self.trace.steps)
+        self.status.value = f"showing run {index + 1} ({len(self.trace)} tokens)"
+
+
+class _Runner:
+    """One run's Generation and the one thread that iterates it: torch's inference mode and the Session's lock
+    belong to the thread that entered them, so every Step of a run (Generate, then Step, Step...) is made there."""
+
+    _CLOSE = object()
+    _POKE = object()  # wakes an idle runner to serve a why request
+
+    def __init__(self, gen: Any, lab: Lab) -> None:
+        self.gen, self.lab = gen, lab
+        self.finished = False
+        self.idle = threading.Event()
+        self.idle.set()
+        self._orders: queue.Queue[Any] = queue.Queue()
+        self._why: queue.Queue[Any] = queue.Queue()
+        self.why_idle = threading.Event()
+        self.why_idle.set()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="labkit-lab")
+        self._thread.start()
+
+    def pull(self, n: int | None) -> None:
+        """Make ``n`` more steps (None: to the end) in the background."""
+        self.idle.clear()
+        self._orders.put(n)
+
+    def ask(self, request: tuple[Any, ...]) -> None:
+        """Compute a why view (trace, index, method) in this run's thread: between two steps, or now if idle."""
+        self.why_idle.clear()
+        self._why.put(request)
+        self._orders.put(self._POKE)
+
+    def _serve_why(self) -> None:
+        while not self._why.empty():
+            self.lab._explain(*self._why.get(), False)  # this thread holds the Session: no lock to take
+        self.why_idle.set()
+
+    def close(self) -> None:
+        """End the generation (keeps its steps; releases the Session) and the thread."""
+        self._orders.put(self._CLOSE)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        lab = self.lab
+        while (n := self._orders.get()) is not self._CLOSE:
+            if n is self._POKE:
+                self._serve_why()
+                continue
+            try:
+                finished = True
+                for done, step in enumerate(self.gen, start=1):
+                    lab._on_step(step)
+                    self._serve_why()
+                    if lab._halt.is_set() or (n is not None and done >= n):
+                        finished = lab._halt.is_set()
+                        break
+                if finished:
+                    self.gen.close()
+                    self.finished = True
+                    lab.status.value = f"{self.gen.trace.stop_reason or 'stopped'} after {len(self.gen.trace)} tokens"
+                else:
+                    lab.status.value = f"paused after {len(self.gen.trace)} tokens (Step for more)"
+            except Exception as exc:
+                self.gen.close()
+                self.finished = True
+                lab.message.value = f"{type(exc).__name__}: {exc}"
+                lab.status.value = f"error after {len(self.gen.trace)} tokens"
+            finally:
+                lab._refresh(force=True)
+                self.idle.set()
+        self.gen.close()
