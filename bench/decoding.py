@@ -48,12 +48,12 @@ def main() -> None:
         return out.shape[1] - ids.shape[1]
 
     def lab_beam() -> int:
-        return len(s.generate(PROMPT, max_new_tokens=NEW_TOKENS, sampler=BeamSearch(4)))
+        return len(s.generate(PROMPT, max_new_tokens=NEW_TOKENS, beam=BeamSearch(4)))
 
     with torch.no_grad():
         ref = s.model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=4, do_sample=False,
                                max_new_tokens=NEW_TOKENS)[0, ids.shape[1]:].tolist()
-    same = s.generate(PROMPT, max_new_tokens=NEW_TOKENS, sampler=BeamSearch(4)).token_ids == ref
+    same = s.generate(PROMPT, max_new_tokens=NEW_TOKENS, beam=BeamSearch(4)).token_ids == ref
     beam = summary(interleaved({"transformers": hf_beam, "labkit": lab_beam}, repeats=3), "transformers")
     print(f"beam search (4 beams): labkit {beam['labkit']['ms_per_token']} ms/token vs transformers "
           f"{beam['transformers']['ms_per_token']}: {beam['labkit']['ratio']:.2f}x (aim <= 1.0x); same tokens: {same}")

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from labkit import __version__
-from labkit.core.errors import InvalidArgument, SessionBusy, check_int, invalid_choice
+from labkit.core.errors import InvalidArgument, SessionBusy, check_int, deprecated, invalid_choice
 from labkit.core.tokens import TokenTexts, token_id
 from labkit.decoding import loop
 from labkit.decoding.settings import CAPTURES, GenerationSettings, Run, StopRules
@@ -54,7 +54,8 @@ class Session:
         self.device = torch.device(self.info.device)
         self._lock = threading.Lock()  # not re-entrant: a generation started from inside another is refused
         self._stop = threading.Event()
-        self._texts = TokenTexts(self.tokenizer)
+        self.token_text = TokenTexts(self.tokenizer)
+        """``token_text(id)``: the text of one token id (cached), as Steps and Traces show it."""
         self._scoped: list[Any] = []  # token-level interventions of open `intervene` scopes, outermost first
         self.last_trace: Trace | None = None
         """The Trace of the latest generation, however it ended (also when a callback raised)."""
@@ -118,7 +119,9 @@ class Session:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
     @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def exclusive(self) -> Iterator[None]:
+        """Hold the Session for a block of model calls made outside labkit's verbs (a panel's or a sweep's own
+        forward pass): SessionBusy when a generation runs; released however the block ends."""
         if not self._lock.acquire(blocking=False):
             raise SessionBusy("this Session is busy with a generation (in another thread, or the one this call was "
                               "made from, e.g. inside on_step or a stream's loop); wait for it to end, or call "
@@ -137,7 +140,7 @@ class Session:
         from labkit.interventions.base import InterventionContext, apply_all
 
         ids = self.encode(prompt, chat=chat, reserve=0)
-        with self._exclusive(), torch.inference_mode():
+        with self.exclusive(), torch.inference_mode():
             logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1:].float()  # (1, V)
             logits, changed = apply_all(logits, InterventionContext(0, [], ids[0].tolist(), self), self._scoped)
             logprobs = torch.log_softmax(logits[0], dim=-1).cpu()  # (V,) nats
@@ -150,7 +153,7 @@ class Session:
         if ids.shape[1] < 2:
             raise InvalidArgument(f"text must be at least 2 tokens to score; {text!r} is {ids.shape[1]}")
         chosen, ranks, entropies = [], [], []
-        with self._exclusive(), torch.inference_mode():
+        with self.exclusive(), torch.inference_mode():
             for start, logits in self._logits_in_chunks(ids, 0, ids.shape[1] - 1):  # (R, V) predicting start+1..
                 logp = torch.log_softmax(logits, dim=-1)  # (R, V) nats
                 actual = ids[0, start + 1:start + 1 + logits.shape[0]].to(logp.device)  # (R,)
@@ -159,7 +162,7 @@ class Session:
                 ranks.append(((logp > picked).sum(-1) + 1).cpu())  # (R,)
                 entropies.append(info.entropy_and_varentropy(logp, "bits")[0].cpu())  # (R,)
         token_ids = ids[0].tolist()
-        return Score(text=text, token_ids=token_ids, tokens=[self._texts(i) for i in token_ids],
+        return Score(text=text, token_ids=token_ids, tokens=[self.token_text(i) for i in token_ids],
                      logprobs=torch.cat(chosen).tolist(), entropy_bits=torch.cat(entropies).tolist(),
                      rank=torch.cat(ranks).tolist())
 
@@ -193,7 +196,7 @@ class Session:
         for start in range(first, stop, rows):
             yield start, sites.logits(hidden[start:min(stop, start + rows)], normed=True).float()
 
-    def compare(self, prompts: Sequence[str], token: str | int, chat: bool = False) -> Any:
+    def token_probabilities(self, prompts: Sequence[str], token: str | int, chat: bool = False) -> Any:
         """Probability of one ``token`` (text of one token, or an id) after each prompt: a DataFrame with
         prompt, token, prob, logprob (nats), rank and entropy (bits) of each next-token distribution."""
         import pandas as pd
@@ -205,11 +208,17 @@ class Session:
         for prompt in prompts:
             d = self.next_token(prompt, chat=chat)
             lp = d.logprobs[tid]
-            rows.append({"prompt": prompt, "token": self._texts(tid), "prob": float(lp.exp()), "logprob": float(lp),
+            rows.append({"prompt": prompt, "token": self.token_text(tid), "prob": float(lp.exp()), "logprob": float(lp),
                          "rank": int((d.logprobs > lp).sum()) + 1, "entropy_bits": d.entropy("bits")})
         return pd.DataFrame(rows)
 
-    compare_token_probabilities = compare  # the name seed 000 uses
+    compare_token_probabilities = token_probabilities  # the name seed 000 uses
+
+    def compare(self, prompts: Sequence[str], token: str | int, chat: bool = False) -> Any:
+        """Deprecated name of :meth:`token_probabilities` ("compare" is for samplers: ``labkit compare``,
+        :func:`labkit.sampling.evaluate`)."""
+        deprecated("Session.compare(prompts, token) is now Session.token_probabilities (compare is for samplers)")
+        return self.token_probabilities(prompts, token, chat=chat)
 
     def attention(self, prompt: str, chat: bool = False, layers: Sequence[int] | None = None,
                   heads: Sequence[int] | None = None, dtype: str = "float32") -> Any:
@@ -230,10 +239,10 @@ class Session:
         kept = len(layer_list) * len(head_list) * length * length * torch_dtype.itemsize
         memory.check(kept, f"attention maps of {len(layer_list)} layers × {len(head_list)} heads over {length} "
                      f"tokens ({dtype})", "cpu", "choose fewer layers= or heads=, dtype='float16', or a shorter prompt")
-        with self._exclusive():
+        with self.exclusive():
             maps = attention_maps(self.model, ids, layer_list, head_list, torch_dtype)
         probs = torch.stack([maps[layer] for layer in layer_list])  # (L_sel, H_sel, T, T)
-        return AttentionMaps(probs=probs, tokens=[self._texts(i) for i in ids[0].tolist()], layers=layer_list,
+        return AttentionMaps(probs=probs, tokens=[self.token_text(i) for i in ids[0].tolist()], layers=layer_list,
                              heads=head_list)
 
     @staticmethod
@@ -257,8 +266,8 @@ class Session:
 
         check_int("k", k, 1, self.info.vocab_size)
         ids = self.encode(prompt, chat=chat)
-        with self._exclusive():
-            return logit_lens(self.model, ids, self._texts, k=k)
+        with self.exclusive():
+            return logit_lens(self.model, ids, self.token_text, k=k)
 
     def teacher_forced_logits(self, trace: Trace) -> torch.Tensor:
         """Shape (n, V): the model's raw logits at each of ``trace``'s n steps, recomputed in one full-cache forward
@@ -274,7 +283,7 @@ class Session:
         ids = torch.tensor([[*trace.prompt_ids, *trace.token_ids[:-1]]], device=self.device)
         length = ids.shape[1]
         out = torch.empty(n, self.info.vocab_size)  # (n, V) on the CPU
-        with self._exclusive(), torch.inference_mode():
+        with self.exclusive(), torch.inference_mode():
             for start, logits in self._logits_in_chunks(ids, length - n, length):
                 out[start - (length - n):start - (length - n) + logits.shape[0]] = logits.cpu()
         return out
@@ -288,9 +297,9 @@ class Session:
 
         names = check_site_names(self.sites, sites)
         ids = self.encode(prompt, chat=chat)
-        with self._exclusive():
+        with self.exclusive():
             tensors = run_with_cache(self.sites, ids, names)
-        return Activations(tensors=tensors, tokens=[self._texts(i) for i in ids[0].tolist()],
+        return Activations(tensors=tensors, tokens=[self.token_text(i) for i in ids[0].tolist()],
                            token_ids=ids[0].tolist(), prompt=prompt, model=self.model_id,
                            meta={"dtype": self.info.dtype, "chat": str(chat)})
 
@@ -323,7 +332,7 @@ class Session:
         the model's own prediction: token-level interventions and the sampler act after it."""
         from labkit.why.attribution import attribute
 
-        ids, token = self._step_context(trace, index)
+        ids, token = self.step_context(trace, index)
         return self._attribute(ids, token if target is None else target, foil, method, None, quantity, steps, batch,
                                baseline, attribute, max_steps, tolerance)
 
@@ -340,7 +349,7 @@ class Session:
             check_int("position", position, -length, length - 1)
         where = (length - 1) if position is None else position % length
         foil_id = None if foil is None else token_id(self.tokenizer, foil)
-        with self._exclusive():
+        with self.exclusive():
             if target is None and where < length - 1:
                 target_id = int(ids[0, where + 1])
             elif target is None:
@@ -349,33 +358,35 @@ class Session:
             else:
                 target_id = token_id(self.tokenizer, target)
             return attribute(self.sites, ids, target_id, foil=foil_id, method=method, position=where,
-                             quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self._texts,
+                             quantity=quantity, steps=steps, batch=batch, baseline=baseline, token_text=self.token_text,
                              tokenizer=self.tokenizer, max_steps=max_steps, tolerance=tolerance)
 
-    def logit_attribution(self, prompt: str, token: str | int | None = None, against: str | int | None = None,
-                          chat: bool = False) -> Any:
+    def logit_attribution(self, prompt: str, token: str | int | None = None, foil: str | int | None = None,
+                          chat: bool = False, *, against: str | int | None = None) -> Any:
         """Direct logit attribution at the last position of ``prompt``: the logit of ``token`` (default: the top
-        prediction), or the difference to ``against``, split into the embedding, each layer's attention (and each
-        head) and MLP, with the final norm's scale frozen (:class:`labkit.why.logit_attribution.LogitAttribution`)."""
+        prediction), or the difference to ``foil`` (as :meth:`attribute`), split into the embedding, each layer's
+        attention (and each head) and MLP, with the final norm's scale frozen
+        (:class:`labkit.why.logit_attribution.LogitAttribution`). ``against=`` is the deprecated name of ``foil``."""
         ids = self.encode(prompt, chat=chat)
-        return self._logit_attribution(ids, token, against)
+        return self._logit_attribution(ids, token, _foil(foil, against))
 
-    def logit_attribution_step(self, trace: Trace, index: int, against: str | int | None = None) -> Any:
+    def logit_attribution_step(self, trace: Trace, index: int, foil: str | int | None = None, *,
+                               against: str | int | None = None) -> Any:
         """:meth:`logit_attribution` of step ``index``'s token, with the prompt and earlier tokens as context."""
-        ids, token = self._step_context(trace, index)
-        return self._logit_attribution(ids, token, against)
+        ids, token = self.step_context(trace, index)
+        return self._logit_attribution(ids, token, _foil(foil, against))
 
-    def _logit_attribution(self, ids: torch.Tensor, token: Any, against: Any) -> Any:
+    def _logit_attribution(self, ids: torch.Tensor, token: Any, foil: Any) -> Any:
         from labkit.why.logit_attribution import decompose
 
-        against_id = None if against is None else token_id(self.tokenizer, against)
-        with self._exclusive():
+        foil_id = None if foil is None else token_id(self.tokenizer, foil)
+        with self.exclusive():
             if token is None:
                 with torch.inference_mode():
                     token = int(self.model(input_ids=ids, logits_to_keep=1).logits[0, -1].argmax())
-            return decompose(self.sites, ids, token_id(self.tokenizer, token), against_id, token_text=self._texts)
+            return decompose(self.sites, ids, token_id(self.tokenizer, token), foil_id, token_text=self.token_text)
 
-    def _step_context(self, trace: Trace, index: int) -> tuple[torch.Tensor, int]:
+    def step_context(self, trace: Trace, index: int) -> tuple[torch.Tensor, int]:
         """The ids (1, T + index) a generation's step ``index`` saw, and its token id."""
         if not isinstance(trace, Trace):
             raise InvalidArgument(f"trace must be a labkit Trace; got {type(trace).__name__}")
@@ -408,7 +419,7 @@ class Session:
         the captures' memory."""
         settings.for_model(self.info, lambda: self.sites, self.model.config)
         interventions = self._bound(settings.interventions)  # errors (bad layer, token text) surface here
-        with self._exclusive():
+        with self.exclusive():
             settings.sampler.bind(self)  # a sampler reading layers or loading an amateur model; its errors surface
             if settings.speculative is not None:
                 settings.speculative.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
@@ -418,7 +429,7 @@ class Session:
         self._check_capture_memory(settings.capture, ids.shape[1], settings.max_new_tokens, settings.rows)
         run = Run(settings, self.model, self.tokenizer, ids, self._new_traces(prompt, ids, settings, rules), rules,
                   [torch.Generator(device=self.device).manual_seed(seed) for seed in settings.seeds],
-                  session=self, stop_event=self._stop, token_text=self._texts)
+                  session=self, stop_event=self._stop, token_text=self.token_text)
         return Generation(self, run, interventions)
 
     def _new_traces(self, prompt: str, ids: torch.Tensor, settings: GenerationSettings,
@@ -536,7 +547,7 @@ class Session:
         """The interventions checked and bound to this session (token text resolved, layers checked, reference
         runs made), while no generation runs."""
         items = check_interventions(interventions)
-        with self._exclusive():
+        with self.exclusive():
             for item in items:
                 item.bind(self)
         return items
@@ -555,6 +566,16 @@ def _check_forced_steps(interventions: Sequence[Any], max_new_tokens: int) -> No
         if late:
             raise InvalidArgument(f"{item!r} forces steps {late}, but max_new_tokens={max_new_tokens} ends the "
                                   f"generation at step {max_new_tokens - 1}")
+
+
+def _foil(foil: Any, against: Any) -> Any:
+    """``foil``, or the deprecated ``against=`` spelling of it (not both)."""
+    if against is None:
+        return foil
+    if foil is not None:
+        raise InvalidArgument("give the foil once: foil=..., not also against=...")
+    deprecated("logit_attribution(against=...) is now foil=... (the name attribute() uses)")
+    return against
 
 
 def _settings(settings: GenerationSettings | None, **arguments: Any) -> GenerationSettings:
@@ -621,7 +642,7 @@ def _run(s: Session, run: Run, interventions: list[Any]) -> Iterator[Step]:
     """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
     method: the generator must not reference its Generation (see there)."""
     try:
-        with s._exclusive(), activated(s, interventions, bind=False) as token_level:
+        with s.exclusive(), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
             run.interventions = [*s._scoped, *token_level]
             yield from loop.generate(run)

@@ -350,7 +350,7 @@ def test_logit_attribution_parts_sum_to_the_eager_models_logit_difference(arch, 
             raw = eager(input_ids=ids).logits[0, -1]
         finally:
             eager.config.final_logit_softcapping = cap
-    la = s.logit_attribution(PROMPT, token=token, against=against)
+    la = s.logit_attribution(PROMPT, token=token, foil=against)
     assert la.logit == pytest.approx(float(logits[token] - logits[against]), abs=2e-5)
     assert sum(v for *_, v in la.parts()) == pytest.approx(float(raw[token] - raw[against]), abs=1e-4)
     for layer in range(s.sites.n_layers):
@@ -583,7 +583,7 @@ def test_batched_rows_equal_single_runs_and_beam_search_equals_transformers(arch
     with torch.no_grad():
         ref = s.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                                num_beams=3, pad_token_id=2)[0, ids.shape[1]:].tolist()
-    assert s.generate(PROMPT, max_new_tokens=NEW, sampler=BeamSearch(3)).token_ids == ref
+    assert s.generate(PROMPT, max_new_tokens=NEW, beam=BeamSearch(3)).token_ids == ref
     greedy = s.generate(PROMPT, max_new_tokens=NEW).token_ids
     assert s.generate(PROMPT, max_new_tokens=NEW, sampler=ContrastiveSearch(0.0, 3)).token_ids == greedy
     assert s.generate(PROMPT, max_new_tokens=NEW, sampler=ContrastiveDecoding(beta=0.0, amateur="layers:1")

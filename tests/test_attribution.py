@@ -150,7 +150,7 @@ def test_bad_attribution_arguments_are_refused_naming_the_parameter(session, kwa
 
 @pytest.fixture(scope="module")
 def dla(session):
-    return session.logit_attribution(PROMPT, token=" Paris", against=" Rome")
+    return session.logit_attribution(PROMPT, token=" Paris", foil=" Rome")
 
 
 def test_logit_attribution_parts_sum_to_transformers_logit_difference(session, dla):

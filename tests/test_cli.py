@@ -166,11 +166,11 @@ def test_bad_speculative_options_exit_2(args, match):
 
 
 def test_attribute_prints_the_same_scores_and_heads_as_the_python_calls(run, session):
-    args = ("attribute", "The capital of France is", "--target", " Paris", "--against", " Rome", "--method",
+    args = ("attribute", "The capital of France is", "--target", " Paris", "--foil", " Rome", "--method",
             "input_x_gradient", "--heads", "3", "--device", "cpu", "--dtype", "float32")
     data = json.loads(run(*args, "--json").stdout)
     a = session.attribute("The capital of France is", target=" Paris", foil=" Rome", method="input_x_gradient")
-    la = session.logit_attribution("The capital of France is", token=" Paris", against=" Rome")
+    la = session.logit_attribution("The capital of France is", token=" Paris", foil=" Rome")
     assert data["attribution"]["tokens"] == a.tokens
     assert data["attribution"]["scores"] == pytest.approx(a.scores, abs=1e-6)
     assert [(h["layer"], h["head"]) for h in data["logit_attribution"]["top_heads"]] == \

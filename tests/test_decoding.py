@@ -116,13 +116,13 @@ def test_beam_search_equals_transformers_generate_num_beams(session, prompt, bea
         out = session.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=14,
                                      num_beams=beams.num_beams, length_penalty=beams.length_penalty,
                                      early_stopping=beams.early_stopping, **extra)[0, ids.shape[1]:].tolist()
-    trace = session.generate(prompt, max_new_tokens=14, sampler=beams, stop=stop)
+    trace = session.generate(prompt, max_new_tokens=14, beam=beams, stop=stop)
     assert trace.token_ids == out[:len(trace)] and set(out[len(trace):]) <= {2}  # transformers pads after the end
 
 
 def test_beam_tree_scores_add_up_and_the_trace_is_the_returned_path(session, tmp_path):
     beams = BeamSearch(3, length_penalty=1.0, entropy_coef=-0.3)
-    trace = session.generate("The capital of France is", max_new_tokens=10, sampler=beams, stop=".")
+    trace = session.generate("The capital of France is", max_new_tokens=10, beam=beams, stop=".")
     tree = trace.beam_tree()
     path = tree.path()
     assert [n.token_id for n in path] == trace.token_ids
@@ -145,12 +145,12 @@ def test_entropy_coefficient_is_shared_by_siblings_so_one_beam_stays_greedy_and_
     prompt = "My favourite food is"
     greedy = session.generate(prompt, max_new_tokens=10)
     # with one beam every candidate has the same parent, so λ·H(parent) never changes the choice
-    assert session.generate(prompt, max_new_tokens=10, sampler=BeamSearch(1, entropy_coef=-5.0)).token_ids == \
+    assert session.generate(prompt, max_new_tokens=10, beam=BeamSearch(1, entropy_coef=-5.0)).token_ids == \
         greedy.token_ids
-    plain = session.generate(prompt, max_new_tokens=10, sampler=BeamSearch(4))
-    assert session.generate(prompt, max_new_tokens=10, sampler=BeamSearch(4, entropy_coef=0.0)).token_ids == \
+    plain = session.generate(prompt, max_new_tokens=10, beam=BeamSearch(4))
+    assert session.generate(prompt, max_new_tokens=10, beam=BeamSearch(4, entropy_coef=0.0)).token_ids == \
         plain.token_ids
-    weighted = session.generate(prompt, max_new_tokens=10, sampler=BeamSearch(4, entropy_coef=-3.0))
+    weighted = session.generate(prompt, max_new_tokens=10, beam=BeamSearch(4, entropy_coef=-3.0))
     assert weighted.token_ids != plain.token_ids  # across beams it does re-rank
 
 
@@ -260,7 +260,7 @@ def test_decoding_strategies_in_evaluate_and_the_cli(session):
     result = CliRunner().invoke(main, ["generate", "The capital of France is", "--max-new-tokens", "6", "--sampler",
                                        "beam:num_beams=2"], catch_exceptions=False)
     assert result.exit_code == 0
-    beam = session.generate("The capital of France is", max_new_tokens=6, sampler=BeamSearch(2))
+    beam = session.generate("The capital of France is", max_new_tokens=6, beam=BeamSearch(2))
     assert beam.text in result.output
 
 
@@ -311,8 +311,8 @@ def test_session_uncertainty_equals_its_single_runs(session):
     (lambda s: s.generate("x", n=0), "n must be"),
     (lambda s: s.generate("x", n=2, kv="quant:bits=8"), "one sequence"),
     (lambda s: s.generate("x", seed=[1, 2], n=3), "one seed per sequence"),
-    (lambda s: s.generate("x", sampler=BeamSearch(2), n=2), "beam search"),
-    (lambda s: s.generate("x", sampler=BeamSearch(2), capture=["attention"]), "beam search"),
+    (lambda s: s.generate("x", beam=BeamSearch(2), n=2), "beam search"),
+    (lambda s: s.generate("x", beam=BeamSearch(2), capture=["attention"]), "beam search"),
     (lambda s: BeamSearch(0), "num_beams"),
     (lambda s: BeamSearch(2, early_stopping="sometimes"), "early_stopping"),
     (lambda s: s.generate("x", sampler=DoLa(layers=[99])), "layers must be"),

@@ -21,7 +21,7 @@ from labkit.interventions import (
     Patch,
     Steer,
     Suppress,
-    analyze_intervention_effects,
+    evaluate,
     patching_sweep,
     recipe,
     steering_vector,
@@ -219,7 +219,7 @@ def test_interventions_with_entropix_and_attention_capture(session):
 
 
 def test_effects_are_measured_against_the_unmodified_model(session):
-    eff = analyze_intervention_effects(session, FRANCE, [Suppress(" Paris")], samples=2, max_new_tokens=5)
+    eff = evaluate(session, FRANCE, [Suppress(" Paris")], samples=2, max_new_tokens=5)
     assert len(eff.samples) == 2 and eff.summary["samples"] == 2
     assert (eff.table["kl_bits"] >= -1e-6).all()
     first = eff.table[eff.table["step"] == 0]
@@ -231,7 +231,7 @@ def test_effects_are_measured_against_the_unmodified_model(session):
     fig = eff.plot()
     assert len(fig.data) == 2 and list(fig.data[0].x) == [0, 1, 2, 3, 4]
     with pytest.raises(InvalidArgument, match="at least one intervention"):
-        analyze_intervention_effects(session, FRANCE, [])
+        evaluate(session, FRANCE, [])
 
 
 def test_recipes(session):

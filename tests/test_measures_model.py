@@ -30,7 +30,7 @@ def test_score_equals_the_models_own_loss(session):
 
 
 def test_compare_token_probabilities(session):
-    df = session.compare(["The capital of France is", "Paris is the capital of"], " Paris")
+    df = session.token_probabilities(["The capital of France is", "Paris is the capital of"], " Paris")
     assert df["prob"][0] == pytest.approx(session.next_token("The capital of France is").prob(" Paris"))
     assert df["rank"][0] == 1 and df["rank"][1] > 1
     assert session.compare_token_probabilities(["The capital of France is"], " Paris")["prob"][0] == df["prob"][0]

@@ -364,7 +364,7 @@ def test_lab_offers_beam_search_and_the_contrast_decoders_with_live_sliders(sess
         lab.controls.kind.value = "beam"
         lab.run()
         lab.wait(60)
-        assert lab.trace.token_ids == session.generate(PROMPT, max_new_tokens=4, sampler=BeamSearch(4)).token_ids
+        assert lab.trace.token_ids == session.generate(PROMPT, max_new_tokens=4, beam=BeamSearch(4)).token_ids
         assert lab.trace.beam_tree().returned >= 0
         lab.controls.kind.value = "dola"
         lab.controls.sliders["alpha"].value = 0.2

@@ -216,7 +216,7 @@ def test_a_cpu_disk_split_equals_the_single_device_run(arch, single, split):
     repeat = "one two three four five one two three four five one two three"
     sa, sd = (s.generate(repeat, max_new_tokens=8, speculative=PromptLookupDraft()) for s in (a, d))
     assert sd.token_ids == sa.token_ids == a.generate(repeat, max_new_tokens=8).token_ids
-    ba, bd = (s.generate(PROMPT, max_new_tokens=5, sampler=BeamSearch(num_beams=3)) for s in (a, d))
+    ba, bd = (s.generate(PROMPT, max_new_tokens=5, beam=BeamSearch(num_beams=3)) for s in (a, d))
     assert bd.token_ids == ba.token_ids
     na, nd = (s.generate(PROMPT, max_new_tokens=5, n=3, seed=1, sampler=labkit.sampling.Classic()) for s in (a, d))
     assert [t.token_ids for t in nd] == [t.token_ids for t in na]

@@ -18,7 +18,7 @@ from labkit.speculative import (
     PromptLookupDraft,
     QuantizedDraft,
     SpeculativeStats,
-    measure,
+    evaluate,
     parse_draft,
 )
 
@@ -145,14 +145,14 @@ def test_trace_records_rounds_and_saves_them(session, tmp_path):
 
 
 def test_measure_reports_a_speedup_against_plain_decoding(session):
-    m = measure(session, COPY, PromptLookupDraft(), repeats=1, max_new_tokens=12, chat=True)
+    m = evaluate(session, COPY, PromptLookupDraft(), repeats=1, max_new_tokens=12, chat=True)
     assert m.identical and m.trace.meta.speculative
     plain_ms = m.plain_ms_per_token
     assert plain_ms > 0 and m.speculative_ms_per_token > 0  # real timings; their ratio is tested with known ones below
 
 
 class _TimedTrace:
-    """A trace stand-in with 4 steps of ``ms`` each (what ``measure`` reads: steps, length, token ids, meta)."""
+    """A trace stand-in with 4 steps of ``ms`` each (what ``evaluate`` reads: steps, length, token ids, meta)."""
 
     def __init__(self, ms, speculative):
         from types import SimpleNamespace
@@ -178,7 +178,7 @@ def test_measure_computes_its_speedup_from_the_step_timings_as_medians():
         def generate(self, prompt, speculative=None, **kw):
             return _TimedTrace(next(self.spec if speculative else self.plain), speculative is not None)
 
-    m = measure(TimedSession(), "p", PromptLookupDraft(), repeats=3)
+    m = evaluate(TimedSession(), "p", PromptLookupDraft(), repeats=3)
     assert m.plain_ms_per_token == 12.0 and m.speculative_ms_per_token == 5.0  # medians: the 30 ms outlier ignored
     assert m.speedup == pytest.approx(2.4)
     assert m.stats.measured_speedup == pytest.approx(2.4)

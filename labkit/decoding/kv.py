@@ -366,6 +366,17 @@ class HeavyHitters(_Layered):
 
 
 POLICIES = {"full": Full, "quant": Quant, "window": Window, "h2o": HeavyHitters}
+"""KV-cache policies by spec name; open: :func:`register` adds one (then ``kv="name:..."`` works in ``generate``, the
+command line's ``--kv``, sweeps and the Lab)."""
+
+
+def register(cls: type) -> type:
+    """Add a policy class (a frozen dataclass deriving ``_Layered``, with ``name``, ``evicts`` and ``layer_class``)
+    under its ``name``; returns ``cls`` (a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, _Layered) and dataclasses.is_dataclass(cls)):
+        raise InvalidArgument(f"register takes a frozen dataclass deriving labkit.decoding.kv._Layered; got {cls!r}")
+    POLICIES[cls.name] = cls
+    return cls
 
 
 def needs_attention(policy: Any) -> bool:

@@ -70,7 +70,7 @@ def decode(run: Run) -> Iterator[Step]:
     exactly what a single run with its generator draws. A row that meets a stop rule leaves the batch (its cache
     rows are dropped); Steps are yielded row by row within a round.
 
-    Each iteration is one *round* (:meth:`_Loop.round`): propose (a Speculator drafts γ tokens; :class:`PlainRounds`
+    Each iteration is one *round* (``_Loop.round``): propose (a Speculator drafts γ tokens; :class:`PlainRounds`
     none) → one target forward pass over the newest token plus the drafted ones → edit (token-level interventions)
     → the sampler's scores → choose one token per position, up to the first rejection or stop → one Step per kept
     position → settle (the cache cropped back to the kept tokens). Captures: ``"attention"`` (each step's query
@@ -84,13 +84,7 @@ def decode(run: Run) -> Iterator[Step]:
     loop = _Loop(run)
     try:
         with torch.inference_mode(), loop.recording():
-            while live := [row for row in loop.rows if not row.reason]:
-                if loop.before_round(len(live[0].trace.steps)):
-                    break
-                yield from loop.round(live)
-                if loop.reason:
-                    break
-                loop.drop_ended(live)
+            yield from loop.rounds()
     except KeyboardInterrupt:
         loop.reason = "interrupted"
     except Exception:
@@ -167,6 +161,16 @@ class _Loop:
             if names:
                 self.sites = scope.enter_context(SiteRecorder(sites_of(self.run.model), names).recording())
             yield
+
+    def rounds(self) -> Iterator[Step]:
+        """Round after round while a row runs, until a stop rule, ``max_new_tokens`` or the stop event."""
+        while live := [row for row in self.rows if not row.reason]:
+            if self.before_round(len(live[0].trace.steps)):
+                return
+            yield from self.round(live)
+            if self.reason:
+                return
+            self.drop_ended(live)
 
     def before_round(self, index: int) -> bool:
         """Whether the generation ends before the round whose first Step is ``index`` (and why, in ``reason``)."""

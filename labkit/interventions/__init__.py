@@ -18,7 +18,7 @@ from labkit.interventions.base import (
     InterventionContext,
     TokenIntervention,
 )
-from labkit.interventions.effects import Effect, analyze_intervention_effects
+from labkit.interventions.effects import Effect, analyze_intervention_effects, evaluate
 from labkit.interventions.recipes import RECIPES, recipe
 from labkit.interventions.token import (
     Boost,
@@ -51,6 +51,7 @@ __all__ = [
     "Suppress",
     "TokenIntervention",
     "analyze_intervention_effects",
+    "evaluate",
     "head_importance",
     "patching_sweep",
     "recipe",

@@ -279,4 +279,4 @@ def patching_sweep(session: Any, clean: str, corrupt: str, target_token: str | i
         with sites.edit({name: patch}):
             patched = metric(model(batch, logits_to_keep=1).logits[:, -1]).cpu()  # only the last position is read
         out[layer] = (patched - corrupt_m) / (clean_m - corrupt_m)
-    return PatchingSweep(out, [session._texts(i) for i in xi[0].tolist()], clean_m, corrupt_m)
+    return PatchingSweep(out, [session.token_text(i) for i in xi[0].tolist()], clean_m, corrupt_m)

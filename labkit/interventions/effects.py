@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
-from labkit.core.errors import InvalidArgument, check_int
+from labkit.core.errors import InvalidArgument, check_int, deprecated
 from labkit.interventions.base import check_interventions
 from labkit.measures import information as info
 
 
 @dataclass
 class Effect:
-    """Result of :func:`analyze_intervention_effects`."""
+    """Result of :func:`evaluate`."""
 
     table: Any
     """DataFrame, one row per (sample, step) of the intervened runs: token, baseline_token (same step of the
@@ -52,7 +52,7 @@ def unmodified_logits(session: Any, prompt_ids: list[int], token_ids: list[int])
     return logits[n - 1:n - 1 + len(token_ids)]
 
 
-def analyze_intervention_effects(session: Any, prompt: str, interventions: Any, samples: int = 5, seed: int = 0,
+def evaluate(session: Any, prompt: str, interventions: Any, samples: int = 5, seed: int = 0,
                                  max_new_tokens: int = 24, sampler: Any = None, chat: bool = False) -> Effect:
     """Generate ``samples`` times without and with ``interventions`` (seeds ``seed``, ``seed + 1``, ...; the same
     seed for both runs of a sample) and compare (see :class:`Effect`). Run it outside ``intervene`` scopes: the
@@ -98,3 +98,9 @@ def analyze_intervention_effects(session: Any, prompt: str, interventions: Any, 
 def _ppl(logprobs: torch.Tensor) -> float:
     """info.perplexity of one output's log-probabilities (nats); nan for an empty output."""
     return float(info.perplexity(logprobs)) if logprobs.numel() else float("nan")
+
+
+def analyze_intervention_effects(*args: Any, **kwargs: Any) -> Effect:
+    """Deprecated name of :func:`evaluate` (a variant against a baseline is ``evaluate`` everywhere)."""
+    deprecated("analyze_intervention_effects is now labkit.interventions.evaluate")
+    return evaluate(*args, **kwargs)

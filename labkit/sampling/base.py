@@ -8,7 +8,6 @@ the next token (the live-slider rule). Parameters are validated on every assignm
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -23,52 +22,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from labkit.core.errors import InvalidArgument
-
-# -- parameter ranges, shared by every sampler (the live-slider rule: checked on every assignment) ----------
-
-_RANGES: dict[str, tuple[str, Any]] = {
-    # name: (allowed range as shown to the user, predicate on a float)
-    "temperature": ("> 0 (use sampler=None for greedy)", lambda v: v > 0),
-    "top_p": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "min_p": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "typical_p": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "epsilon_cutoff": ("in [0, 1) (0 disables it)", lambda v: 0 <= v < 1),
-    "eta_cutoff": ("in [0, 1) (0 disables it)", lambda v: 0 <= v < 1),
-    "top_n_sigma": ("≥ 0 (0 disables it)", lambda v: v >= 0),
-    "entropy_weight": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "min_entropy": ("≥ 0 bits", lambda v: v >= 0),
-    "tau": ("> 0 bits", lambda v: v > 0),
-    "eta": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "alpha": ("in (0, 1]", lambda v: 0 < v <= 1),  # contrastive decoding / DoLa plausibility threshold
-    "beta": ("≥ 0", lambda v: v >= 0),
-    "penalty_alpha": ("in [0, 1]", lambda v: 0 <= v <= 1),
-    "length_penalty": ("with |value| ≤ 1e6", lambda v: abs(v) <= 1e6),
-    "entropy_coef": ("with |value| ≤ 1e6 (0: plain beam search)", lambda v: abs(v) <= 1e6),
-}
-_INT_RANGES: dict[str, tuple[str, Any]] = {
-    "top_k": ("an integer ≥ 0 (0 disables it)", lambda v: v >= 0),
-    "n_candidates": ("an integer ≥ 1", lambda v: v >= 1),
-    "num_beams": ("an integer in [1, 64]", lambda v: 1 <= v <= 64),
-}
-
-
-def check_param(key: str, value: Any) -> Any:
-    """Validate one sampler parameter by its name; return it normalised (float or int), or raise
-    InvalidArgument naming the parameter, the value and the allowed range. Unknown names pass through."""
-    if key in _INT_RANGES:
-        allowed, ok = _INT_RANGES[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-            raise InvalidArgument(f"{key} must be {allowed}; got {value!r}")
-        return value
-    if key in _RANGES:
-        allowed, ok = _RANGES[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InvalidArgument(f"{key} must be a finite number {allowed}; got {value!r}")
-        if not ok(float(value)):
-            raise InvalidArgument(f"{key} must be {allowed}; got {value!r}")
-        return float(value)
-    return value
+from labkit.sampling.params import MIN_P, TEMPERATURE, TOP_K, TOP_P, Param, Tunable
 
 
 def keep_only(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -82,7 +36,7 @@ def argmax_only(scores: torch.Tensor) -> torch.Tensor:
     return out.scatter_(-1, scores.argmax(dim=-1, keepdim=True), 0.0)
 
 
-class Sampler(LogitsProcessor):
+class Sampler(Tunable, LogitsProcessor):
     """Base class: turns raw logits into processed scores, then draws a token.
 
     The decoding loop calls, per generation, ``reset(tokenizer)``; per step, ``observe(captures)`` (what the
@@ -91,22 +45,12 @@ class Sampler(LogitsProcessor):
     """
 
     name: ClassVar[str] = "sampler"
-    params: ClassVar[tuple[str, ...]] = ()
     needs: ClassVar[frozenset[str]] = frozenset()
     """Captures the decoding loop must switch on for this sampler (e.g. ``{"attention"}``)."""
     stateless: ClassVar[bool] = True
     """True when the processed scores depend only on the logits (row by row) and ``draw`` draws from
     softmax(scores): the condition for exact speculative decoding (all positions of a round are processed as one
     batch, including drafted positions that may be rejected)."""
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        if key in self.params:
-            value = self.validate(key, value)
-        super().__setattr__(key, value)
-
-    def validate(self, key: str, value: Any) -> Any:
-        """Check one parameter; return the (normalised) value or raise InvalidArgument."""
-        return check_param(key, value)
 
     def bind(self, session: Any) -> None:
         """Prepare for generating with ``session`` (called by the Session before each generation, the Session
@@ -131,14 +75,6 @@ class Sampler(LogitsProcessor):
         """What the sampler did at the step whose processed scores are ``scores`` (stored in Step.sampler):
         by default its name and parameters."""
         return self.config()
-
-    def config(self) -> dict[str, Any]:
-        """Name and current parameters (stored in Trace metadata)."""
-        return {"name": self.name, **{p: getattr(self, p) for p in self.params}}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params)
-        return f"{type(self).__name__}({args})"
 
 
 class Greedy(Sampler):
@@ -178,7 +114,16 @@ class Classic(Sampler):
     """
 
     name = "classic"
-    params = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_n_sigma")
+    params: ClassVar[dict[str, Param]] = {
+        "temperature": TEMPERATURE, "top_k": TOP_K, "top_p": TOP_P, "min_p": MIN_P,
+        "typical_p": Param(1.0, lo=0.0, hi=1.0, open_lo=True, help="locally typical sampling's mass"),
+        "epsilon_cutoff": Param(0.0, lo=0.0, hi=1.0, open_hi=True, note="0 disables it",
+                                help="drop tokens whose probability is below it"),
+        "eta_cutoff": Param(0.0, lo=0.0, hi=1.0, open_hi=True, note="0 disables it",
+                            help="eta sampling: an entropy-dependent probability floor"),
+        "top_n_sigma": Param(0.0, lo=0.0, note="0 disables it",
+                             help="keep the tokens whose logit is within n standard deviations of the top one"),
+    }
 
     def __init__(self, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  typical_p: float = 1.0, epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0,
@@ -194,9 +139,8 @@ class Classic(Sampler):
 
     def config(self) -> dict[str, Any]:
         """Name and the parameters that are switched on (the defaults that do nothing are left out)."""
-        off = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-               "eta_cutoff": 0.0, "top_n_sigma": 0.0}
-        on = {p: getattr(self, p) for p in self.params if p == "temperature" or getattr(self, p) != off[p]}
+        on = {p: getattr(self, p) for p, param in self.params.items()
+              if p == "temperature" or getattr(self, p) != param.default}
         return {"name": self.name, **on}
 
     def warpers(self) -> list[LogitsProcessor]:

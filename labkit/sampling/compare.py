@@ -83,9 +83,10 @@ def evaluate(session: Any, prompts: Sequence[str], samplers: Sequence[Sampler | 
 def _runs(session: Any, prompt: str, sampler: Sampler, seeds: list[int], max_new_tokens: int, chat: bool) -> list[Any]:
     """The traces of one prompt for every seed: one batched generation (each row = the single run with its seed),
     except for beam search, which is deterministic and uses the batch for its beams (one run per seed)."""
-    from labkit.sampling.beam import BeamSearch
+    from labkit.sampling.beam import BeamSearch, strategy_arguments
 
     if isinstance(sampler, BeamSearch) or len(seeds) == 1:
-        return [session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
+        return [session.generate(prompt, max_new_tokens=max_new_tokens, **strategy_arguments(sampler), seed=seed,
+                                 chat=chat)
                 for seed in seeds]
     return session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seeds, chat=chat)

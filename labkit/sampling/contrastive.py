@@ -21,13 +21,14 @@ read more than the logits), so none runs under speculative decoding.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from labkit.core.errors import InvalidArgument
 from labkit.measures import information as info
-from labkit.sampling.base import Sampler, check_param
+from labkit.sampling.base import Sampler
+from labkit.sampling.params import ALPHA, TOP_K, Param
 
 
 def _plausible(logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -86,7 +87,8 @@ class ContrastiveDecoding(_Contrasting):
     (0: greedy); ``amateur`` "layers:K" (the first K blocks, 1 ≤ K < N) or "model:PATH" / a Session."""
 
     name = "contrastive"
-    params = ("alpha", "beta")
+    params: ClassVar[dict[str, Param]] = {"alpha": ALPHA, "beta": Param(0.5, lo=0.0, slider=(0.0, 2.0, 0.05),
+                                            help="weight of the amateur's log-probabilities subtracted")}
 
     def __init__(self, alpha: float = 0.1, beta: float = 0.5, amateur: Any = "layers:8") -> None:
         super().__init__()
@@ -181,7 +183,7 @@ class DoLa(_Contrasting):
     Jensen–Shannon divergence from the final layer (``js_bits``)."""
 
     name = "dola"
-    params = ("alpha",)
+    params: ClassVar[dict[str, Param]] = {"alpha": ALPHA}
 
     def __init__(self, layers: Any = "high", alpha: float = 0.1) -> None:
         super().__init__()
@@ -223,7 +225,9 @@ class ContrastiveSearch(_Contrasting):
     every candidate's score."""
 
     name = "contrastive_search"
-    params = ("penalty_alpha", "top_k")
+    params: ClassVar[dict[str, Param]] = {"penalty_alpha": Param(0.6, lo=0.0, hi=1.0, slider=(0.0, 1.0, 0.05),
+                                     help="weight of the degeneration penalty (similarity to the context)"),
+              "top_k": TOP_K.but(default=4, lo=1, note="the candidates", slider=(1, 20, 1))}
     needs = frozenset({"final_norm", "lookahead"})
 
     def __init__(self, penalty_alpha: float = 0.6, top_k: int = 4) -> None:
@@ -231,11 +235,6 @@ class ContrastiveSearch(_Contrasting):
         self.penalty_alpha, self.top_k = penalty_alpha, top_k
         self._context: torch.Tensor | None = None
         self._lookahead: Any = None
-
-    def validate(self, key: str, value: Any) -> Any:
-        if key == "top_k" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-            raise InvalidArgument(f"top_k must be an integer ≥ 1 here (the candidates); got {value!r}")
-        return check_param(key, value)
 
     def reset(self, tokenizer: Any = None) -> None:
         self._context, self._last = None, {}

@@ -25,7 +25,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.generation.logits_process import (
@@ -38,7 +38,8 @@ from transformers.generation.logits_process import (
 from labkit.core.errors import InvalidArgument
 from labkit.measures import information as info
 from labkit.measures.attention import AttentionRow, step_metrics
-from labkit.sampling.base import Sampler, argmax_only, check_param
+from labkit.sampling.base import Sampler, argmax_only
+from labkit.sampling.params import MIN_P, TEMPERATURE, THRESHOLD, TOP_K, TOP_P, Param
 
 _LN2 = math.log(2.0)
 
@@ -112,8 +113,8 @@ class EntropixConfig:
         if key == "clarify_text":
             if not isinstance(value, str) or not value:
                 raise InvalidArgument(f"clarify_text must be a non-empty string; got {value!r}")
-        elif key in ("temperature", "top_p", "top_k", "min_p", "n_candidates"):
-            value = check_param(key, value)
+        elif key in Entropix.params:
+            value = Entropix.params[key].check(key, value)
         elif key in _FIELD_TYPES:
             kind = _FIELD_TYPES[key]
             ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
@@ -270,6 +271,18 @@ class Entropix(Sampler):
     name = "entropix"
     stateless = False
     needs = frozenset({"attention"})
+    params: ClassVar[dict[str, Param]] = {
+        "temperature": TEMPERATURE.but(default=0.666), "top_p": TOP_P.but(default=0.90),
+        "top_k": TOP_K.but(default=27), "min_p": MIN_P.but(default=0.03),
+        "low_ent": THRESHOLD.but(default=0.1, help="below it a step's entropy is low"),
+        "med_ent": THRESHOLD.but(default=3.0, help="the middle entropy band's upper end"),
+        "high_ent": THRESHOLD.but(default=5.0, slider=(0.0, 12.0, 0.05), help="above it a step's entropy is high"),
+        "low_vent": THRESHOLD.but(default=0.1, unit="bits²", help="below it a step's varentropy is low"),
+        "high_vent": THRESHOLD.but(default=5.0, unit="bits²", slider=(0.0, 20.0, 0.1),
+                                   help="above it a step's varentropy is high"),
+        "n_candidates": Param(5, int, lo=1, help="ADAPTIVE's candidates, best by untempered log-probability"),
+    }
+    """The settings with a range, unit and slider; every other EntropixConfig constant is checked by its kind."""
 
     def __init__(self, config: EntropixConfig | None = None, **settings: Any) -> None:
         object.__setattr__(self, "cfg", dataclasses.replace(config or EntropixConfig()))

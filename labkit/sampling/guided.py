@@ -4,12 +4,13 @@ diverse. Entropies in bits, log-probabilities in nats."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from labkit.measures import information as info
 from labkit.sampling.base import Sampler
+from labkit.sampling.params import TEMPERATURE, Param
 
 _LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # ln of the smallest normal float32 (≈ −87.3)
 
@@ -34,7 +35,13 @@ class EntropyGuided(Sampler):
     """
 
     name = "entropy_guided"
-    params = ("entropy_weight", "min_entropy", "temperature")
+    params: ClassVar[dict[str, Param]] = {
+        "entropy_weight": Param(0.2, lo=0.0, hi=1.0, slider=(0.0, 1.0, 0.05),
+                                help="how much of the step's entropy raises the temperature"),
+        "min_entropy": Param(2.0, lo=0.0, unit="bits", slider=(0.0, 8.0, 0.1),
+                             help="below this entropy the step is sampled as is"),
+        "temperature": TEMPERATURE,
+    }
 
     def __init__(self, entropy_weight: float = 0.2, min_entropy: float = 2.0, temperature: float = 1.0) -> None:
         self.entropy_weight = entropy_weight

@@ -4,11 +4,12 @@ steer μ so the observed surprise tracks a target τ. Surprise in bits."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from labkit.sampling.base import Sampler, keep_only
+from labkit.sampling.params import TEMPERATURE, Param
 
 _LN2 = math.log(2.0)
 
@@ -25,7 +26,13 @@ class Mirostat(Sampler):
 
     name = "mirostat"
     stateless = False
-    params = ("tau", "eta", "temperature")
+    params: ClassVar[dict[str, Param]] = {
+        "tau": Param(5.0, lo=0.0, open_lo=True, unit="bits", slider=(0.5, 10.0, 0.1),
+                     help="the target surprise per token"),
+        "eta": Param(0.1, lo=0.0, hi=1.0, open_lo=True, slider=(0.01, 1.0, 0.01),
+                     help="how fast the threshold follows the target"),
+        "temperature": TEMPERATURE,
+    }
 
     def __init__(self, tau: float = 5.0, eta: float = 0.1, temperature: float = 1.0) -> None:
         self.tau = tau

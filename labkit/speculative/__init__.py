@@ -21,11 +21,12 @@ from labkit.speculative.drafts import (
     QuantizedDraft,
     parse_draft,
 )
-from labkit.speculative.measure import Measurement, measure
+from labkit.speculative.measure import Measurement, evaluate, measure
 from labkit.speculative.rule import ORIGINS, Verdict, accepts, expected_speedup, judge, residual, verify
 from labkit.speculative.speculator import SpeculativeStats, Speculator, VerifyCost, check_speculative
 
 __all__ = ["DRAFT_SPECS", "NOTHING", "ORIGINS", "Draft", "LayerSkipDraft", "Measurement", "ModelDraft",
            "PromptLookupDraft", "Proposal", "QuantizedDraft", "SpeculativeStats", "Speculator", "Verdict",
-           "VerifyCost", "accepts", "check_speculative", "expected_speedup", "judge", "measure", "parse_draft",
+           "VerifyCost", "accepts", "check_speculative", "evaluate", "expected_speedup", "judge", "measure",
+           "parse_draft",
            "residual", "verify"]

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from labkit.core.errors import check_int
+from labkit.core.errors import check_int, deprecated
 from labkit.speculative.drafts import Draft
 from labkit.speculative.speculator import SpeculativeStats
 
@@ -39,7 +39,7 @@ class Measurement:
         return self.plain_ms_per_token / self.speculative_ms_per_token
 
 
-def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generate_kw: Any) -> Measurement:
+def evaluate(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generate_kw: Any) -> Measurement:
     """Run plain and speculative generation of ``prompt`` ``repeats`` times each, interleaved; compare ms/token
     (median, so a first warm-up run does not count with repeats ≥ 3) and tokens. ``generate_kw`` go to
     :meth:`~labkit.session.Session.generate` for both."""
@@ -56,3 +56,9 @@ def measure(session: Any, prompt: str, draft: Draft, repeats: int = 3, **generat
     stats.total_ms = statistics.median(spec_times) * stats.tokens
     return Measurement(stats, statistics.median(spec_times),
                        plain.token_ids == spec.token_ids, spec)
+
+
+def measure(*args: Any, **kwargs: Any) -> Measurement:
+    """Deprecated name of :func:`evaluate` (a variant against a baseline is ``evaluate`` everywhere)."""
+    deprecated("labkit.speculative.measure is now labkit.speculative.evaluate")
+    return evaluate(*args, **kwargs)

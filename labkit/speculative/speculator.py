@@ -74,7 +74,7 @@ class SpeculativeStats:
     """γ of each round (0 when the draft had nothing to propose)."""
     plain_ms_per_token: float | None = None
     """Plain (non-speculative) decoding's ms/token on the same prompt, when measured
-    (:func:`~labkit.speculative.measure.measure`)."""
+    (:func:`~labkit.speculative.measure.evaluate`)."""
 
     @property
     def alpha(self) -> float:

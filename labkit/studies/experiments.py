@@ -164,8 +164,8 @@ class Sweep:
                   ) -> list[dict[str, Any]]:
         """Cells that differ only in their seed, generated as one batch (row b is the single run with its seed, so
         each row is what :meth:`run_cell` gives; beam search, deterministic, runs once per cell) and measured."""
-        from labkit.decoding.beam import BeamSearch
         from labkit.interventions.specs import parse
+        from labkit.sampling.beam import BeamSearch, strategy_arguments
 
         first = cells[0]
         if any((c.prompt, c.sampler, c.intervention, c.kv) != (first.prompt, first.sampler, first.intervention,
@@ -181,9 +181,10 @@ class Sweep:
         kw = dict(max_new_tokens=self.max_new_tokens, chat=self.chat, interventions=items, capture=["logits"],
                   kv=policy)
         if len(cells) > 1 and policy.spec == "full" and not isinstance(sampler, BeamSearch):
-            traces = session.generate(first.prompt, sampler=sampler, seed=[c.seed for c in cells], **kw)
+            traces = session.generate(first.prompt, **strategy_arguments(sampler), seed=[c.seed for c in cells], **kw)
         else:
-            traces = [session.generate(first.prompt, sampler=copy.deepcopy(sampler), seed=c.seed, **kw)
+            traces = [session.generate(first.prompt, **strategy_arguments(copy.deepcopy(sampler)),
+                                       seed=c.seed, **kw)
                       for c in cells]
         return [self._row(session, cell, trace, items, policy.spec == "full")
                 for cell, trace in zip(cells, traces, strict=True)]
@@ -204,7 +205,7 @@ class Sweep:
                 "mean_varentropy_bits": float(v.mean()) if n else nan,
                 "max_varentropy_bits": float(v.max()) if n else nan}
         if n:
-            with session._exclusive(), torch.inference_mode():
+            with session.exclusive(), torch.inference_mode():
                 p = unmodified_logits(session, trace.prompt_ids, trace.token_ids)  # (n, V)
             q = torch.stack([s.captures["logits"].float().cpu() for s in trace.steps])  # (n, V) after interventions
             chosen = info.log_probs(p).gather(-1, torch.tensor(trace.token_ids)[:, None])[:, 0]  # (n,) nats

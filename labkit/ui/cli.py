@@ -81,8 +81,30 @@ class _OneLineErrors(click.Group):
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="labkit")
-def main() -> None:
+@click.option("--plugin", "plugins", multiple=True, envvar="LABKIT_PLUGINS", metavar="MODULE",
+              help="Import MODULE first (repeatable; or LABKIT_PLUGINS, comma-separated): a module that registers "
+              "samplers (labkit.sampling.register), KV policies (labkit.decoding.kv.register) or attribution methods "
+              "(labkit.why.attribution.register_method), which --sampler, --kv and --method then accept.")
+def main(plugins: tuple[str, ...]) -> None:
     """labkit: look inside a causal language model while it generates (offline)."""
+    import importlib
+
+    for name in (n.strip() for item in plugins for n in item.split(",") if n.strip()):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise click.UsageError(f"--plugin {name!r} cannot be imported: {e}") from None
+
+
+@main.command("samplers")
+def samplers_cmd() -> None:
+    """Every registered sampler (and beam search) with its parameters: default, allowed values, what it does."""
+    from labkit.sampling import SAMPLERS, describe
+
+    for name, cls in SAMPLERS.items():
+        click.echo(f"{name}  ({cls.__module__}.{cls.__qualname__})")
+        for line in describe(cls).splitlines():
+            click.echo(f"    {line}")
 
 
 @main.command("next")
@@ -111,9 +133,11 @@ def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) 
 @click.argument("prompt")
 @click.option("--target", default=None, help="The token to explain (text of one token, or an id; default: the "
               "model's top prediction).")
-@click.option("--against", "foil", default=None, help="A foil token: explain target minus foil (a contrast).")
-@click.option("--method", type=click.Choice(["saliency", "input_x_gradient", "ig", "rollout"]), default="ig",
-              show_default=True)
+@click.option("--foil", "--against", "foil", default=None,
+              help="A foil token: explain target minus foil (a contrast). --against is its old name.")
+@click.option("--method", default="ig", show_default=True,
+              help="saliency, input_x_gradient, ig, rollout, or a method registered with "
+              "labkit.why.attribution.register_method (see --plugin).")
 @click.option("--quantity", type=click.Choice(["prob", "logprob", "logit"]), default="prob", show_default=True,
               help="What is attributed: the target's probability, log-probability (nats) or logit.")
 @click.option("--steps", default=64, show_default=True, type=click.IntRange(min=2), help="IG's integration points.")
@@ -133,7 +157,7 @@ def attribute_cmd(prompt: str, target: str | None, foil: str | None, method: str
         target_arg, foil_arg = _token_arg(target), _token_arg(foil)
         a = s.attribute(prompt, target=target_arg, foil=foil_arg, method=method, quantity=quantity, steps=steps,
                         baseline=baseline, chat=chat)
-        la = s.logit_attribution(prompt, token=a.target_id, against=a.foil_id, chat=chat) if heads else None
+        la = s.logit_attribution(prompt, token=a.target_id, foil=a.foil_id, chat=chat) if heads else None
         if as_json:
             out: dict[str, Any] = {"attribution": a.as_dict()}
             if la is not None:
@@ -195,7 +219,8 @@ def _print_steps(trace: Any) -> None:
 @click.option("--top-k", default=0, show_default=True, type=int, help="Top-k truncation when sampling (0 = off).")
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="Top-p truncation when sampling.")
 @click.option("--min-p", default=0.0, show_default=True, type=float, help="Min-p truncation when sampling.")
-@click.option("--sampler", "sampler_spec", default=None, help="Any sampler as a spec, e.g. 'entropix' or "
+@click.option("--sampler", "sampler_spec", default=None, help="Any registered sampler as a spec (list: labkit "
+              "samplers), e.g. 'entropix' or "
               "'mirostat:tau=4' (instead of --temperature/--top-k/--top-p/--min-p).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--suppress", multiple=True, help="Never generate this token (text of one token, or an id; repeatable).")
@@ -223,7 +248,8 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
                  kv_spec: str | None, show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
     """Generate text after PROMPT and optionally show every step."""
     from labkit.sampling import Classic, parse_sampler
-    from labkit.speculative import SpeculativeStats, measure, parse_draft
+    from labkit.sampling.beam import strategy_arguments
+    from labkit.speculative import SpeculativeStats, evaluate, parse_draft
 
     with _errors():
         sampling = temperature is not None or top_k or top_p != 1.0 or min_p
@@ -246,9 +272,10 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
         interventions = from_text(suppress, boost, force, ablate, prefix="--")  # checked before the model loads
         s = _session(**model_kw)
         interventions += [i for spec in recipes for i in parse(s, spec)]
-        kw = {"max_new_tokens": max_new_tokens, "sampler": sampler, "seed": seed, "stop": list(stop) or None,
-              "chat": chat, "interventions": interventions, **({"kv": policy} if policy is not None else {})}
-        measured = measure(s, prompt, draft, repeats=3, **kw) if baseline else None
+        kw = {"max_new_tokens": max_new_tokens, **strategy_arguments(sampler), "seed": seed,
+              "stop": list(stop) or None, "chat": chat, "interventions": interventions,
+              **({"kv": policy} if policy is not None else {})}
+        measured = evaluate(s, prompt, draft, repeats=3, **kw) if baseline else None
         trace = measured.trace if measured else s.generate(prompt, speculative=draft, **kw)
         if show_steps:
             _print_steps(trace)
@@ -311,13 +338,15 @@ def compare_cmd(prompt: str, samplers: tuple[str, ...], max_new_tokens: int, see
                 show_steps: bool, **model_kw: Any) -> None:
     """Each sampler's continuation of PROMPT with its mean entropy and surprisal (bits), and Entropix branches."""
     from labkit.sampling import label, parse_sampler, summarize
+    from labkit.sampling.beam import strategy_arguments
 
     with _errors():
         chosen = [parse_sampler(spec) for spec in samplers or DEFAULT_COMPARE]  # all checked before loading
         s = _session(**model_kw)
         summary = []
         for sampler in chosen:
-            trace = s.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, chat=chat)
+            trace = s.generate(prompt, max_new_tokens=max_new_tokens, **strategy_arguments(sampler), seed=seed,
+                               chat=chat)
             f = summarize([trace])
             summary.append((label(sampler), f["mean_entropy_bits"], f["mean_surprisal_bits"], f["tokens"],
                             f["branches"]))

@@ -85,11 +85,13 @@ class LabkitMagics(Magics):
 
     def _generate(self, args: list[str], prompt: str) -> None:
         from labkit.sampling import parse_sampler
+        from labkit.sampling.beam import strategy_arguments
         from labkit.ui.panels import TokenStream
 
         opts = _generate_parser().parse_args(args)
         sampler = parse_sampler(opts.sampler) if opts.sampler else None
-        trace = self.session().generate(prompt.strip("\n"), max_new_tokens=opts.max_new_tokens, sampler=sampler,
+        trace = self.session().generate(prompt.strip("\n"), max_new_tokens=opts.max_new_tokens,
+                                        **strategy_arguments(sampler),
                                         seed=opts.seed, chat=opts.chat)
         self.shell.user_ns["labkit_trace"] = trace
         display(TokenStream(trace))

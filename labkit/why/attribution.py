@@ -47,7 +47,27 @@ from labkit.model.hooks import Sites
 from labkit.model.models import input_device
 
 #: The attribution methods of :meth:`labkit.session.Session.attribute`.
-METHODS = ("saliency", "input_x_gradient", "ig", "rollout")
+GRADIENT_METHODS: dict[str, Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]] = {}
+"""One-pass gradient methods by name: ``fn(f, embeds)`` → scores (T,), ``f`` the target function of the input
+embeddings (1, T, d_model) and ``embeds`` with ``requires_grad``. Open: :func:`register_method` adds one (a captum
+method, say), and ``attribute(method=...)``, the command line's ``--method`` and the why view accept it."""
+
+
+def methods() -> tuple[str, ...]:
+    """Every attribution method: the one-pass gradient methods registered (saliency, input × gradient...), IG,
+    rollout."""
+    return (*GRADIENT_METHODS, "ig", "rollout")
+
+
+def register_method(name: str, fn: Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor],
+                                            torch.Tensor]) -> None:
+    """Register a one-pass gradient method ``fn(f, embeds) -> (T,)`` under ``name``."""
+    if not isinstance(name, str) or not name.isidentifier() or name in ("ig", "rollout"):
+        raise InvalidArgument(f"an attribution method's name must be an identifier other than 'ig' and 'rollout'; "
+                              f"got {name!r}")
+    if not callable(fn):
+        raise InvalidArgument(f"register_method takes a callable fn(f, embeds) -> scores (T,); got {fn!r}")
+    GRADIENT_METHODS[name] = fn
 #: What is attributed: the target's probability, log-probability (nats) or logit.
 QUANTITIES = ("prob", "logprob", "logit")
 #: Integrated gradients' baselines: the UNK token's embedding (inseq's), zero embeddings, the mean token embedding.
@@ -164,9 +184,9 @@ class Attribution:
 # -- computation ---------------------------------------------------------------------------------------------------
 
 def check_method(method: Any) -> str:
-    """``method`` if it is one of :data:`METHODS`, else InvalidArgument naming the choices."""
-    if method not in METHODS:
-        raise invalid_choice("method", method, METHODS)
+    """``method`` if it is one of :func:`methods`, else InvalidArgument naming the choices."""
+    if method not in methods():
+        raise invalid_choice("method", method, methods())
     return method
 
 
@@ -260,7 +280,7 @@ def attribute(sites: Sites, ids: torch.Tensor, target: int, *, foil: int | None 
             check_embedding_path(sites, ids, position, target, foil, quantity, value)
         extra: dict[str, Any] = {}
         if method != "ig":
-            scores = _gradient_scores(f, embeds.requires_grad_(), method)
+            scores = GRADIENT_METHODS[method](f, embeds.requires_grad_()).detach().float()
         else:
             scores, used = adaptive_ig(f, embeds, start, steps, max_steps, tolerance, points, (base_value, value))
             gap = value - base_value
@@ -394,14 +414,21 @@ def _mean_embedding(sites: Sites) -> torch.Tensor:
     return (total / vocab)[None].to(next(sites.embed.parameters()).dtype)
 
 
-def _gradient_scores(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor, method: str) -> torch.Tensor:
-    """Shape (T,): saliency or input × gradient of each position (captum)."""
-    from captum.attr import InputXGradient, Saliency
+def saliency(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor) -> torch.Tensor:
+    """Shape (T,): the norm of each position's gradient |∂f/∂e| (captum's Saliency)."""
+    from captum.attr import Saliency
 
-    if method == "saliency":
-        grads = Saliency(f).attribute(embeds, abs=True)  # (1, T, d) |∂f/∂e|
-        return grads[0].float().norm(dim=-1)
+    return Saliency(f).attribute(embeds, abs=True)[0].float().norm(dim=-1)
+
+
+def input_x_gradient(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor) -> torch.Tensor:
+    """Shape (T,): each position's input × gradient, summed over the embedding (captum's InputXGradient)."""
+    from captum.attr import InputXGradient
+
     return InputXGradient(f).attribute(embeds)[0].float().sum(-1)
+
+
+GRADIENT_METHODS.update(saliency=saliency, input_x_gradient=input_x_gradient)
 
 
 def check_embedding_path(sites: Sites, ids: torch.Tensor, position: int, target: int, foil: int | None,

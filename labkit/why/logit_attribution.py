@@ -1,5 +1,5 @@
 """Direct logit attribution (TransformerLens' ``decompose_resid``, ``stack_head_results``, ``logit_attrs``): the final
-position's logit of one token — or a logit difference ``token`` − ``against`` — split into what each part of the
+position's logit of one token — or a logit difference ``token`` − ``foil`` — split into what each part of the
 model wrote into the residual stream.
 
 The last block's output is a sum: the stream entering block 0 (token embedding, plus position embeddings or scaling
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from labkit.core.errors import InvalidArgument, UnsupportedArchitecture
+from labkit.core.errors import InvalidArgument, UnsupportedArchitecture, deprecated
 from labkit.model.hooks import Sites
 
 
@@ -36,8 +36,8 @@ class LogitAttribution:
     tokens: list[str]
     token: str
     token_id: int
-    against: str | None
-    against_id: int | None
+    foil: str | None
+    foil_id: int | None
     embed: float
     attn: list[float]
     """Shape (L,): each block's attention output, as added to the residual stream."""
@@ -60,7 +60,19 @@ class LogitAttribution:
     @property
     def label(self) -> str:
         """What is attributed, as text: ``logit(' Paris')`` or ``logit(' Paris') − logit(' Rome')``."""
-        return f"logit({self.token!r})" + (f" − logit({self.against!r})" if self.against is not None else "")
+        return f"logit({self.token!r})" + (f" − logit({self.foil!r})" if self.foil is not None else "")
+
+    @property
+    def against(self) -> str | None:
+        """Deprecated name of :attr:`foil`."""
+        deprecated("LogitAttribution.against is now .foil (the name attribute() uses)")
+        return self.foil
+
+    @property
+    def against_id(self) -> int | None:
+        """Deprecated name of :attr:`foil_id`."""
+        deprecated("LogitAttribution.against_id is now .foil_id (the name attribute() uses)")
+        return self.foil_id
 
     def __repr__(self) -> str:
         top = ", ".join(f"L{layer}H{head} {v:+.3g}" for layer, head, v in self.top_heads(3))
@@ -194,12 +206,12 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
 
 
-def decompose(sites: Sites, ids: torch.Tensor, token: int, against: int | None = None,
+def decompose(sites: Sites, ids: torch.Tensor, token: int, foil: int | None = None,
               token_text: Callable[[int], str] | None = None) -> LogitAttribution:
-    """Direct logit attribution of ``token`` (minus ``against``) at the last position of ``ids`` (1, T). One forward
+    """Direct logit attribution of ``token`` (minus ``foil``) at the last position of ``ids`` (1, T). One forward
     pass; the caller holds the model. UnsupportedArchitecture when the parts do not sum to the model's logit."""
-    if against is not None and against == token:
-        raise InvalidArgument(f"against must differ from token; both are token id {token}")
+    if foil is not None and foil == token:
+        raise InvalidArgument(f"foil must differ from token; both are token id {token}")
     n = sites.n_layers
     names = ["blocks.0.resid_pre", f"blocks.{n - 1}.resid_post"]
     names += [f"blocks.{layer}.{kind}" for layer in range(n) for kind in ("attn.z", "attn_out", "mlp_out")]
@@ -217,7 +229,7 @@ def decompose(sites: Sites, ids: torch.Tensor, token: int, against: int | None =
                 f"stream (relative error {err:.2g}); its blocks scale or normalise what they add in a way labkit "
                 "does not model, so direct logit attribution would be wrong")
         logits, constant, scale = _through_final(sites, parts, x)
-        pick = (lambda v: v[..., token] - v[..., against]) if against is not None else (lambda v: v[..., token])
+        pick = (lambda v: v[..., token] - v[..., foil]) if foil is not None else (lambda v: v[..., token])
         values = pick(logits).double()  # (N,)
         bias = float(pick(constant))
         own = float(pick(model_logits))
@@ -237,7 +249,7 @@ def decompose(sites: Sites, ids: torch.Tensor, token: int, against: int | None =
     text = token_text or (lambda i: str(i))
     return LogitAttribution(
         tokens=[text(i) for i in ids[0].tolist()], token=text(token), token_id=token,
-        against=None if against is None else text(against), against_id=against, embed=float(values[0]),
+        foil=None if foil is None else text(foil), foil_id=foil, embed=float(values[0]),
         attn=per_layer[:, :h + 1].sum(-1).tolist(), mlp=per_layer[:, h + 1].tolist(),
         heads=per_layer[:, :h].tolist(), attn_bias=per_layer[:, h].tolist(), bias=bias, total=total, logit=own,
         softcap=sites.logit_softcap, scale=scale)

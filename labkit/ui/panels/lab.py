@@ -17,7 +17,7 @@ from labkit.interventions import ForceTokens
 from labkit.interventions.specs import from_text
 from labkit.records.trace import Step, Trace
 from labkit.sampling import Sampler
-from labkit.sampling.beam import BeamSearch
+from labkit.sampling.beam import BeamSearch, strategy_arguments
 from labkit.ui.panels.attention_view import AttentionImage, grow
 from labkit.ui.panels.charts import ProbabilityCharts
 from labkit.ui.panels.controls import SamplerControls
@@ -193,8 +193,9 @@ class Lab(widgets.VBox):
         self._close(None)
         prompt, chat = self.prompt.value, self.chat.value
         maps, why = prompt_maps(self.session, prompt, chat, self.max_new_tokens.value)  # also checks the prompt
-        gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value, sampler=self.controls.sampler,
-                                  seed=self.seed.value, chat=chat, top_k=self.top_k,
+        gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value,
+                                  **strategy_arguments(self.controls.sampler), seed=self.seed.value, chat=chat,
+                                  top_k=self.top_k,
                                   capture=[] if isinstance(self.controls.sampler, BeamSearch) else ["attention"],
                                   interventions=[*self._interventions(), *extra], kv=self.kv.value or None)
         self._runner, self.trace = _Runner(gen, self), gen.trace
@@ -313,7 +314,7 @@ class Lab(widgets.VBox):
         k = max(forced)
         force = ForceTokens(forced)
         self.prompt.value = self.trace.prompt if self.trace is not None else self.prompt.value
-        self._start([force], label=f"branch at step {k} → {self.session._texts(forced[k])!r}")
+        self._start([force], label=f"branch at step {k} → {self.session.token_text(forced[k])!r}")
         self._pull(None)
 
     def _show_run(self, index: int | None) -> None:

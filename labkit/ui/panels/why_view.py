@@ -11,7 +11,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from labkit.records.trace import Trace
-from labkit.why.attribution import METHODS, attribute
+from labkit.why.attribution import attribute, methods
 from labkit.why.logit_attribution import decompose
 
 TOP_HEADS = 3
@@ -22,9 +22,10 @@ def explain(session: Any, trace: Trace, index: int, method: str, locked: bool = 
     already holds the Session (a Lab run between two steps): the same computations without taking its lock."""
     if locked:
         return session.attribute_step(trace, index, method=method), session.logit_attribution_step(trace, index)
-    ids, token = session._step_context(trace, index)
-    return (attribute(session.sites, ids, token, method=method, token_text=session._texts, tokenizer=session.tokenizer),
-            decompose(session.sites, ids, token, token_text=session._texts))
+    ids, token = session.step_context(trace, index)
+    return (attribute(session.sites, ids, token, method=method, token_text=session.token_text,
+                      tokenizer=session.tokenizer),
+            decompose(session.sites, ids, token, token_text=session.token_text))
 
 
 class WhyView(widgets.VBox):
@@ -33,7 +34,7 @@ class WhyView(widgets.VBox):
 
     def __init__(self, on_ablate: Callable[[int, int], None] | None = None) -> None:
         # input × gradient by default: one backward pass, so the view follows clicks at once (IG: 64 passes)
-        self.method = widgets.ToggleButtons(options=list(METHODS), value="input_x_gradient", description="why by")
+        self.method = widgets.ToggleButtons(options=list(methods()), value="input_x_gradient", description="why by")
         self.title = widgets.HTML("<b>Why this token?</b> Click a generated token.")
         self.status = widgets.Label("")
         self.status.add_class("labkit-why-status")
