@@ -44,7 +44,7 @@ MOVED: dict[str, str] = {
     "decode": "labkit.decoding.loop",
     "beam": "labkit.decoding.beam",
     "experiments": "labkit.studies.experiments",
-    "uncertainty": "labkit.studies.uncertainty",
+    "uncertainty": "labkit.measures.uncertainty",
     "teaching": "labkit.teach.teaching",
     "workshop": "labkit.teach.workshop",
     "kernelspec": "labkit.teach.kernelspec",
@@ -90,4 +90,4 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def install() -> None:
     """Put the old-path finder on ``sys.meta_path`` (once)."""
     if not any(isinstance(f, _Alias) for f in sys.meta_path):
-        sys.meta_path.append(_Alias())
+        sys.meta_path.insert(0, _Alias())  # before PathFinder, which would load a second copy of a submodule

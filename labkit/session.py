@@ -17,15 +17,13 @@ from labkit import __version__
 from labkit.core.errors import InvalidArgument, SessionBusy, check_int, deprecated, invalid_choice
 from labkit.core.tokens import TokenTexts, token_id
 from labkit.decoding import loop
-from labkit.decoding.settings import CAPTURES, GenerationSettings, Run, StopRules
+from labkit.decoding.settings import GenerationSettings, Run, StopRules
 from labkit.interventions.base import activated, check_interventions
 from labkit.measures import information as info
 from labkit.model import models
 from labkit.records.results import Distribution, Score
 from labkit.records.trace import Step, Trace, TraceMeta
 from labkit.sampling.base import Sampler
-
-__all__ = ["CAPTURES", "Generation", "GenerationSettings", "Session"]
 
 
 class Session:
@@ -216,7 +214,7 @@ class Session:
 
     def compare(self, prompts: Sequence[str], token: str | int, chat: bool = False) -> Any:
         """Deprecated name of :meth:`token_probabilities` ("compare" is for samplers: ``labkit compare``,
-        :func:`labkit.sampling.evaluate`)."""
+        :func:`labkit.sampling.compare.evaluate`)."""
         deprecated("Session.compare(prompts, token) is now Session.token_probabilities (compare is for samplers)")
         return self.token_probabilities(prompts, token, chat=chat)
 
@@ -521,10 +519,10 @@ class Session:
                     equivalent: Callable[[str, str], bool] | None = None) -> Any:
         """Sequence-level uncertainty of ``prompt``'s answers from ``n`` samples (one batched generation): NLLs
         (nats, bits), token entropies (bits), predictive and semantic entropy (bits); see
-        :mod:`labkit.studies.uncertainty`. ``normalize`` (text -> answer) or ``equivalent(a, b)`` decide which answers
+        :mod:`labkit.measures.uncertainty`. ``normalize`` (text -> answer) or ``equivalent(a, b)`` decide which answers
         mean
-        the same (default: :func:`~labkit.studies.uncertainty.normalize_answer`)."""
-        from labkit.studies import uncertainty as unc
+        the same (default: :func:`~labkit.measures.uncertainty.normalize_answer`)."""
+        from labkit.measures import uncertainty as unc
 
         return unc.uncertainty(self, prompt, n=n, seed=seed, max_new_tokens=max_new_tokens, sampler=sampler,
                                stop=stop, chat=chat, normalize=normalize or unc.normalize_answer,

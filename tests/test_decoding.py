@@ -13,9 +13,9 @@ from labkit import Trace
 from labkit.core.errors import InvalidArgument
 from labkit.decoding.beam import BeamSearch
 from labkit.interventions import AblateHead, Boost, Steer
+from labkit.measures.uncertainty import estimate, normalize_answer
 from labkit.sampling import Classic, Entropix, Greedy, Mirostat, evaluate, parse_sampler
 from labkit.sampling.contrastive import ContrastiveDecoding, ContrastiveSearch, DoLa, dola_layers
-from labkit.studies.uncertainty import estimate, normalize_answer
 from labkit.ui.cli import main
 
 PROMPT = "The history of the city begins"

@@ -105,7 +105,7 @@ def test_branch_order_and_config_constants_are_live():
     assert decide(M(1, 0.5), cfg).n_candidates == 3
     with pytest.raises(InvalidArgument, match="top_p must be in"):
         cfg.top_p = 0
-    with pytest.raises(InvalidArgument, match="high_vent must be a finite float"):
+    with pytest.raises(InvalidArgument, match="high_vent must be a finite number ≥ 0 bits²"):
         cfg.high_vent = float("nan")
     with pytest.raises(InvalidArgument, match="no setting 'hihg_ent'"):
         cfg.hihg_ent = 1.0

@@ -258,7 +258,8 @@ def _functions(path: Path) -> list[ast.FunctionDef]:
 
 def _body_lines(fn: ast.FunctionDef) -> int:
     """Lines of the body without the docstring."""
-    body = fn.body[1:] if isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant) else fn.body
+    documented = len(fn.body) > 1 and isinstance(fn.body[0], ast.Expr) and isinstance(fn.body[0].value, ast.Constant)
+    body = fn.body[1:] if documented else fn.body
     return body[-1].end_lineno - body[0].lineno + 1
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from labkit.core.errors import InvalidArgument, TraceFormatError
-from labkit.records import trace as trace_mod
+from labkit.records import results as results_mod
 from labkit.records.trace import Alternative, Step, Trace, TraceMeta
 
 
@@ -121,7 +121,7 @@ def test_saved_json_is_plain_and_versioned(tmp_path):
 
 def test_distribution_checks_shape():
     with pytest.raises(InvalidArgument, match=r"shape \(V,\)"):
-        trace_mod.Distribution(logprobs=torch.zeros(2, 3), tokenizer=None)
+        results_mod.Distribution(logprobs=torch.zeros(2, 3), tokenizer=None)
 
 
 def test_a_json_trace_loads_under_a_non_utf8_locale(tmp_path):

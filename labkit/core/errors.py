@@ -89,7 +89,7 @@ def check_int(name: str, value: object, lo: int | None = None, hi: int | None = 
 
 def deprecated(message: str) -> None:
     """A DeprecationWarning attributed to the first caller outside labkit (and outside importlib's machinery, which
-    :mod:`warnings` skips by itself), so it shows in a notebook at the user's line."""
+    ``warnings`` skips by itself), so it shows in a notebook at the user's line."""
     import sys
     import warnings
 

@@ -84,7 +84,7 @@ def decode(run: Run) -> Iterator[Step]:
     loop = _Loop(run)
     try:
         with torch.inference_mode(), loop.recording():
-            yield from loop.rounds()
+            yield from loop.run_rounds()
     except KeyboardInterrupt:
         loop.reason = "interrupted"
     except Exception:
@@ -162,7 +162,7 @@ class _Loop:
                 self.sites = scope.enter_context(SiteRecorder(sites_of(self.run.model), names).recording())
             yield
 
-    def rounds(self) -> Iterator[Step]:
+    def run_rounds(self) -> Iterator[Step]:
         """Round after round while a row runs, until a stop rule, ``max_new_tokens`` or the stop event."""
         while live := [row for row in self.rows if not row.reason]:
             if self.before_round(len(live[0].trace.steps)):

@@ -25,6 +25,7 @@ from labkit.measures.information import metric
 from labkit.records.trace import Trace
 from labkit.sampling.base import Greedy, Sampler
 from labkit.sampling.beam import BeamSearch
+from labkit.sampling.registry import parse_sampler
 from labkit.speculative.speculator import check_speculative
 
 CAPTURES: tuple[str, ...] = ("attention", "logits")
@@ -93,10 +94,12 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 1)
+        spec = isinstance(self.sampler, str)
         self._set("sampler", _sampler(self.sampler))
         if isinstance(self.sampler, BeamSearch):
-            deprecated("sampler=BeamSearch(...) is deprecated: beam search is a decoding strategy, pass "
-                       "beam=BeamSearch(...) (or beam=4)")
+            if not spec:  # a spec names a strategy; an object passed as sampler= is the old spelling
+                deprecated("sampler=BeamSearch(...) is deprecated: beam search is a decoding strategy, pass "
+                           "beam=BeamSearch(...) (or beam=4)")
             if self.beam is not None:
                 raise InvalidArgument("give beam search once: beam=BeamSearch(...), not also sampler=BeamSearch(...)")
             self._set("beam", self.sampler)
@@ -191,9 +194,11 @@ class GenerationSettings:
         return dataclasses.replace(self, **changes)
 
 
-def _sampler(sampler: Any) -> Sampler:
+def _sampler(sampler: Any) -> Any:
     if sampler is None:
         return Greedy()
+    if isinstance(sampler, str):
+        return parse_sampler(sampler)  # a spec: "classic:temperature=0.7" (one naming beam search is routed to beam)
     if not isinstance(sampler, Sampler) and not isinstance(sampler, BeamSearch):
         raise InvalidArgument(f"sampler must be a labkit sampler (e.g. labkit.sampling.Classic()) or None for "
                               f"greedy; got {type(sampler).__name__}")

@@ -1,1 +1,1 @@
-"""Layer 6: studies built from Session calls (sweeps, sequence-level uncertainty)."""
+"""Layer 6: studies built from Session calls (sweeps)."""

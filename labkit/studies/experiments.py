@@ -101,7 +101,7 @@ class Sweep:
                  max_new_tokens: int = 32, metrics: Sequence[str] = (), chat: bool = False,
                  kv: Mapping[str, Any] | None = None) -> None:
         from labkit.decoding.kv import parse_kv
-        from labkit.sampling import Sampler, parse_sampler
+        from labkit.sampling import Tunable, parse_sampler
 
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise InvalidArgument(f"prompts must be a non-empty list of non-empty strings; got {prompts!r}")
@@ -109,7 +109,7 @@ class Sweep:
         for name, s in samplers.items():
             if isinstance(s, str):
                 samplers[name] = parse_sampler(s)
-            elif s is not None and not isinstance(s, Sampler):
+            elif s is not None and not isinstance(s, Tunable):
                 raise InvalidArgument(f"samplers[{name!r}] must be a labkit sampler, a sampler spec or None; got "
                                       f"{type(s).__name__}")
         interventions = dict(interventions) if interventions is not None else {"none": []}

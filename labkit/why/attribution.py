@@ -415,7 +415,7 @@ def _mean_embedding(sites: Sites) -> torch.Tensor:
 
 
 def saliency(f: Callable[[torch.Tensor], torch.Tensor], embeds: torch.Tensor) -> torch.Tensor:
-    """Shape (T,): the norm of each position's gradient |∂f/∂e| (captum's Saliency)."""
+    """Shape (T,): the norm of each position's gradient ``|∂f/∂e|`` (captum's Saliency)."""
     from captum.attr import Saliency
 
     return Saliency(f).attribute(embeds, abs=True)[0].float().norm(dim=-1)

@@ -18,7 +18,8 @@ START: dict[str, Callable[[], Tunable]] = {"classic": lambda: SAMPLERS["classic"
 
 
 def kinds() -> list[str]:
-    """The sampler box's choices: every registered sampler (:func:`labkit.sampling.register` adds one), beam search
+    """The sampler box's choices: every registered sampler (:func:`labkit.sampling.registry.register` adds one),
+    beam search
     included, in the registry's order."""
     return list(SAMPLERS)
 

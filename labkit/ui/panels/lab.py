@@ -105,7 +105,12 @@ class Lab(widgets.VBox):
         self._why_thread: threading.Thread | None = None
         self._throttle = Throttle(interval_s)
         self._image_throttle = Throttle(image_interval_s)
-        # -- wiring
+        self._wire()
+        super().__init__(self._layout())
+        self.add_class("labkit-lab")
+
+    def _wire(self) -> None:
+        """Buttons, the token stream's clicks, the run list and the why view's method, each to its action."""
         self.buttons["Generate"].on_click(lambda _b: self._guarded(self.run))
         self.buttons["Step"].on_click(lambda _b: self._guarded(self.step))
         self.buttons["Stop"].on_click(lambda _b: self._guarded(self.stop))
@@ -114,6 +119,10 @@ class Lab(widgets.VBox):
         self.stream.observe(lambda c: self._guarded(self._on_branch, c["new"]), names="branch")
         self.branch.observe(lambda c: self._guarded(self._show_run, c["new"]), names="value")
         self.why.method.observe(lambda c: self._guarded(self._ask_why, self.stream.selected), names="value")
+
+    def _layout(self) -> list[widgets.Widget]:
+        """The panel: prompt, controls and stream beside the probability charts; the attention image beside the
+        sampler and the interventions; the why view below."""
         self.charts.bars.layout.height = 260
         left = widgets.VBox([self.prompt, widgets.HBox([*self.buttons.values(), self.status]),
                              widgets.HBox([self.chat, self.max_new_tokens, self.seed]),
@@ -127,8 +136,7 @@ class Lab(widgets.VBox):
                                       widgets.HBox([self.ablate_layer, self.ablate_head, self.ablate_on])])
         lower = widgets.HBox([self.attention, widgets.VBox([widgets.HTML("<b>Sampler</b> (live)"), self.controls,
                                                             interventions])])
-        super().__init__([widgets.HBox([left, right]), lower, self.why])
-        self.add_class("labkit-lab")
+        return [widgets.HBox([left, right]), lower, self.why]
 
     # -- actions -------------------------------------------------------------------------------------------
     def run(self, prompt: str | None = None, extra: list[Any] | None = None) -> None:

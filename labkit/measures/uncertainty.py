@@ -150,15 +150,13 @@ def uncertainty(session: Any, prompt: str, n: int = 10, seed: int = 0, max_new_t
                 normalize: Callable[[str], str] = normalize_answer,
                 equivalent: Callable[[str, str], bool] | None = None) -> Uncertainty:
     """Sample ``n`` answers (one batched generation; default sampler ``Classic(temperature=1)``) and estimate."""
-    from labkit.sampling.base import Classic
-
     if not callable(normalize):
         raise InvalidArgument(f"normalize must be a function str -> str; got {normalize!r}")
     if equivalent is not None and not callable(equivalent):
         raise InvalidArgument(f"equivalent must be a function (str, str) -> bool or None; got {equivalent!r}")
     if n < 2 if isinstance(n, int) and not isinstance(n, bool) else True:
         raise InvalidArgument(f"n must be an integer ≥ 2 (entropies need several samples); got {n!r}")
-    traces = session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler or Classic(temperature=1.0),
+    traces = session.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler or "classic:temperature=1",
                               seed=seed, n=n, stop=stop, chat=chat)
     return estimate(prompt, [t.text for t in traces], [-sum(s.logprob for s in t.steps) for t in traces],
                     [len(t.steps) for t in traces], [[s.entropy_bits for s in t.steps] for t in traces],
