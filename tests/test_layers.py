@@ -115,3 +115,19 @@ def test_only_the_ui_imports_the_panels():
         if not m.startswith("labkit.ui"):
             bad = {n for n in imports(p) if n.startswith("labkit.ui.panels")}
             assert not bad, f"{m} imports {sorted(bad)}"
+
+
+def test_nothing_outside_the_session_module_touches_the_sessions_private_members():
+    import labkit.session
+
+    private = {n for n in vars(labkit.session.Session) if n.startswith("_") and not n.startswith("__")}
+    private |= {"_lock", "_stop", "_scoped"}  # set in __init__
+    bad = []
+    for m, p in MODULES.items():
+        if m == "labkit.session":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in private and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("session", "s", "sess", "owner"):
+                bad.append(f"{m}:{node.lineno} {node.value.id}.{node.attr}")
+    assert not bad, bad

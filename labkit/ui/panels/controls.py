@@ -19,8 +19,7 @@ START: dict[str, Callable[[], Tunable]] = {"classic": lambda: SAMPLERS["classic"
 
 def kinds() -> list[str]:
     """The sampler box's choices: every registered sampler (:func:`labkit.sampling.registry.register` adds one),
-    beam search
-    included, in the registry's order."""
+    beam search included, in the registry's order."""
     return list(SAMPLERS)
 
 
