@@ -9,6 +9,7 @@ no library describes a live, range-checked parameter with its slider (traitlets 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -92,6 +93,12 @@ class Tunable:
     name: ClassVar[str] = "tunable"
     params: ClassVar[dict[str, Param]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """The class's docstring gains its parameter table (the docs are built from the declarations too)."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("params"):
+            cls.__doc__ = inspect.cleandoc(cls.__doc__ or "") + "\n\n" + table(cls)
+
     def __setattr__(self, key: str, value: Any) -> None:
         if key in type(self).params:
             value = self.validate(key, value)
@@ -108,6 +115,14 @@ class Tunable:
     def __repr__(self) -> str:
         args = ", ".join(f"{p}={getattr(self, p)!r}" for p in self.params)
         return f"{type(self).__name__}({args})"
+
+
+def table(cls: type[Tunable]) -> str:
+    """``cls``'s parameters as a reStructuredText list (appended to its docstring)."""
+    rows = [f"- ``{name}`` (default ``{p.default!r}``): {p.allowed()}" + (f"; {p.help}" if p.help else "")
+            for name, p in cls.params.items()]
+    return "Parameters (declared in ``params``; checked on every assignment):\n\n" + "\n".join(
+        row.replace("*", "\\*") for row in rows)
 
 
 def describe(cls: type[Tunable]) -> str:
