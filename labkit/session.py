@@ -416,6 +416,8 @@ class Session:
         settings against the model, the interventions and the sampler (and draft) bound, the prompt and its room,
         the captures' memory."""
         settings.for_model(self.info, lambda: self.sites, self.model.config)
+        if settings.seed is None:
+            settings = settings.replace()  # no seed given: each generation draws (and records) a fresh one
         interventions = self._bound(settings.interventions)  # errors (bad layer, token text) surface here
         with self.exclusive():
             settings.sampler.bind(self)  # a sampler reading layers or loading an amateur model; its errors surface

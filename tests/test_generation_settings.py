@@ -55,6 +55,9 @@ def test_a_settings_object_gives_what_the_same_keywords_give_and_keywords_overri
     assert len(session.generate(PROMPT, settings=settings, max_new_tokens=2)) == 2  # a keyword overrides a field
     with pytest.raises(InvalidArgument, match="settings must be"):
         session.generate(PROMPT, settings={"max_new_tokens": 2})
+    unseeded = GenerationSettings(max_new_tokens=2, sampler=Classic())
+    seeds = {session.generate(PROMPT, settings=unseeded).meta.seed for _ in range(3)}
+    assert len(seeds) == 3  # like seed=None in keywords: a fresh seed each generation, recorded
 
 
 def test_beam_is_a_strategy_and_the_old_sampler_spelling_warns_and_gives_the_same_tokens(session):
