@@ -210,15 +210,25 @@ def _print_steps(trace: Any) -> None:
     click.echo(f"[stop: {trace.stop_reason}; {len(trace)} tokens; seed {trace.meta.seed}]")
 
 
+def _knob(name: str) -> Any:
+    """The option of one of Classic's declared parameters (its kind, default, allowed values and help come from the
+    declaration); any of them switches sampling on. ``--temperature`` has no default: greedy when none is given."""
+    from labkit.sampling import Classic
+
+    p = Classic.params[name]
+    default = None if name == "temperature" else p.default
+    return click.option(f"--{name.replace('_', '-')}", default=default, show_default=default is not None, type=p.kind,
+                        help=f"Sample (Classic): {p.help}; {p.allowed()}.")
+
+
 @main.command("generate")
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=40, show_default=True, type=int)
 @click.option("--seed", default=None, type=int, help="Seed for sampling (recorded in the trace).")
-@click.option("--temperature", default=None, type=float, help="Sample (Classic) at this temperature; "
-              "greedy when no sampling option is given.")
-@click.option("--top-k", default=0, show_default=True, type=int, help="Top-k truncation when sampling (0 = off).")
-@click.option("--top-p", default=1.0, show_default=True, type=float, help="Top-p truncation when sampling.")
-@click.option("--min-p", default=0.0, show_default=True, type=float, help="Min-p truncation when sampling.")
+@_knob("temperature")
+@_knob("top_k")
+@_knob("top_p")
+@_knob("min_p")
 @click.option("--sampler", "sampler_spec", default=None, help="Any registered sampler as a spec (list: labkit "
               "samplers), e.g. 'entropix' or "
               "'mirostat:tau=4' (instead of --temperature/--top-k/--top-p/--min-p).")
