@@ -222,6 +222,9 @@ def test_a_registered_sampler_policy_and_method_work_everywhere_the_built_in_one
     assert "hottest" in controls.kind.options
     controls.kind.value = "hottest"
     assert isinstance(controls.sampler, Hottest) and set(controls.sliders) == {"heat"}
+    from labkit.ui.panels.lab import kv_choices
+
+    assert "recent:sinks=0,window=8" in kv_choices()  # the Lab's KV box suggests the registered policy
     # a sweep
     frame = Sweep([PROMPT], samplers={"hot": "hottest:heat=2.5"}, seeds=[1], max_new_tokens=4,
                   kv={"recent": "recent:window=6"}).run(session)

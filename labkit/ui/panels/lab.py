@@ -49,6 +49,22 @@ def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int) -> t
                   "(session.attention(prompt, layers=[...]) draws chosen layers)")
 
 
+def kv_choices() -> list[str]:
+    """The KV box's suggestions: a few built-in settings, then each registered policy's default spec (any spec may be
+    typed)."""
+    from labkit.decoding.kv import POLICIES
+
+    shown = ["full", "quant:bits=8,residual=0", "quant:bits=4,residual=64", "window:sinks=4,window=64",
+             "h2o:budget=48,recent=16"]
+    for name, cls in POLICIES.items():
+        if not any(s.split(":")[0] == name for s in shown):
+            try:
+                shown.append(cls().spec)
+            except TypeError:  # a policy without defaults: typed by the user
+                shown.append(f"{name}:")
+    return shown
+
+
 class Lab(widgets.VBox):
     """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()`` /
     ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
@@ -65,9 +81,7 @@ class Lab(widgets.VBox):
         self.chat = widgets.Checkbox(value=False, description="chat template")
         self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max tokens")
         self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
-        self.kv = widgets.Combobox(value="full", options=["full", "quant:bits=8,residual=0", "quant:bits=4,residual=64",
-                                                          "window:sinks=4,window=64", "h2o:budget=48,recent=16"],
-                                   description="KV cache", ensure_option=False)
+        self.kv = widgets.Combobox(value="full", options=kv_choices(), description="KV cache", ensure_option=False)
         self.kv.add_class("labkit-kv")
         self.kv_size = widgets.Label("")
         self.kv_size.add_class("labkit-kv-size")
