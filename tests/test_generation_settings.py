@@ -304,3 +304,19 @@ def test_old_import_paths_and_names_warn_and_give_the_same_objects(session):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert la.label == session.logit_attribution(PROMPT, token=" Paris", foil=" Rome").label
+
+
+def test_the_plugin_option_imports_the_module_that_registers(tmp_path, monkeypatch):
+    from labkit.ui.cli import main
+
+    (tmp_path / "labkit_test_plugin.py").write_text(
+        "from labkit.sampling import Sampler, register\n\n"
+        "@register\nclass Lukewarm(Sampler):\n    name = 'lukewarm'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        out = CliRunner().invoke(main, ["--plugin", "labkit_test_plugin", "samplers"], catch_exceptions=False)
+        assert out.exit_code == 0 and "lukewarm" in out.output
+        bad = CliRunner().invoke(main, ["--plugin", "no_such_labkit_plugin", "samplers"])
+        assert bad.exit_code == 2 and "no_such_labkit_plugin" in bad.output
+    finally:
+        SAMPLERS.pop("lukewarm", None)
