@@ -64,7 +64,8 @@ SESSION_CASES = [
     ("stop=[1.5]", lambda s: _gen(s, stop=[1.5]), InvalidArgument, "stop must hold strings and token ids"),
     ("top_k=0", lambda s: _gen(s, top_k=0), InvalidArgument, "top_k must be an integer"),
     ("capture=str", lambda s: _gen(s, capture="attention"), InvalidArgument, "capture must be a list"),
-    ("sampler=str", lambda s: _gen(s, sampler="greedy"), InvalidArgument, "sampler must be a labkit sampler"),
+    ("sampler=int", lambda s: _gen(s, sampler=3), InvalidArgument, "sampler must be a labkit sampler"),
+    ("sampler=bad spec", lambda s: _gen(s, sampler="hotter"), InvalidArgument, "sampler 'hotter' is unknown"),
     ("on_step=1", lambda s: _gen(s, on_step=1), InvalidArgument, "on_step must be a callable"),
     ("interventions=[1]", lambda s: _gen(s, interventions=[1]), InvalidArgument, "interventions must be labkit"),
     # prompts

@@ -53,6 +53,8 @@ def test_a_settings_object_gives_what_the_same_keywords_give_and_keywords_overri
     by_keywords = session.generate(PROMPT, max_new_tokens=5, sampler=Classic(temperature=0.9), seed=3)
     assert by_object.token_ids == by_keywords.token_ids and len(by_object) == 5
     assert len(session.generate(PROMPT, settings=settings, max_new_tokens=2)) == 2  # a keyword overrides a field
+    by_spec = session.generate(PROMPT, max_new_tokens=5, sampler="classic:temperature=0.9", seed=3)
+    assert by_spec.token_ids == by_object.token_ids  # a spec string is the sampler it names
     with pytest.raises(InvalidArgument, match="settings must be"):
         session.generate(PROMPT, settings={"max_new_tokens": 2})
     unseeded = GenerationSettings(max_new_tokens=2, sampler=Classic())

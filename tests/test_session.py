@@ -199,7 +199,7 @@ def test_second_generation_from_another_thread_is_refused_cleanly(session):
     ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer; got 0"),
     ({"max_new_tokens": -3}, "max_new_tokens must be a positive integer"),
     ({"max_new_tokens": 8193}, "max_new_tokens must be below the model's context of 8192 tokens"),
-    ({"sampler": "greedy"}, "sampler must be a labkit sampler"),
+    ({"sampler": 3}, "sampler must be a labkit sampler"),
     ({"seed": -1}, r"seed must be an integer in \[0, 2\*\*63\)"),
     ({"stop": [1.5]}, "stop must hold strings and token ids"),
     ({"stop": [10**9]}, r"stop token ids must be in \[0, 49152\); got 1000000000"),

@@ -200,8 +200,8 @@ def _sampler(sampler: Any) -> Any:
     if isinstance(sampler, str):
         return parse_sampler(sampler)  # a spec: "classic:temperature=0.7" (one naming beam search is routed to beam)
     if not isinstance(sampler, Sampler) and not isinstance(sampler, BeamSearch):
-        raise InvalidArgument(f"sampler must be a labkit sampler (e.g. labkit.sampling.Classic()) or None for "
-                              f"greedy; got {type(sampler).__name__}")
+        raise InvalidArgument(f"sampler must be a labkit sampler (e.g. labkit.sampling.Classic()), a spec string "
+                              f"(e.g. 'classic:temperature=0.7') or None for greedy; got {type(sampler).__name__}")
     return sampler
 
 
