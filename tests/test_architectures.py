@@ -420,7 +420,7 @@ def test_lab_generates_what_session_generate_gives_and_its_image_equals_eager(ar
     from labkit.ui.panels import Lab
 
     s = sessions(arch)
-    lab = Lab(s, prompt=PROMPT, max_new_tokens=NEW)
+    lab = Lab(s, chat=False, prompt=PROMPT, max_new_tokens=NEW)
     try:
         lab.controls.kind.value = "greedy"
         lab.buttons["Generate"].click()

@@ -106,7 +106,7 @@ def test_a_failing_on_step_in_a_batch_keeps_the_eos_of_rows_that_had_ended(sessi
 def test_the_lab_runs_mirostat_and_a_user_sampler_it_did_not_know(session):
     from labkit.ui.panels import Lab
 
-    lab = Lab(session, prompt=PROMPT, max_new_tokens=3, sampler=Mirostat(tau=3.0))
+    lab = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=3, sampler=Mirostat(tau=3.0))
     try:
         assert lab.controls.kind.value == "mirostat" and set(lab.controls.sliders) >= {"tau", "eta", "temperature"}
         lab.run()
@@ -121,7 +121,7 @@ def test_the_lab_runs_mirostat_and_a_user_sampler_it_did_not_know(session):
         def __call__(self, input_ids, scores):
             return scores * 100.0
 
-    lab = Lab(session, prompt=PROMPT, max_new_tokens=2, sampler=Coldest())
+    lab = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=2, sampler=Coldest())
     try:
         assert "coldest" in lab.controls.kind.options
         lab.run()

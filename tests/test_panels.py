@@ -34,7 +34,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.fixture
 def lab(session: labkit.Session):
-    panel = Lab(session, prompt=PROMPT, max_new_tokens=8, sampler=Classic(temperature=0.8))
+    panel = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=8, sampler=Classic(temperature=0.8))
     yield panel
     panel.close()
 
@@ -151,7 +151,7 @@ def test_slider_moved_between_steps_changes_the_next_token_and_is_recorded(lab, 
 
 
 def test_stop_ends_the_run_within_one_token(session):
-    lab = Lab(session, prompt="Tell me a long story about a dragon.", max_new_tokens=300)
+    lab = Lab(session, chat=False, prompt="Tell me a long story about a dragon.", max_new_tokens=300)
     lab.buttons["Generate"].click()
     deadline = time.time() + 60
     while len(lab.trace) < 3 and time.time() < deadline:
@@ -169,7 +169,7 @@ def test_stop_ends_the_run_within_one_token(session):
 def test_a_run_paused_by_step_holds_the_session_until_close(session):
     from labkit.core.errors import SessionBusy
 
-    lab = Lab(session, prompt=PROMPT, max_new_tokens=8)
+    lab = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=8)
     lab.step()
     lab.wait(30)
     assert len(lab.trace) == 1 and lab.status.value.startswith("paused")
@@ -237,7 +237,7 @@ def test_sampler_controls_reject_a_bad_value_and_keep_the_old_one():
 
 
 def test_lab_runs_entropix(session):
-    lab = Lab(session, prompt=PROMPT, max_new_tokens=4, sampler=Entropix())
+    lab = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=4, sampler=Entropix())
     lab.run()
     lab.wait(60)
     assert lab.message.value == "" and len(lab.trace) == 4
@@ -320,7 +320,7 @@ def test_why_view_of_a_clicked_token_equals_the_direct_calls_and_its_head_button
 
 
 def test_why_view_during_a_run_is_computed_between_steps_and_the_stream_goes_on(session):
-    lab = Lab(session, prompt="Tell me a long story about a dragon.", max_new_tokens=60)
+    lab = Lab(session, chat=False, prompt="Tell me a long story about a dragon.", max_new_tokens=60)
     lab.suppress.value = session.tokenizer.eos_token
     try:
         lab.run()
@@ -340,7 +340,7 @@ def test_why_view_during_a_run_is_computed_between_steps_and_the_stream_goes_on(
 
 
 def test_lab_generates_with_the_chosen_kv_policy_and_shows_the_caches_size(session):
-    lab = Lab(session, prompt=PROMPT, max_new_tokens=5)
+    lab = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=5)
     try:
         lab.controls.kind.value = "greedy"
         lab.kv.value = "window:sinks=2,window=4"
@@ -359,7 +359,7 @@ def test_lab_generates_with_the_chosen_kv_policy_and_shows_the_caches_size(sessi
 
 
 def test_lab_offers_beam_search_and_the_contrast_decoders_with_live_sliders(session):
-    lab = Lab(session, prompt=PROMPT, max_new_tokens=4)
+    lab = Lab(session, chat=False, prompt=PROMPT, max_new_tokens=4)
     try:
         lab.controls.kind.value = "beam"
         lab.run()
@@ -374,5 +374,22 @@ def test_lab_offers_beam_search_and_the_contrast_decoders_with_live_sliders(sess
         expected = session.generate(PROMPT, max_new_tokens=4, sampler=DoLa(alpha=0.2))
         assert lab.trace.token_ids == expected.token_ids
         assert [s.sampler["premature_layer"] for s in lab.trace] == [s.sampler["premature_layer"] for s in expected]
+    finally:
+        lab.close()
+
+
+def test_the_labs_first_run_on_the_instruct_default_writes_a_story_and_its_sliders_have_width(session):
+    # chat off, the instruct model ends this request after one token (<|im_end|>, p = 0.48); the Lab's default is on
+    lab = Lab(session, prompt="Tell me a story about a lighthouse keeper.", max_new_tokens=12,
+              sampler=labkit.sampling.Greedy())
+    try:
+        assert lab.chat.value is True
+        lab.run()
+        lab.wait(60)
+        assert len(lab.trace) == 12 and lab.trace.stop_reason == "max_new_tokens"
+        plain = session.generate("Tell me a story about a lighthouse keeper.", max_new_tokens=12)
+        assert len(plain) == 1 and plain.stop_reason == "eos"  # what the old default did
+        assert lab.max_new_tokens.layout.width == "340px"
+        assert all(s.layout.width == "100%" for s in lab.controls.sliders.values())
     finally:
         lab.close()

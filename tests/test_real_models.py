@@ -226,7 +226,7 @@ def test_the_lab_runs_on_a_split_model_and_draws_the_same_tokens(single, split):
     pytest.importorskip("anywidget")
     from labkit.ui.panels import Lab
 
-    labs = [Lab(s, prompt=PROMPT, max_new_tokens=6) for s in (single["llama"], split["llama"])]
+    labs = [Lab(s, chat=False, prompt=PROMPT, max_new_tokens=6) for s in (single["llama"], split["llama"])]
     try:
         for lab in labs:
             lab.run()
@@ -244,7 +244,7 @@ def test_the_labs_attention_image_is_switched_off_when_the_maps_do_not_fit(singl
     from labkit.ui.panels import Lab
 
     s = single["llama"]
-    lab = Lab(s, prompt=PROMPT, max_new_tokens=6)
+    lab = Lab(s, chat=False, prompt=PROMPT, max_new_tokens=6)
     n = s.encode(PROMPT).shape[1] + 6  # positions the image grows to
     f32, f16 = (2 * 4 * 4 * n * n * size for size in (4, 2))  # prompt maps + grown matrix, L = H = 4
     try:

@@ -42,7 +42,8 @@ def slider_for(name: str, value: Any, param: Param) -> widgets.ValueWidget:
     lo, hi, step = param.slider or (0, 1, 1)
     cls = widgets.IntSlider if param.kind is int else widgets.FloatSlider
     slider = cls(value=value, min=min(lo, value), max=max(hi, value), step=step, description=name,
-                 continuous_update=False, style={"description_width": "110px"})
+                 continuous_update=False, style={"description_width": "110px"},
+                 layout=widgets.Layout(width="100%", min_width="260px"))
     slider.add_class(f"labkit-slider-{name}")
     return slider
 

@@ -67,19 +67,24 @@ def kv_choices() -> list[str]:
 
 class Lab(widgets.VBox):
     """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()`` /
-    ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``."""
+    ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``.
+    ``chat`` None switches the chat template on when the tokenizer has one (an instruct model such as the default
+    answers a request instead of ending at once), off otherwise."""
 
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
                  max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
-                 image_interval_s: float = 1.0) -> None:
+                 image_interval_s: float = 1.0, chat: bool | None = None) -> None:
         self.session = session
         self.top_k = top_k
         n_layers, n_heads = session.info.n_layers, session.info.n_heads
         # -- inputs
         self.prompt = widgets.Textarea(value=prompt, placeholder="prompt", layout=widgets.Layout(width="98%"))
         self.prompt.add_class("labkit-prompt")
-        self.chat = widgets.Checkbox(value=False, description="chat template")
-        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max tokens")
+        if chat is None:
+            chat = getattr(session.tokenizer, "chat_template", None) is not None
+        self.chat = widgets.Checkbox(value=bool(chat), description="chat template")
+        self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=1, max=512, description="max tokens",
+                                                layout=widgets.Layout(width="340px", min_width="260px"))
         self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="160px"))
         self.kv = widgets.Combobox(value="full", options=kv_choices(), description="KV cache", ensure_option=False)
         self.kv.add_class("labkit-kv")
