@@ -137,3 +137,66 @@ def test_workshop_arguments_and_memory_figure():
     mem = workshop.per_student_memory("float32")
     weights = 134.5e6 * 4 / 2**20  # SmolLM2-135M in fp32 (MiB)
     assert weights < mem["steady"] < 4096 and weights < mem["peak"] < 4096
+
+
+def _stop(hub: subprocess.Popen) -> None:
+    os.killpg(hub.pid, signal.SIGTERM)
+    try:
+        hub.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(hub.pid, signal.SIGKILL)
+
+
+def test_the_hub_answers_over_tls_with_a_certificate_made_for_the_class(tmp_path):
+    port = workshop.free_port()
+    hub = subprocess.Popen([str(BIN / "labkit"), "workshop", "--users", "1", "--port", str(port), "--dir",
+                            str(tmp_path), "--password", PASSWORD, "--no-measure", "--self-signed"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cert = tmp_path / "tls" / "cert.pem"
+    try:
+        def up():
+            if hub.poll() is not None:
+                raise AssertionError(f"labkit workshop exited: {hub.stdout.read()}")
+            if not cert.exists():
+                return False
+            try:  # verified against the class's certificate: its names include 127.0.0.1
+                return requests.get(f"https://127.0.0.1:{port}/hub/login", timeout=2, verify=str(cert)).ok
+            except (requests.ConnectionError, requests.exceptions.SSLError):
+                return False
+        _wait(up, 120, "the hub over TLS")
+        web = requests.Session()
+        web.verify = str(cert)
+        page = web.get(f"https://127.0.0.1:{port}/hub/login", timeout=5)
+        assert page.ok and "password" in page.text.lower()
+        form = {"username": "student1", "_xsrf": web.cookies["_xsrf"]}
+        wrong = web.post(f"https://127.0.0.1:{port}/hub/login", data={**form, "password": "wrong-password"})
+        assert "Invalid username or password" in wrong.text  # the login form works through the TLS front
+        with pytest.raises(requests.ConnectionError):  # nothing answers in clear text on that port
+            requests.get(f"http://127.0.0.1:{port}/hub/login", timeout=5)
+        assert (tmp_path / "jupyterhub_config.py").stat().st_mode & 0o077 == 0  # the password stays the teacher's
+        assert (tmp_path / "tls" / "key.pem").stat().st_mode & 0o077 == 0
+    finally:
+        _stop(hub)
+
+
+def test_a_hub_on_the_rooms_network_says_what_that_exposes(tmp_path):
+    cfg = workshop.WorkshopConfig(tmp_path, 2, 8000, "x" * 9, tmp_path, tmp_path)
+    assert cfg.warning() == "" and cfg.url == "http://127.0.0.1:8000/"
+    public = workshop.WorkshopConfig(tmp_path, 2, 8000, "x" * 9, tmp_path, tmp_path, ip="0.0.0.0")
+    assert "anyone on this network" in public.warning() and "clear text" in public.warning()
+    assert 'c.JupyterHub.ip = "0.0.0.0"' in workshop.hub_config(public)
+    cert, key = workshop.self_signed_certificate(tmp_path / "tls", "192.0.2.7")
+    secure = workshop.WorkshopConfig(tmp_path, 2, 8000, "x" * 9, tmp_path, tmp_path, ip="192.0.2.7",
+                                     ssl_cert=cert, ssl_key=key, inner_port=8123)
+    assert secure.url == "https://192.0.2.7:8000/" and "clear text" not in secure.warning()
+    config = workshop.hub_config(secure)  # the proxy stays on loopback; the TLS front listens on ip:port
+    assert 'c.JupyterHub.ip = "127.0.0.1"\nc.JupyterHub.port = 8123' in config
+    from cryptography import x509
+
+    names = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert {str(a) for a in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "192.0.2.7"}
+    with pytest.raises(InvalidArgument, match="ip must be an IP address"):
+        workshop.check(2, 8000, None, None, ip="the-room")
+    with pytest.raises(InvalidArgument, match="ssl_cert and ssl_key go together"):
+        workshop.check(2, 8000, None, None, ssl_cert=cert)

@@ -504,20 +504,30 @@ def student_copy_cmd(source: str, target: str) -> None:
 
 @main.command("workshop")
 @click.option("--users", type=int, default=10, show_default=True, help="Students: student1..studentN.")
-@click.option("--port", type=int, default=8000, show_default=True, help="Port of the hub on 127.0.0.1.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port of the hub.")
+@click.option("--ip", default="127.0.0.1", show_default=True,
+              help="Where the hub listens: 127.0.0.1 (this machine only), 0.0.0.0 (every interface: the room's "
+              "network reaches it; a warning says what that exposes) or one of this machine's addresses.")
+@click.option("--ssl-cert", default=None, help="TLS certificate (PEM) to serve the hub over HTTPS, with --ssl-key.")
+@click.option("--ssl-key", default=None, help="The TLS certificate's private key (PEM).")
+@click.option("--self-signed", is_flag=True, help="Serve over HTTPS with a certificate made for the class (30 days; "
+              "browsers ask once to accept it).")
 @click.option("--dir", "folder", default="labkit-workshop", show_default=True,
               help="Folder for the hub's configuration, database and the students' home folders.")
 @click.option("--password", default=None, help="The class's shared password (default: a random one, printed).")
 @click.option("--notebooks", default=None,
               help="Teaching notebooks (default: notebooks/); students get a copy without the solution cells.")
 @click.option("--no-measure", is_flag=True, help="Skip measuring the memory one student's kernel needs.")
-def workshop_cmd(users: int, port: int, folder: str, password: str | None, notebooks: str | None,
-                 no_measure: bool) -> None:
-    """Start a JupyterHub for a class on 127.0.0.1 (Ctrl-C stops it and every student's server)."""
+def workshop_cmd(users: int, port: int, ip: str, ssl_cert: str | None, ssl_key: str | None, self_signed: bool,
+                 folder: str, password: str | None, notebooks: str | None, no_measure: bool) -> None:
+    """Start a JupyterHub for a class (Ctrl-C stops it and every student's server)."""
     from labkit.teach import workshop
 
     with _errors():
-        cfg = workshop.prepare(folder, users=users, port=port, password=password, notebooks=notebooks)
+        cfg = workshop.prepare(folder, users=users, port=port, password=password, notebooks=notebooks, ip=ip,
+                               ssl_cert=ssl_cert, ssl_key=ssl_key, self_signed=self_signed)
+        if cfg.warning():
+            click.echo(f"labkit workshop: warning: {cfg.warning()}", err=True)
         click.echo(f"labkit workshop: {cfg.url}  users student1..student{users}  password {cfg.password}")
         if not no_measure:
             mem = workshop.per_student_memory()
