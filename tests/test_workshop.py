@@ -164,12 +164,12 @@ def test_the_hub_answers_over_tls_with_a_certificate_made_for_the_class(tmp_path
             except (requests.ConnectionError, requests.exceptions.SSLError):
                 return False
         _wait(up, 120, "the hub over TLS")
-        web = requests.Session()
-        web.verify = str(cert)
-        page = web.get(f"https://127.0.0.1:{port}/hub/login", timeout=5)
+        web = requests.Session()  # verify= on each call: requests lets REQUESTS_CA_BUNDLE override Session.verify
+        page = web.get(f"https://127.0.0.1:{port}/hub/login", timeout=5, verify=str(cert))
         assert page.ok and "password" in page.text.lower()
         form = {"username": "student1", "_xsrf": web.cookies["_xsrf"]}
-        wrong = web.post(f"https://127.0.0.1:{port}/hub/login", data={**form, "password": "wrong-password"})
+        wrong = web.post(f"https://127.0.0.1:{port}/hub/login", data={**form, "password": "wrong-password"},
+                         timeout=5, verify=str(cert))
         assert "Invalid username or password" in wrong.text  # the login form works through the TLS front
         with pytest.raises(requests.ConnectionError):  # nothing answers in clear text on that port
             requests.get(f"http://127.0.0.1:{port}/hub/login", timeout=5)
