@@ -115,3 +115,18 @@ def test_student_copy_command_and_its_refusals(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidArgument, match="holds no notebooks"):
         teaching.student_copy(tmp_path / "empty", tmp_path / "y")
+
+
+def test_a_lazy_check_waits_for_every_answer_and_reports_a_wrong_kind_instead_of_crashing():
+    from labkit.teach.teaching import ExerciseFailed, check
+
+    best = (23, 4)
+    with pytest.raises(ExerciseFailed, match="fill in mover_drop first"):  # the comparison never runs on None
+        check("C.2", mover=(23, 4), mover_drop=None, ok=lambda: tuple((23, 4)) == best and abs(None - 5.8) < 1e-3)
+    with pytest.raises(ExerciseFailed, match=r"cannot be checked \(mover is int, mover_drop is float: TypeError"):
+        check("C.2", mover=23, mover_drop=5.8, ok=lambda: tuple(23) == best, hint="a (layer, head) pair")
+    mover = (1, 2)
+    with pytest.raises(ExerciseFailed, match=r"not yet\. a hint"):
+        check("C.2", mover=mover, ok=lambda: mover == best, hint="a hint")
+    mover = (23, 4)
+    check("C.2", mover=mover, ok=lambda: mover == best)  # ✓

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,21 @@ class ExerciseFailed(LabkitError, AssertionError):
     """An exercise's check did not pass: the answer is missing or differs from the recomputed one."""
 
 
-def check(exercise: str, *, ok: bool | None = None, hint: str = "", **answers: Any) -> None:
+def check(exercise: str, *, ok: bool | Callable[[], bool] | None = None, hint: str = "", **answers: Any) -> None:
     """Print "✓ exercise" when every answer in ``answers`` is filled in (not None) and ``ok`` is true; otherwise
-    raise :class:`ExerciseFailed` naming the blank answers or giving ``hint``."""
+    raise :class:`ExerciseFailed` naming the blank answers or giving ``hint``. ``ok`` may be a function of no
+    arguments (``ok=lambda: ...``): it then runs only once every answer is filled in, and an answer of the wrong
+    kind (a string for a number, a number for a pair...) is reported as such instead of crashing the cell."""
     blank = [name for name, value in answers.items() if value is None]
     if blank:
         raise ExerciseFailed(f"✗ {exercise}: fill in {', '.join(blank)} first (it is still None)")
+    if callable(ok):
+        try:
+            ok = ok()
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
+            kinds = ", ".join(f"{name} is {type(value).__name__}" for name, value in answers.items())
+            raise ExerciseFailed(f"✗ {exercise}: your answer cannot be checked ({kinds}: {type(e).__name__}: {e}). "
+                                 f"{hint}".rstrip()) from None
     if not ok:
         raise ExerciseFailed(f"✗ {exercise}: not yet. {hint}".rstrip())
     print(f"✓ {exercise}")
