@@ -40,9 +40,10 @@ lab: setup
 	@echo "labkit: starting JupyterLab on notebooks/ — open the http://127.0.0.1 URL it prints below"
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ALLOW_ROOT)
 
-## student: the students' copy of notebooks/ in student-notebooks/ (solution cells removed, outputs cleared)
+## student: the students' copy of notebooks/ in student-notebooks/ (solutions shown only on request, outputs cleared),
+##   and the teacher's answer key in answer-key.md
 student: $(STAMP)
-	$(VENV)/bin/labkit student-copy notebooks student-notebooks
+	$(VENV)/bin/labkit student-copy notebooks student-notebooks --key answer-key.md
 
 ## browser: Debian's chromium for the real-browser test (installed when missing; needs root or sudo)
 browser:

@@ -55,6 +55,11 @@ def test_student_copy_has_no_solution_code_no_outputs_and_keeps_every_blank_and_
         for source in solutions:
             assert source not in text, f"{path.name}: a solution is in the student copy"
         assert not any(teaching.SOLUTION_TAG in tags(c) for c in student)
+        reveals = [c for c in student if teaching.REVEAL_TAG in tags(c)]
+        assert len(reveals) == len(solutions)  # each solution is there on request, and only on request
+        for cell, source in zip(reveals, solutions, strict=True):
+            blob = re.search(r"reveal\('([^']+)'\)", cell.source).group(1)
+            assert teaching.reveal(blob) == source
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in student if c.cell_type == "code")
         for tag in (teaching.EXERCISE_TAG, teaching.CHECK_TAG):
             assert sum(tag in tags(c) for c in student) == sum(tag in tags(c) for c in teacher) == len(solutions)
@@ -130,3 +135,16 @@ def test_a_lazy_check_waits_for_every_answer_and_reports_a_wrong_kind_instead_of
         check("C.2", mover=mover, ok=lambda: mover == best, hint="a hint")
     mover = (23, 4)
     check("C.2", mover=mover, ok=lambda: mover == best)  # ✓
+
+
+def test_the_answer_key_holds_every_question_solution_and_check_and_stays_out_of_the_students_copy(tmp_path):
+    key = tmp_path / "key.md"
+    teaching.student_copy(NOTEBOOKS, tmp_path / "students", key=key)
+    text = key.read_text()
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        for cell in read(path).cells:
+            if teaching.SOLUTION_TAG in tags(cell) or teaching.CHECK_TAG in tags(cell):
+                assert cell.source.strip() in text, f"{path.name}: a solution or check is missing from the key"
+    assert "### Exercise 2.3 — suppress the answer" in text
+    with pytest.raises(InvalidArgument, match=r"key .* must be outside target"):
+        teaching.student_copy(NOTEBOOKS, tmp_path / "s2", key=tmp_path / "s2" / "key.md")

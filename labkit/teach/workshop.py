@@ -135,10 +135,12 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     root.mkdir(parents=True, exist_ok=True)
     from labkit.teach import teaching
 
-    students = root / "student-notebooks"  # the students' copy: solution cells removed, outputs cleared
+    students = root / "student-notebooks"  # the students' copy: solutions encoded in reveal cells, outputs cleared
     if students.exists():
         shutil.rmtree(students)
-    teaching.student_copy(source, students)
+    key = root / "answer-key.md"  # the teacher's, beside the configuration
+    teaching.student_copy(source, students, key=key)
+    key.chmod(0o600)
     model = models.prepare_default_model(progress=True)
     _read_only(model)
     cpus = os.cpu_count() or 2

@@ -493,13 +493,16 @@ def kernel_remove_cmd() -> None:
 @main.command("student-copy")
 @click.argument("source", default="notebooks")
 @click.argument("target", default="student-notebooks")
-def student_copy_cmd(source: str, target: str) -> None:
-    """Copy the notebooks in SOURCE to TARGET for students: solution cells removed, outputs cleared."""
+@click.option("--key", default=None, help="Also write the teacher's answer key (Markdown) here, outside TARGET.")
+def student_copy_cmd(source: str, target: str, key: str | None) -> None:
+    """Copy the notebooks in SOURCE to TARGET for students: each solution replaced by a cell that reveals it on
+    request (encoded, not readable until run), outputs cleared."""
     from labkit.teach import teaching
 
     with _errors():
-        written = teaching.student_copy(source, target)
-        click.echo(f"{len(written)} student notebooks in {target} (solutions removed, outputs cleared)")
+        written = teaching.student_copy(source, target, key=key)
+        click.echo(f"{len(written)} student notebooks in {target} (solutions removed: shown only on request, "
+                   f"outputs cleared)" + (f"; answer key: {key}" if key else ""))
 
 
 @main.command("workshop")
