@@ -139,6 +139,15 @@ def test_beam_tree_scores_add_up_and_the_trace_is_the_returned_path(session, tmp
     assert Trace.load(tmp_path / "b.json").beam_tree().as_dict() == tree.as_dict()
     picture = tree.image()
     assert picture.size[0] >= 500 and picture.png()[:4] == b"\x89PNG"
+    fig = picture.figure  # the figure rules: the legend beside the axes (never over a node), no label clipped
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    assert ax.get_legend().get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1
+    canvas = fig.bbox
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1, f"{text.get_text()!r} runs off the figure"
 
 
 def test_entropy_coefficient_is_shared_by_siblings_so_one_beam_stays_greedy_and_zero_is_plain(session):

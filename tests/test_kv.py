@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from labkit.core.errors import InvalidArgument
 from labkit.decoding import kv
+from labkit.records.figures import static_picture
 from labkit.speculative import PromptLookupDraft
 from labkit.ui.cli import main
 
@@ -166,7 +167,11 @@ def test_kl_of_a_run_against_itself_is_zero_and_evaluate_reports_each_policy(ses
     assert quant["ratio_to_full"] == pytest.approx((64 + 2 * 4 * 2) / (64 * 4))  # codes + float32 min/scale per 32
     assert 0 < quant["mean_kl_bits"] < 0.01
     assert table.loc["window:sinks=4,window=8", "mean_kl_bits"] > quant["mean_kl_bits"]
-    assert len(report.plot().data) == 1
+    chart = report.plot()
+    assert len(chart.data) == 1 and "text" in chart.data[0].mode  # each point is named on the figure
+    assert list(chart.data[0].text) == list(report.summary()["policy"])
+    static = static_picture(chart)  # the matplotlib fallback draws the names too
+    assert sorted(t.get_text() for t in static.figure.axes[0].texts) == sorted(report.summary()["policy"])
 
 
 @pytest.mark.parametrize(("spec", "match"), [

@@ -489,14 +489,15 @@ class KVReport:
         return frame.groupby("policy", sort=False).agg(agg).reset_index()
 
     def plot(self) -> Any:
-        """Memory (ratio to the full cache) against mean KL (bits/step), one point per policy (a Chart)."""
+        """Memory (ratio to the full cache) against mean KL (bits/step), one labelled point per policy (a Chart)."""
         import plotly.graph_objects as go
 
         from labkit.records.figures import Chart
 
         table = self.summary()
-        fig = Chart(data=[go.Scatter(x=table["ratio_to_full"], y=table["mean_kl_bits"], mode="markers",
-                                     text=table["policy"], name="policies")])
+        fig = Chart(data=[go.Scatter(x=table["ratio_to_full"], y=table["mean_kl_bits"], mode="markers+text",
+                                     text=table["policy"], textposition="top center", textfont={"size": 10},
+                                     name="policies")])  # each point named on the figure, not only on hover
         fig.update_layout(title="KV cache: memory against information lost", xaxis_title="cache memory / full cache",
                           yaxis_title="mean KL(policy ‖ full), bits per step", height=380)
         return fig

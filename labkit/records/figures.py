@@ -236,7 +236,7 @@ def beam_tree_picture(tree: Any, title: str = "Beam search tree") -> Picture:
              for rank, n in enumerate(sorted(nodes, key=lambda n: -n.score))}
     on_path = {n.id for n in tree.path()} if tree.returned >= 0 else set()
     steps = max(by_step, default=0) + 1
-    width = max(6.4, 0.55 * steps + 1.5)  # inches
+    width = max(6.4, 0.55 * steps + 2.6)  # inches: the legend sits to the right
     height = max(3.8, 0.32 * max((len(v) for v in by_step.values()), default=1) + 1.2)
     fig = _new_figure(width, height)
     ax = fig.add_subplot()
@@ -257,7 +257,8 @@ def beam_tree_picture(tree: Any, title: str = "Beam search tree") -> Picture:
                         color=colours[status])
     for status, colour in colours.items():
         ax.scatter([], [], color=colour, s=18, label=status)
-    ax.legend(loc="upper right", fontsize=7, frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # beside, never on, nodes
+    ax.set_xlim(-0.5, steps - 0.5 + 1.2)  # room on the right for the last labels
     ax.set_xlabel("step (generated token)")
     ax.set_ylabel("rank among the kept candidates (0 = best score)")
     ax.invert_yaxis()
@@ -297,6 +298,10 @@ def static_picture(fig: go.Figure) -> Picture:
             mode = trace.mode or "lines"
             style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode else "")
             ax.plot(list(trace.x), list(trace.y), style or "-", label=name, markersize=4)
+            if "text" in mode and trace.text is not None:  # the points' labels, as plotly draws them
+                for x, y, label in zip(trace.x, trace.y, trace.text, strict=False):
+                    ax.annotate(str(label), (x, y), xytext=(0, 5), textcoords="offset points", ha="center",
+                                fontsize=7)
         elif trace.type == "heatmap":
             image = ax.imshow(np.asarray(trace.z, float), aspect="auto", cmap="viridis")
             out.colorbar(image, ax=ax, label=_text(trace.colorbar.title) or "value")
