@@ -43,6 +43,7 @@ lab: setup
 ## student: the students' copy of notebooks/ in student-notebooks/ (solutions shown only on request, outputs cleared),
 ##   and the teacher's answer key in answer-key.md
 student: $(STAMP)
+	$(VENV)/bin/labkit kernel install --sys-prefix
 	$(VENV)/bin/labkit student-copy notebooks student-notebooks --key answer-key.md
 
 ## browser: Debian's chromium for the real-browser test (installed when missing; needs root or sudo)

@@ -132,3 +132,23 @@ def test_every_stored_notebook_image_was_drawn_by_labkit_figures():
                 if "application/vnd.plotly.v1+json" in data:
                     assert "image/png" in data, f"{path.name}: a plotly chart without its static PNG"
     assert images >= 10
+
+
+def test_labels_of_points_that_nearly_coincide_are_stacked_not_printed_over_each_other():
+    import plotly.graph_objects as go
+
+    from labkit.records.figures import Chart, static_picture
+
+    names = ["quant:bits=4,residual=64,int8=0,group=32", "quant:bits=8,residual=0,int8=0,group=32",
+             "quant:bits=4,residual=128,int8=0,group=32", "full", "h2o:budget=40,recent=24"]
+    chart = Chart(data=[go.Scatter(x=[0.27, 0.29, 0.31, 1.0, 0.2], y=[0.0, 0.0, 0.0, 0.0, 0.45],
+                                   mode="markers+text", text=names)])
+    chart.update_layout(title="memory against KL", xaxis_title="memory", yaxis_title="KL (bits)")
+    fig = static_picture(chart).figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == sorted(names)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), "two point labels overlap"

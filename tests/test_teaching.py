@@ -55,6 +55,7 @@ def test_student_copy_has_no_solution_code_no_outputs_and_keeps_every_blank_and_
         for source in solutions:
             assert source not in text, f"{path.name}: a solution is in the student copy"
         assert not any(teaching.SOLUTION_TAG in tags(c) for c in student)
+        assert read(path).metadata.kernelspec.name == "labkit"  # the workshop kernel, not python3
         reveals = [c for c in student if teaching.REVEAL_TAG in tags(c)]
         assert len(reveals) == len(solutions)  # each solution is there on request, and only on request
         for cell, source in zip(reveals, solutions, strict=True):

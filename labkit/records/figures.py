@@ -281,6 +281,19 @@ def _text(title: Any) -> str:
     return (getattr(title, "text", None) or "") if title is not None else ""
 
 
+def _tiers(trace: Any) -> list[int]:
+    """For each point of a scatter trace, the tier of its label above the point: one above the highest tier among
+    earlier points within 15 % of the x span and 6 % of the y span (a label is wide, a point is not), so labels of
+    points that (nearly) coincide are stacked instead of printed over each other."""
+    xs, ys = np.asarray(trace.x, float), np.asarray(trace.y, float)
+    sx, sy = (np.ptp(xs) or 1.0) * 0.15, (np.ptp(ys) or 1.0) * 0.06
+    tiers: list[int] = []
+    for i in range(len(xs)):
+        near = [tiers[j] for j in range(i) if abs(xs[j] - xs[i]) <= sx and abs(ys[j] - ys[i]) <= sy]
+        tiers.append(max(near) + 1 if near else 0)
+    return tiers
+
+
 def static_picture(fig: go.Figure) -> Picture:
     """The same data drawn by matplotlib: bar, scatter (lines/markers) and heatmap traces on one pair of axes, with
     the figure's title, axis titles and legend. Other trace types raise InvalidArgument (no silent blank image)."""
@@ -299,9 +312,10 @@ def static_picture(fig: go.Figure) -> Picture:
             style = ("-" if "lines" in mode else "") + ("o" if "markers" in mode else "")
             ax.plot(list(trace.x), list(trace.y), style or "-", label=name, markersize=4)
             if "text" in mode and trace.text is not None:  # the points' labels, as plotly draws them
-                for x, y, label in zip(trace.x, trace.y, trace.text, strict=False):
-                    ax.annotate(str(label), (x, y), xytext=(0, 5), textcoords="offset points", ha="center",
-                                fontsize=7)
+                for (x, y), label, tier in zip(zip(trace.x, trace.y, strict=False), trace.text, _tiers(trace),
+                                               strict=False):
+                    ax.annotate(str(label), (x, y), xytext=(0, 5 + 10 * tier), textcoords="offset points",
+                                ha="center", fontsize=7)
         elif trace.type == "heatmap":
             image = ax.imshow(np.asarray(trace.z, float), aspect="auto", cmap="viridis")
             out.colorbar(image, ax=ax, label=_text(trace.colorbar.title) or "value")

@@ -30,6 +30,9 @@ from labkit.core.extras import require
 from labkit.core.files import atomic_path
 
 SOLUTION_TAG, EXERCISE_TAG, CHECK_TAG, REVEAL_TAG = "solution", "exercise", "check", "reveal"
+STUDENT_KERNEL = {"name": "labkit", "display_name": "Python (labkit)", "language": "python"}
+"""The kernel a student copy opens with (``labkit kernel install``; ``make lab`` and ``labkit workshop`` install
+it): one CPU thread per student where several share a machine, offline, the magics loaded."""
 
 
 class ExerciseFailed(LabkitError, AssertionError):
@@ -102,6 +105,7 @@ def _exporter() -> Any:
         def preprocess(self, nb: Any, resources: Any) -> tuple[Any, Any]:
             nb.cells = [_reveal_cell(c) if SOLUTION_TAG in c.get("metadata", {}).get("tags", []) else c
                         for c in nb.cells]
+            nb.metadata["kernelspec"] = STUDENT_KERNEL  # the workshop kernel: offline, threads capped per student
             return nb, resources
 
     exporter = NotebookExporter()
