@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from labkit import _moved, sampling
 from labkit.core import errors
+from labkit.decoding.settings import GenerationSettings
 from labkit.records.results import Distribution, Score
 from labkit.records.trace import Alternative, Step, Trace, TraceMeta
 from labkit.session import Generation, Session
@@ -22,6 +23,7 @@ __all__ = [
     "Alternative",
     "Distribution",
     "Generation",
+    "GenerationSettings",
     "Score",
     "Session",
     "Step",
