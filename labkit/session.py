@@ -416,8 +416,7 @@ class Session:
         settings against the model, the interventions and the sampler (and draft) bound, the prompt and its room,
         the captures' memory."""
         settings.for_model(self.info, lambda: self.sites, self.model.config)
-        if settings.seed is None:
-            settings = settings.replace()  # no seed given: each generation draws (and records) a fresh one
+        seeds = settings.seeds if settings.seed is not None else settings.draw_seeds()  # unseeded: fresh each run
         interventions = self._bound(settings.interventions)  # errors (bad layer, token text) surface here
         with self.exclusive():
             settings.sampler.bind(self)  # a sampler reading layers or loading an amateur model; its errors surface
@@ -427,18 +426,18 @@ class Session:
         rules = settings.stop_rules(self.tokenizer, self.info.vocab_size, self.eos_ids)
         ids = self.encode(prompt, chat=settings.chat, reserve=settings.max_new_tokens)
         self._check_capture_memory(settings.capture, ids.shape[1], settings.max_new_tokens, settings.rows)
-        run = Run(settings, self.model, self.tokenizer, ids, self._new_traces(prompt, ids, settings, rules), rules,
-                  [torch.Generator(device=self.device).manual_seed(seed) for seed in settings.seeds],
+        run = Run(settings, self.model, self.tokenizer, ids, self._new_traces(prompt, ids, settings, rules, seeds),
+                  rules, [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds],
                   session=self, stop_event=self._stop, token_text=self.token_text)
         return Generation(self, run, interventions)
 
-    def _new_traces(self, prompt: str, ids: torch.Tensor, settings: GenerationSettings,
-                    rules: StopRules) -> list[Trace]:
+    def _new_traces(self, prompt: str, ids: torch.Tensor, settings: GenerationSettings, rules: StopRules,
+                    seeds: tuple[int, ...]) -> list[Trace]:
         """One empty Trace per row, its metadata recorded (the sampler's or the beams' settings, the row's seed)."""
         created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         config = settings.beam.config() if settings.beam is not None else settings.sampler.config()
         traces = []
-        for row_seed in settings.seeds:
+        for row_seed in seeds:
             meta = TraceMeta(model=self.model_id, dtype=self.info.dtype, device=self.info.device, sampler=config,
                              seed=row_seed, max_new_tokens=settings.max_new_tokens, chat=settings.chat,
                              stop=[*rules.stop_strings, *sorted(rules.stop_ids)], labkit_version=__version__,

@@ -92,8 +92,9 @@ class _Beams:
     def round(self, index: int) -> bool:
         """One round: score every continuation, keep the best, update running and finished; True to stop."""
         t0 = time.perf_counter()
-        log_probs, edited, m = self._scores(index)
-        top_scores, parents, tokens, ends = self._top_continuations(index, log_probs, m)
+        histories = [self._tokens(node) for node in self.running]  # each row's tokens so far, once per round
+        log_probs, edited, m = self._scores(index, histories)
+        top_scores, parents, tokens, ends = self._top_continuations(index, log_probs, m, histories)
         made = self._record(index, log_probs, edited, m, top_scores, parents, tokens,
                             (time.perf_counter() - t0) * 1e3 / self.nb)
         order = torch.topk(top_scores + ends.float() * _NEG, k=self.nb).indices.tolist()  # best nb that go on
@@ -101,19 +102,18 @@ class _Beams:
         self._next_running(order, made, top_scores, parents, tokens)
         return self._early_stop(index, ends)
 
-    def _scores(self, index: int) -> tuple[torch.Tensor, torch.Tensor, RoundMeasures]:
+    def _scores(self, index: int, histories: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, RoundMeasures]:
         """Every row's log-probabilities (nb, V) nats after the token-level interventions, the edited logits and
         the measures of the raw logits."""
         run = self.run
         raw = forward_cached(run.model, self.inputs, self.cache, 1)[:, -1].float()  # (nb, V) raw logits
-        edited = torch.cat([apply_rows(raw[b:b + 1], index, self._tokens(node), [], run.traces[0].prompt_ids,
-                                       run.session, run.interventions)[0]
-                            for b, node in enumerate(self.running)])  # (nb, V)
+        edited = torch.cat([apply_rows(raw[b:b + 1], index, history, [], run.traces[0].prompt_ids, run.session,
+                                       run.interventions)[0] for b, history in enumerate(histories)])  # (nb, V)
         log_probs = self.config(self.inputs, edited)  # (nb, V) nats
         return log_probs, edited, measure(raw, log_probs, log_probs, run.settings.top_k, run.settings.metrics)
 
-    def _top_continuations(self, index: int, log_probs: torch.Tensor,
-                           m: RoundMeasures) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
+    def _top_continuations(self, index: int, log_probs: torch.Tensor, m: RoundMeasures,
+                           histories: list[list[int]]) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
         """The best ``keep`` continuations over all rows: their running scores, parent rows, tokens and whether
         each ends (a stop rule, or the last step)."""
         acc = log_probs + self.running_scores[:, None]
@@ -123,8 +123,7 @@ class _Beams:
         top_scores, top_index = torch.topk(acc.reshape(-1), k=self.keep)  # (keep,)
         parents, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()
         rules, last = self.run.rules, index + 1 >= self.run.settings.max_new_tokens
-        ends = torch.tensor([last or bool(rules.reason(tok, [*self._tokens(self.running[p]), tok],
-                                                       self.run.tokenizer.decode))
+        ends = torch.tensor([last or bool(rules.reason(tok, [*histories[p], tok], self.run.tokenizer.decode))
                              for p, tok in zip(parents, tokens, strict=True)])
         return top_scores, parents, tokens, ends
 

@@ -128,8 +128,15 @@ class GenerationSettings:
             if one is not None and (isinstance(one, bool) or not isinstance(one, int) or not 0 <= one < 2**63):
                 raise InvalidArgument(f"seed must be an integer in [0, 2**63), a list of them, or None; got "
                                       f"{self.seed!r}")
+        self._set("seeds", self.draw_seeds())
+
+    def draw_seeds(self) -> tuple[int, ...]:
+        """One seed per row: the listed seeds, or ``seed + b`` for row b; with no seed, a fresh random start (each
+        generation of an unseeded settings object draws its own, as ``seed=None`` in keywords does)."""
+        if isinstance(self.seed, (list, tuple)):
+            return tuple(self.seed)
         first = self.seed if isinstance(self.seed, int) else secrets.randbits(63)
-        self._set("seeds", tuple(listed or [(first + b) % 2**63 for b in range(self.n or 1)]))
+        return tuple((first + b) % 2**63 for b in range(self.n or 1))
 
     def _check_combinations(self) -> None:
         lossy = self.kv is not None and self.kv.spec != "full"
