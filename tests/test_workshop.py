@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -61,35 +63,73 @@ def _execute(url: str, token: str, kernel: str, code: str) -> str:
     return "".join(out)
 
 
+def _launch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "labkit"), "workshop", "--password", PASSWORD, "--no-measure", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_hub(hub: subprocess.Popen, url: str) -> None:
+    def up():
+        if hub.poll() is not None:
+            raise AssertionError(f"labkit workshop exited: {hub.stdout.read()}")
+        try:
+            return requests.get(f"{url}/hub/api", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+    _wait(up, 180, "the hub")
+
+
+def _login(url: str, student: str) -> requests.Session:
+    """Log ``student`` in through the hub's form (which starts their server); returns the browser session."""
+    web = requests.Session()
+    web.get(f"{url}/hub/login")
+    r = web.post(f"{url}/hub/login", data={"username": student, "password": PASSWORD, "_xsrf": web.cookies["_xsrf"]})
+    assert r.ok and "jupyterhub-session-id" in web.cookies
+    assert "/hub/spawn" in r.url  # logging in starts the student's server
+    return web
+
+
+def _token_when_ready(web: requests.Session, url: str, student: str) -> str:
+    """An API token of ``student``'s, once their server is ready."""
+    # the XSRF token is bound to the login session: read it from a hub page
+    api = {"X-XSRFToken": re.search(r'xsrf_token:\s*"([^"]+)"', web.get(f"{url}/hub/token").text).group(1)}
+    _wait(lambda: web.get(f"{url}/hub/api/users/{student}", headers=api).json()["servers"].get("", {})
+          .get("ready"), 180, f"{student}'s server")
+    return web.post(f"{url}/hub/api/users/{student}/tokens", headers=api, json={"note": "test"}).json()["token"]
+
+
+def _kernel(user: str, token: str) -> str:
+    kernel = requests.post(f"{user}api/kernels", headers={"Authorization": f"token {token}"}, json={},
+                           timeout=30).json()
+    assert kernel["name"] == "labkit"  # the default kernel is "Python (labkit)"
+    return kernel["id"]
+
+
+def _stop_all(hub: subprocess.Popen, family: set[int]) -> None:
+    os.killpg(hub.pid, signal.SIGTERM)  # the CLI forwards it; JupyterHub stops the servers and the proxy
+    try:
+        hub.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(hub.pid, signal.SIGKILL)
+    for pid in family:  # anything left over is killed by process id
+        if psutil.pid_exists(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_workshop_hub_student_kernel_generates(tmp_path):
     port = workshop.free_port()
-    hub = subprocess.Popen([str(BIN / "labkit"), "workshop", "--users", "2", "--port", str(port), "--dir",
-                            str(tmp_path), "--password", PASSWORD, "--no-measure"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    hub = _launch("--users", "2", "--port", str(port), "--dir", str(tmp_path), "--shared-user")
     url = f"http://127.0.0.1:{port}"
     family: set[int] = set()
     try:
-        def up():
-            if hub.poll() is not None:
-                raise AssertionError(f"labkit workshop exited: {hub.stdout.read()}")
-            try:
-                return requests.get(f"{url}/hub/api", timeout=2).ok
-            except requests.ConnectionError:
-                return False
-        _wait(up, 120, "the hub")
+        _wait_for_hub(hub, url)
         web = requests.Session()
         web.get(f"{url}/hub/login")
-        xsrf = web.cookies["_xsrf"]
-        r = web.post(f"{url}/hub/login", data={"username": "student1", "password": "wrong-password", "_xsrf": xsrf})
+        r = web.post(f"{url}/hub/login", data={"username": "student1", "password": "wrong-password",
+                                               "_xsrf": web.cookies["_xsrf"]})
         assert "Invalid username or password" in r.text
-        r = web.post(f"{url}/hub/login", data={"username": "student1", "password": PASSWORD, "_xsrf": xsrf})
-        assert r.ok and "jupyterhub-session-id" in web.cookies
-        assert "/hub/spawn" in r.url  # logging in starts the student's server
-        # the XSRF token is bound to the login session: read it from a hub page
-        api = {"X-XSRFToken": re.search(r'xsrf_token:\s*"([^"]+)"', web.get(f"{url}/hub/token").text).group(1)}
-        _wait(lambda: web.get(f"{url}/hub/api/users/student1", headers=api).json()["servers"].get("", {})
-              .get("ready"), 120, "student1's server")
-        token = web.post(f"{url}/hub/api/users/student1/tokens", headers=api, json={"note": "test"}).json()["token"]
+        web = _login(url, "student1")
+        token = _token_when_ready(web, url, "student1")
         user = f"{url}/user/student1/"
         auth = {"Authorization": f"token {token}"}
         notebooks = requests.get(f"{user}api/contents/notebooks", headers=auth, timeout=10).json()
@@ -99,10 +139,9 @@ def test_workshop_hub_student_kernel_generates(tmp_path):
         assert not [c for c in cells if "solution" in c.get("metadata", {}).get("tags", [])]
         assert any("check" in c.get("metadata", {}).get("tags", []) for c in cells)
         assert not any(c.get("outputs") for c in cells if c["cell_type"] == "code")
-        kernel = requests.post(f"{user}api/kernels", headers=auth, json={}, timeout=30).json()
-        assert kernel["name"] == "labkit"  # the default kernel is "Python (labkit)"
+        kernel = _kernel(user, token)
         family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
-        out = _execute(user, token, kernel["id"], "import os, labkit\n"
+        out = _execute(user, token, kernel, "import os, labkit\n"
                        "t = labkit.Session().generate('The capital of France is', max_new_tokens=1)\n"
                        "from labkit.model.models import default_model_dir\n"
                        "print(repr(t.text), os.environ['HF_HUB_OFFLINE'], default_model_dir(), sep='|')")
@@ -114,17 +153,73 @@ def test_workshop_hub_student_kernel_generates(tmp_path):
         assert model_dir == str(models.default_model_dir().resolve())  # the shared, already converted cache
         family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
     finally:
-        os.killpg(hub.pid, signal.SIGTERM)  # the CLI forwards it; JupyterHub stops the servers and the proxy
-        try:
-            hub.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(hub.pid, signal.SIGKILL)
-        for pid in family:  # anything left over is killed by process id
-            if psutil.pid_exists(pid):
-                os.kill(pid, signal.SIGKILL)
+        _stop_all(hub, family)
     left = [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not left, f"processes left running: {left}"
     assert len(family) >= 3  # hub, proxy, the student's server (+ its kernel)
+
+
+_ATTEMPT = """import os, pwd, resource, labkit
+def attempt(path):
+    try:
+        (os.listdir if os.path.isdir(path) else lambda p: open(p, 'rb').read(1))(path)
+        return 'read'
+    except PermissionError:
+        return 'PermissionError'
+t = labkit.Session().generate('The capital of France is', max_new_tokens=1)
+print(pwd.getpwuid(os.getuid()).pw_name, repr(t.text), resource.getrlimit(resource.RLIMIT_DATA)[0],
+      *(attempt(p) for p in PATHS), sep='|')
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
+                    reason="one Unix user per student needs root and useradd")
+def test_each_student_is_a_unix_user_who_cannot_read_another_students_or_the_teachers_notebooks():
+    import pwd
+
+    prefix = f"lk{uuid.uuid4().hex[:6]}-"  # users of this test only
+    base = Path(tempfile.mkdtemp(prefix="labkit-isolation-", dir="/tmp"))  # a machine-wide folder (pytest's is 0700)
+    base.chmod(0o711)
+    teacher = base / "teacher"  # the teacher's notebooks, with the solutions, in a private folder
+    teacher.mkdir(mode=0o700)
+    shutil.copytree(workshop._REPO_NOTEBOOKS, teacher / "notebooks")
+    folder = base / "workshop"
+    port = workshop.free_port()
+    hub = _launch("--users", "2", "--port", str(port), "--dir", str(folder), "--user-prefix", prefix,
+                  "--notebooks", str(teacher / "notebooks"), "--memory-limit", "3GiB")
+    url = f"http://127.0.0.1:{port}"
+    family: set[int] = set()
+    try:
+        _wait_for_hub(hub, url)
+        webs = {s: _login(url, s) for s in ("student1", "student2")}  # both servers start
+        tokens = {s: _token_when_ready(web, url, s) for s, web in webs.items()}
+        homes = {s: Path(pwd.getpwnam(prefix + s).pw_dir) for s in webs}
+        assert all(h.stat().st_mode & 0o777 == 0o700 for h in homes.values())
+        assert all(h.stat().st_uid == pwd.getpwnam(prefix + s).pw_uid for s, h in homes.items())
+        paths = [homes["student1"] / "notebooks" / "06_capstone.ipynb",  # their own: readable
+                 homes["student2"] / "notebooks" / "06_capstone.ipynb", homes["student2"],
+                 teacher / "notebooks" / "06_capstone.ipynb", folder / "answer-key.md",
+                 folder / "jupyterhub_config.py", folder / "state" / "jupyterhub.sqlite", folder]
+        assert all(p.exists() for p in paths)
+        user = f"{url}/user/student1/"
+        kernel = _kernel(user, tokens["student1"])
+        family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
+        out = _execute(user, tokens["student1"], kernel, f"PATHS = {[str(p) for p in paths]!r}\n{_ATTEMPT}")
+        name, text, limit, *results = out.strip().split("|")
+        assert name == prefix + "student1" and text == repr(" Paris")  # the kernel runs as the student
+        assert int(limit) == 3 * 2**30  # the memory limit holds in the student's kernel
+        seen = dict(zip(map(str, paths), results, strict=True))
+        assert results == ["read"] + ["PermissionError"] * (len(paths) - 1), seen
+    finally:
+        _stop_all(hub, family)
+        removed = subprocess.run([str(BIN / "labkit"), "workshop", "--remove-users", "--user-prefix", prefix],
+                                 capture_output=True, text=True)
+        shutil.rmtree(base, ignore_errors=True)
+    assert removed.returncode == 0, removed.stderr
+    for student in ("student1", "student2"):
+        with pytest.raises(KeyError):
+            pwd.getpwnam(prefix + student)
+    assert not homes["student1"].exists()
 
 
 def test_workshop_arguments_and_memory_figure():
@@ -139,19 +234,9 @@ def test_workshop_arguments_and_memory_figure():
     assert weights < mem["steady"] < 4096 and weights < mem["peak"] < 4096
 
 
-def _stop(hub: subprocess.Popen) -> None:
-    os.killpg(hub.pid, signal.SIGTERM)
-    try:
-        hub.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(hub.pid, signal.SIGKILL)
-
-
 def test_the_hub_answers_over_tls_with_a_certificate_made_for_the_class(tmp_path):
     port = workshop.free_port()
-    hub = subprocess.Popen([str(BIN / "labkit"), "workshop", "--users", "1", "--port", str(port), "--dir",
-                            str(tmp_path), "--password", PASSWORD, "--no-measure", "--self-signed"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    hub = _launch("--users", "1", "--port", str(port), "--dir", str(tmp_path), "--self-signed", "--shared-user")
     cert = tmp_path / "tls" / "cert.pem"
     try:
         def up():
@@ -176,7 +261,7 @@ def test_the_hub_answers_over_tls_with_a_certificate_made_for_the_class(tmp_path
         assert (tmp_path / "jupyterhub_config.py").stat().st_mode & 0o077 == 0  # the password stays the teacher's
         assert (tmp_path / "tls" / "key.pem").stat().st_mode & 0o077 == 0
     finally:
-        _stop(hub)
+        _stop_all(hub, set())
 
 
 def test_a_hub_on_the_rooms_network_says_what_that_exposes(tmp_path):

@@ -76,8 +76,25 @@ def _cgroup_free() -> int | None:
         return None
 
 
+def _rlimit_free() -> int | None:
+    """Bytes left under this process's data segment limit (``RLIMIT_DATA``, which ``labkit workshop`` sets per
+    student), or None when there is none."""
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_DATA)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+        used = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmData:"))
+        return max(0, limit - used)
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+
+
 def free_ram() -> int:
-    """Bytes of RAM available to this process now (``MemAvailable`` of /proc/meminfo, capped by a cgroup limit)."""
+    """Bytes of RAM available to this process now (``MemAvailable`` of /proc/meminfo, capped by a cgroup limit and
+    by the data segment limit)."""
     free = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -91,8 +108,8 @@ def free_ram() -> int:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):  # pragma: no cover - no way to ask
             free = 8 * 2**30
-    capped = _cgroup_free()
-    return free if capped is None else min(free, capped)
+    caps = [c for c in (_cgroup_free(), _rlimit_free()) if c is not None]
+    return min([free, *caps])
 
 
 def available(device: torch.device | str = "cpu") -> tuple[int, str]:

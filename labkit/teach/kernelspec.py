@@ -40,16 +40,17 @@ def spec(threads: int | None = None, python: str | None = None) -> dict:
     return json.loads(text)
 
 
-def install(user: bool = False, prefix: str | None = None, threads: int | None = None) -> str:
+def install(user: bool = False, prefix: str | None = None, threads: int | None = None,
+            python: str | None = None) -> str:
     """Install the kernelspec (``user``: the user's Jupyter folder; ``prefix``: ``<prefix>/share/jupyter``;
-    neither: the system folder); returns the folder it was written to."""
+    neither: the system folder) for interpreter ``python`` (default this one); returns the folder written to."""
     require("lab", "the workshop kernel", "jupyter_client", "IPython")
     from jupyter_client.kernelspec import KernelSpecManager
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / KERNEL_NAME
         shutil.copytree(template_dir(), folder)
-        (folder / "kernel.json").write_text(json.dumps(spec(threads), indent=2) + "\n")
+        (folder / "kernel.json").write_text(json.dumps(spec(threads, python), indent=2) + "\n")
         (folder / "README.md").unlink(missing_ok=True)
         return KernelSpecManager().install_kernel_spec(str(folder), KERNEL_NAME, user=user, prefix=prefix)
 

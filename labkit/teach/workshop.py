@@ -4,12 +4,19 @@ It listens on 127.0.0.1 unless ``--ip`` says otherwise (the room's network then 
 that exposes); ``--ssl-cert``/``--ssl-key`` or ``--self-signed`` serve it over HTTPS.
 
 Shared-password login for student1..studentN (JupyterHub's SharedPasswordAuthenticator), one single-user
-JupyterLab per student (the simple local spawner: every student's server runs as this Unix user, in its own home
-folder under the workshop folder — fine on a class machine, no isolation between students), a personal copy of the
-teaching notebooks without their solution cells (:mod:`labkit.teach.teaching`), the labkit kernelspec "Python (labkit)"
-as the default kernel, and the default model converted once into labkit's cache, shared by every kernel
-(``LABKIT_CACHE``) and made read-only. The proxy is the Python ``configurable-http-proxy`` package (no Node).
-Beyond one machine, see the documentation's workshop page (Zero to JupyterHub).
+JupyterLab per student. Run as root, each student is a Unix user (``labkit-student1`` …, created here, removed by
+``labkit workshop --remove-users``) whose home only they can open, so no student reads another's work or the
+teacher's folder (:mod:`labkit.teach.isolation`, :mod:`labkit.teach.spawners`); without root (or with
+``--shared-user``) every server runs as this user in ``DIR/home/<student>`` and students are not isolated. Each
+student gets a personal copy of the teaching notebooks without their solution cells (:mod:`labkit.teach.teaching`),
+the labkit kernelspec "Python (labkit)" as the default kernel, a memory limit per process (``--memory-limit``), and the
+default model converted once into labkit's cache, shared by every kernel (``LABKIT_CACHE``) and made read-only. The
+proxy is the Python ``configurable-http-proxy`` package (no Node). Beyond one machine, see the documentation's
+workshop page (Zero to JupyterHub).
+
+The workshop folder: ``jupyterhub_config.py`` and ``answer-key.md`` (mode 0600), ``state/`` (the hub's database,
+cookie secret and process ids), ``student-notebooks/`` and ``tls/`` (0700), and, with isolation, ``runtime/`` and
+``cache/`` that every student reads; the folder itself is 0711 (students pass through it, cannot list it).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -29,6 +37,8 @@ from pathlib import Path
 
 from labkit.core.errors import InvalidArgument, check_int
 from labkit.core.extras import require
+from labkit.core.memory import fmt_bytes, parse_bytes
+from labkit.teach import isolation
 
 _REPO_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 SERVER_MIB = 90
@@ -53,6 +63,13 @@ class WorkshopConfig:
     ssl_key: Path | None = None
     inner_port: int = 0
     """With TLS: the loopback port of the hub's own proxy, behind :mod:`labkit.teach.tls_front` (0: no TLS)."""
+    isolate: bool = False
+    """One Unix user per student (``prefix`` + name); False: every server runs as this user."""
+    prefix: str = isolation.PREFIX
+    python: Path | None = None
+    """The interpreter the students' servers and kernels run (None: this one)."""
+    mem_limit: int | None = None
+    """Bytes each student process (server, each kernel) may use (its data segment); None: no limit."""
 
     @property
     def url(self) -> str:
@@ -69,11 +86,18 @@ class WorkshopConfig:
         """What the teacher must know when the hub is reachable from the room's network ("" on loopback)."""
         if not self.public:
             return ""
-        text = (f"the hub listens on {self.ip}: anyone on this network can reach its login page with the class "
-                "password; every student's server runs as this Unix user (students are not isolated from each other)")
+        text = f"the hub listens on {self.ip}: anyone on this network can reach its login page with the class password"
+        if not self.isolate:
+            text += ("; every student's server runs as this Unix user (students can read each other's work and "
+                     "your files: run labkit workshop as root for one Unix user per student)")
         if self.ssl_cert is None:
             text += "; without TLS the password travels in clear text: add --self-signed or --ssl-cert/--ssl-key"
         return text
+
+    @property
+    def memory_text(self) -> str:
+        """The per-process memory limit in words ("3.0 GiB", "none")."""
+        return "none" if self.mem_limit is None else fmt_bytes(self.mem_limit)
 
     @property
     def usernames(self) -> list[str]:
@@ -111,15 +135,29 @@ def check(users: int, port: int, password: str | None, notebooks: str | os.PathL
         raise InvalidArgument(f"notebooks {str(notebooks)!r} is not a folder")
 
 
+def memory_limit(value: str | int | None, users: int) -> int | None:
+    """Bytes per student process from ``value``: a size (``"3GiB"``), ``"none"``, or None for the fair share —
+    90 % of this machine's RAM divided among the students (at least 1 GiB)."""
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    if value is not None:
+        return parse_bytes(value, "memory_limit")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(2**30, int(0.9 * total / users))
+
+
 def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, password: str | None = None,
             notebooks: str | os.PathLike[str] | None = None, ip: str = "127.0.0.1",
             ssl_cert: str | os.PathLike[str] | None = None, ssl_key: str | os.PathLike[str] | None = None,
-            self_signed: bool = False) -> WorkshopConfig:
+            self_signed: bool = False, isolate: bool | None = None, prefix: str = isolation.PREFIX,
+            mem_limit: str | int | None = None) -> WorkshopConfig:
     """Convert the default model once (into labkit's cache, which every student's kernel then reads; its model
-    folder is made read-only), install the labkit kernelspec into this environment, and write
-    ``folder/jupyterhub_config.py`` (readable by this user only: it holds the class password). ``ip`` is where the
-    hub listens; ``ssl_cert``/``ssl_key`` serve it over TLS, or ``self_signed`` makes a certificate for the class
-    (``folder/tls``, valid 30 days, for this machine's name and addresses)."""
+    folder is made read-only), install the labkit kernelspec, and write ``folder/jupyterhub_config.py`` (readable by
+    this user only: it holds the class password). ``ip`` is where the hub listens; ``ssl_cert``/``ssl_key`` serve it
+    over TLS, or ``self_signed`` makes a certificate for the class (``folder/tls``, valid 30 days, for this machine's
+    name and addresses). ``isolate`` (default: when run as root) creates one Unix user per student and an
+    interpreter they can run (:func:`labkit.teach.isolation.student_python`); ``mem_limit`` (bytes, a size, "none";
+    default: :func:`memory_limit`'s fair share) caps each student process."""
     from labkit.model import models
     from labkit.teach import kernelspec
 
@@ -131,8 +169,16 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     source = Path(notebooks) if notebooks is not None else _REPO_NOTEBOOKS
     if not source.is_dir():
         raise InvalidArgument("no teaching notebooks found (the repository's notebooks/ folder); pass --notebooks")
+    isolate = os.geteuid() == 0 if isolate is None else isolate
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,20}", prefix):
+        raise InvalidArgument(f"prefix must be the start of a Unix user name (lower-case letters, digits, '-', '_'; "
+                              f"at most 21 characters); got {prefix!r}")
+    limit = memory_limit(mem_limit, users)
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o711 if isolate else 0o700)  # students pass through to runtime/ and cache/; nobody lists it
+    if isolate:
+        isolation.create_users([f"student{i}" for i in range(1, users + 1)], prefix)
     from labkit.teach import teaching
 
     students = root / "student-notebooks"  # the students' copy: solutions encoded in reveal cells, outputs cleared
@@ -140,18 +186,31 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
         shutil.rmtree(students)
     key = root / "answer-key.md"  # the teacher's, beside the configuration
     teaching.student_copy(source, students, key=key)
+    students.chmod(0o700)  # the hub copies it into each home; a student never reads it here
     key.chmod(0o600)
+    (root / "state").mkdir(mode=0o700, exist_ok=True)
     model = models.prepare_default_model(progress=True)
     _read_only(model)
+    cache = models.cache_dir().resolve()
+    python = Path(sys.executable)
+    if isolate:
+        python = isolation.student_python(root)
+        if isolation.blocked(model) is not None:  # the teacher's cache is out of the students' reach: link it
+            cache = root / "cache"
+            isolation.link_tree(model, cache / model.relative_to(models.cache_dir()))
+            _read_only(cache / model.relative_to(models.cache_dir()))
+        for path in (python, cache):
+            if isolation.blocked(path) is not None:
+                raise InvalidArgument(f"students cannot reach {path}: {isolation.blocked(path)} is closed to other "
+                                      "users; put the workshop folder (--dir) where every user can pass through")
     cpus = os.cpu_count() or 2
-    kernelspec.install(prefix=sys.prefix, threads=max(1, cpus // min(users, cpus)))
+    kernelspec.install(prefix=str(_prefix(python)), threads=max(1, cpus // min(users, cpus)), python=str(python))
     if self_signed:
         ssl_cert, ssl_key = self_signed_certificate(root / "tls", ip)
-    cfg = WorkshopConfig(root, users, port, password or secrets.token_urlsafe(9), students,
-                         models.cache_dir().resolve(), ip,
+    cfg = WorkshopConfig(root, users, port, password or secrets.token_urlsafe(9), students, cache, ip,
                          None if ssl_cert is None else Path(ssl_cert).resolve(),
                          None if ssl_key is None else Path(ssl_key).resolve(),
-                         0 if ssl_cert is None else free_port())
+                         0 if ssl_cert is None else free_port(), isolate, prefix, python, limit)
     config = root / "jupyterhub_config.py"
     config.touch(mode=0o600)
     config.chmod(0o600)  # the class password is in it
@@ -170,7 +229,8 @@ def self_signed_certificate(folder: Path, ip: str) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, socket.gethostname())])
     addresses = {ipaddress.ip_address("127.0.0.1")} | ({ipaddress.ip_address(ip)} if ip not in ("0.0.0.0", "::")
@@ -192,6 +252,11 @@ def self_signed_certificate(folder: Path, ip: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def _prefix(python: Path) -> Path:
+    """The environment of interpreter ``python`` (``.../bin/python`` → ``...``; this one: ``sys.prefix``)."""
+    return Path(sys.prefix) if python == Path(sys.executable) else python.parent.parent
+
+
 def _read_only(folder: Path) -> None:
     """Remove write permission from the converted model (students load it; nobody converts it again)."""
     for path in [*folder.rglob("*"), folder]:
@@ -202,56 +267,54 @@ def _read_only(folder: Path) -> None:
 def hub_config(cfg: WorkshopConfig) -> str:
     """The jupyterhub_config.py text for ``cfg``."""
     bin_dir = Path(sys.executable).parent
+    python = cfg.python or Path(sys.executable)
     args = ["--MappingKernelManager.default_kernel_name=labkit", "--ServerApp.default_url=/lab/tree/notebooks"]
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not cfg.isolate:
         args.append("--allow-root")
     env = {"LABKIT_CACHE": str(cfg.cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "JUPYTER_PATH": str(Path(sys.prefix) / "share" / "jupyter")}
+           "JUPYTER_PATH": str(_prefix(python) / "share" / "jupyter")}
     q = json.dumps
+    state = cfg.folder / "state"
     if cfg.ssl_cert is None:
         listen = f"c.JupyterHub.ip = {q(cfg.ip)}\nc.JupyterHub.port = {cfg.port}"
     else:  # the proxy on loopback; labkit.teach.tls_front serves TLS on ip:port in front of it
         listen = (f"# TLS on {cfg.ip}:{cfg.port} is labkit.teach.tls_front's (started by labkit workshop)\n"
                   f"c.JupyterHub.ip = \"127.0.0.1\"\nc.JupyterHub.port = {cfg.inner_port}")
+    if cfg.isolate:
+        spawner = (f'c.JupyterHub.spawner_class = "labkit.teach.spawners.StudentSpawner"\n'
+                   f"c.StudentSpawner.prefix = {q(cfg.prefix)}  # student1 runs as the Unix user {cfg.prefix}student1")
+    else:
+        spawner = ('c.JupyterHub.spawner_class = "labkit.teach.spawners.SharedSpawner"  # as this user: not isolated\n'
+                   f"c.SharedSpawner.home_dir_template = {q(str(cfg.folder / 'home' / '{username}'))}")
+    kind = "StudentSpawner" if cfg.isolate else "SharedSpawner"
+    limit = "None" if cfg.mem_limit is None else f"{cfg.mem_limit}  # {fmt_bytes(cfg.mem_limit)}"
     return f'''# Written by `labkit workshop`; start it with: jupyterhub -f {cfg.folder / "jupyterhub_config.py"}
-import shutil
-from pathlib import Path
-
 c = get_config()  # noqa: F821 (defined by JupyterHub)
 {listen}
 c.JupyterHub.hub_ip = "127.0.0.1"
 c.JupyterHub.hub_port = {free_port()}
-c.JupyterHub.db_url = {q("sqlite:///" + str(cfg.folder / "jupyterhub.sqlite"))}
-c.JupyterHub.cookie_secret_file = {q(str(cfg.folder / "jupyterhub_cookie_secret"))}
-c.JupyterHub.pid_file = {q(str(cfg.folder / "jupyterhub.pid"))}
+c.JupyterHub.db_url = {q("sqlite:///" + str(state / "jupyterhub.sqlite"))}
+c.JupyterHub.cookie_secret_file = {q(str(state / "jupyterhub_cookie_secret"))}
+c.JupyterHub.pid_file = {q(str(state / "jupyterhub.pid"))}
 c.JupyterHub.cleanup_servers = True
 c.ConfigurableHTTPProxy.command = [{q(str(bin_dir / "configurable-http-proxy"))}]
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
-c.ConfigurableHTTPProxy.pid_file = {q(str(cfg.folder / "proxy.pid"))}
+c.ConfigurableHTTPProxy.pid_file = {q(str(state / "proxy.pid"))}
 
 # a shared password for the class: student1..student{cfg.users}
 c.JupyterHub.authenticator_class = "jupyterhub.authenticators.shared.SharedPasswordAuthenticator"
 c.SharedPasswordAuthenticator.user_password = {q(cfg.password)}
 c.Authenticator.allowed_users = set({q(cfg.usernames)})
 
-# one JupyterLab per student, in its own home folder, with the labkit kernel as the default
-c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
-c.SimpleLocalProcessSpawner.home_dir_template = {q(str(cfg.folder / "home" / "{username}"))}
-c.Spawner.cmd = [{q(str(bin_dir / "jupyterhub-singleuser"))}]
+# one JupyterLab per student with a personal copy of the notebooks and the labkit kernel as the default
+{spawner}
+c.{kind}.notebooks = {q(str(cfg.notebooks))}
+c.Spawner.mem_limit = {limit}
+c.Spawner.cmd = [{q(str(python))}, "-m", "jupyterhub.singleuser"]
 c.Spawner.args = {q(args)}
 c.Spawner.environment = {q(env)}
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
-
-
-def copy_notebooks(spawner):
-    """A personal copy of the teaching notebooks, made once (a student's edits are never overwritten)."""
-    target = Path(spawner.home_dir) / "notebooks"
-    if not target.exists():
-        shutil.copytree({q(str(cfg.notebooks))}, target)
-
-
-c.Spawner.pre_spawn_hook = copy_notebooks
 '''
 
 

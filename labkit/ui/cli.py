@@ -521,17 +521,35 @@ def student_copy_cmd(source: str, target: str, key: str | None) -> None:
 @click.option("--notebooks", default=None,
               help="Teaching notebooks (default: notebooks/); students get a copy without the solution cells.")
 @click.option("--no-measure", is_flag=True, help="Skip measuring the memory one student's kernel needs.")
+@click.option("--shared-user", is_flag=True, help="Run every student's server as this Unix user (no isolation; the "
+              "default when not run as root).")
+@click.option("--user-prefix", default="labkit-", show_default=True,
+              help="As root: student1 becomes the Unix user <prefix>student1 (created here, home mode 0700).")
+@click.option("--memory-limit", default=None, help="Memory each student process (server, each kernel) may use, "
+              "e.g. 3GiB, or 'none' (default: 90%% of RAM shared among the students, at least 1 GiB).")
+@click.option("--remove-users", is_flag=True, help="Delete the students' Unix users made with --user-prefix and their "
+              "home folders (collect their work first), then exit.")
 def workshop_cmd(users: int, port: int, ip: str, ssl_cert: str | None, ssl_key: str | None, self_signed: bool,
-                 folder: str, password: str | None, notebooks: str | None, no_measure: bool) -> None:
-    """Start a JupyterHub for a class (Ctrl-C stops it and every student's server)."""
-    from labkit.teach import workshop
+                 folder: str, password: str | None, notebooks: str | None, no_measure: bool, shared_user: bool,
+                 user_prefix: str, memory_limit: str | None, remove_users: bool) -> None:
+    """Start a JupyterHub for a class (Ctrl-C stops it and every student's server). As root, each student is a Unix
+    user who cannot read another's work or the teacher's files."""
+    from labkit.teach import isolation, workshop
 
     with _errors():
+        if remove_users:
+            removed = isolation.remove_users(user_prefix)
+            click.echo(f"removed {len(removed)} Unix users and their homes: {' '.join(removed) or '(none)'}")
+            return
         cfg = workshop.prepare(folder, users=users, port=port, password=password, notebooks=notebooks, ip=ip,
-                               ssl_cert=ssl_cert, ssl_key=ssl_key, self_signed=self_signed)
+                               ssl_cert=ssl_cert, ssl_key=ssl_key, self_signed=self_signed,
+                               isolate=False if shared_user else None, prefix=user_prefix, mem_limit=memory_limit)
         if cfg.warning():
             click.echo(f"labkit workshop: warning: {cfg.warning()}", err=True)
         click.echo(f"labkit workshop: {cfg.url}  users student1..student{users}  password {cfg.password}")
+        click.echo("students: " + (f"Unix users {cfg.prefix}student1..{cfg.prefix}student{users} (homes 0700)"
+                                   if cfg.isolate else "all run as this Unix user (not isolated)")
+                   + f"; memory limit per process: {cfg.memory_text}")
         if not no_measure:
             mem = workshop.per_student_memory()
             each = mem["steady"] + workshop.SERVER_MIB
