@@ -315,6 +315,19 @@ def test_budget_parses_sizes_and_is_scoped():
     assert memory.available("cpu")[0] != 3 * 2**20 and outside > 0
 
 
+def test_free_ram_stays_under_a_data_segment_limit_as_a_workshop_student_has():
+    import subprocess
+    import sys
+
+    code = ("import resource\nresource.setrlimit(resource.RLIMIT_DATA, (2**30, 2**30))\n"
+            "from labkit.core import memory\n"
+            "used = [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmData:')][0]\n"
+            "print(memory.free_ram(), used)")
+    free, used = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         check=True).stdout.split())
+    assert 0 < free <= 2**30 - used + 2**20  # what is left under the limit (1 MiB for the allocations in between)
+
+
 def test_attention_maps_refuse_with_bytes_and_budget_then_fit_by_layers_heads_and_half_precision(single):
     s = single["llama"]
     full = s.attention(PROMPT)

@@ -281,6 +281,17 @@ def test_a_hub_on_the_rooms_network_says_what_that_exposes(tmp_path):
     names = x509.load_pem_x509_certificate(cert.read_bytes()).extensions.get_extension_for_class(
         x509.SubjectAlternativeName).value
     assert {str(a) for a in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "192.0.2.7"}
+    private = workshop.WorkshopConfig(tmp_path, 2, 8000, "x" * 9, tmp_path, tmp_path, isolate=True,
+                                      solutions=tmp_path)  # under pytest's folder, mode 0700
+    assert private.warning() == ""
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        shared.chmod(0o755)  # the solutions where every Unix user can read them: the teacher is told
+        exposed = workshop.WorkshopConfig(tmp_path, 2, 8000, "x" * 9, tmp_path, tmp_path, isolate=True,
+                                          solutions=shared)
+        assert f"chmod o-rx {shared}" in exposed.warning()
+    finally:
+        shared.rmdir()
     with pytest.raises(InvalidArgument, match="ip must be an IP address"):
         workshop.check(2, 8000, None, None, ip="the-room")
     with pytest.raises(InvalidArgument, match="ssl_cert and ssl_key go together"):

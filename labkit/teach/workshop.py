@@ -70,6 +70,8 @@ class WorkshopConfig:
     """The interpreter the students' servers and kernels run (None: this one)."""
     mem_limit: int | None = None
     """Bytes each student process (server, each kernel) may use (its data segment); None: no limit."""
+    solutions: Path | None = None
+    """The teacher's notebooks (with the solutions) the student copy was made from."""
 
     @property
     def url(self) -> str:
@@ -83,16 +85,22 @@ class WorkshopConfig:
         return not ipaddress.ip_address(self.ip).is_loopback
 
     def warning(self) -> str:
-        """What the teacher must know when the hub is reachable from the room's network ("" on loopback)."""
-        if not self.public:
-            return ""
-        text = f"the hub listens on {self.ip}: anyone on this network can reach its login page with the class password"
-        if not self.isolate:
-            text += ("; every student's server runs as this Unix user (students can read each other's work and "
-                     "your files: run labkit workshop as root for one Unix user per student)")
-        if self.ssl_cert is None:
-            text += "; without TLS the password travels in clear text: add --self-signed or --ssl-cert/--ssl-key"
-        return text
+        """What the teacher must know: the hub is reachable from the room's network, or the notebooks with the
+        solutions are readable by the students' Unix users ("" when neither)."""
+        texts = []
+        if self.public:
+            text = (f"the hub listens on {self.ip}: anyone on this network can reach its login page with the class "
+                    "password")
+            if not self.isolate:
+                text += ("; every student's server runs as this Unix user (students can read each other's work and "
+                         "your files: run labkit workshop as root for one Unix user per student)")
+            if self.ssl_cert is None:
+                text += "; without TLS the password travels in clear text: add --self-signed or --ssl-cert/--ssl-key"
+            texts.append(text)
+        if self.isolate and self.solutions is not None and isolation.blocked(self.solutions) is None:
+            texts.append(f"your notebooks with the solutions ({self.solutions}) can be read by every user of this "
+                         f"machine, students included: chmod o-rx {self.solutions} (or keep them in a private folder)")
+        return "; ".join(texts)
 
     @property
     def memory_text(self) -> str:
@@ -210,7 +218,7 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     cfg = WorkshopConfig(root, users, port, password or secrets.token_urlsafe(9), students, cache, ip,
                          None if ssl_cert is None else Path(ssl_cert).resolve(),
                          None if ssl_key is None else Path(ssl_key).resolve(),
-                         0 if ssl_cert is None else free_port(), isolate, prefix, python, limit)
+                         0 if ssl_cert is None else free_port(), isolate, prefix, python, limit, source.resolve())
     config = root / "jupyterhub_config.py"
     config.touch(mode=0o600)
     config.chmod(0o600)  # the class password is in it

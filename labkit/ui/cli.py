@@ -556,6 +556,10 @@ def workshop_cmd(users: int, port: int, ip: str, ssl_cert: str | None, ssl_key: 
             click.echo(f"per-student memory: {each:.0f} MiB (a kernel with the default model {mem['steady']:.0f} MiB, "
                        f"{mem['peak']:.0f} MiB while loading, + {workshop.SERVER_MIB} MiB for its JupyterLab server); "
                        f"{users} students ≈ {users * each / 1024:.1f} GiB")
+            if cfg.mem_limit is not None and cfg.mem_limit < mem["peak"] * 2**20 * 1.25:
+                click.echo(f"labkit workshop: warning: the memory limit ({cfg.memory_text}) leaves a kernel less than "
+                           f"25% above what loading the default model takes ({mem['peak']:.0f} MiB): raise "
+                           "--memory-limit or admit fewer students", err=True)
         click.echo(f"configuration: {cfg.folder / 'jupyterhub_config.py'}", err=True)
         sys.exit(workshop.serve(cfg))
 
