@@ -1,7 +1,8 @@
 """A student played through every exercise of the core track, in one kernel per notebook: each check is run with the
 answers blank ("fill in", never a crash), with a wrong answer of the right kind (a message, never a crash) and with
 the worked solution (✓). The wrong answer is made from the solution's own value (a number moved, a pair's first
-element moved, a text changed), so the check has to tell them apart."""
+element moved, a text changed; for code the student writes, the solution's function with every result it gives
+moved the same way), so the check has to tell them apart."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def _labkit_wrong(value):
         return type(value)([_labkit_wrong(value[0]), *value[1:]])
     if isinstance(value, torch.Tensor):
         return value + 1
+    if callable(value):  # code the student wrote: every result it gives (a hook's output too) comes out wrong
+        return lambda *args, **kwargs: _labkit_wrong(value(*args, **kwargs))
     return "a wrong answer"
 '''
 
@@ -41,9 +44,11 @@ def _tags(cell) -> set[str]:
 
 
 def _answers(exercise_source: str) -> list[str]:
-    """The names an exercise cell sets to None (``p_paris = None  # your answer``)."""
-    return [t.id for node in ast.parse(exercise_source).body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name)]
+    """The names an exercise cell sets to None (``p_paris = None  # your answer``) and the functions it asks the
+    student to write (``def zero_head_hook(head): return None  # your code``)."""
+    body = ast.parse(exercise_source).body
+    return ([t.id for node in body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+            + [node.name for node in body if isinstance(node, ast.FunctionDef)])
 
 
 def _marker(kind: str, exercise: int) -> str:

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,61 @@ def check(exercise: str, *, ok: bool | Callable[[], bool] | None = None, hint: s
     if not ok:
         raise ExerciseFailed(f"✗ {exercise}: not yet. {hint}".rstrip())
     print(f"✓ {exercise}")
+
+
+def check_code(exercise: str, run: Callable[[Any], Any], cases: Sequence[Any], expected: Callable[[Any], Any], *,
+               same: Callable[[Any, Any], bool] | None = None, hint: str = "", **answers: Any) -> None:
+    """Check code the student wrote on ``cases`` they have not seen (another prompt, another head, random logits):
+    ``run(case)`` applies the student's code to a case, ``expected(case)`` computes the answer independently, and
+    ``same(got, want)`` compares them (default :func:`agree`: numbers, tensors and tuples of them within 1e-4).
+    Prints ✓ when every case agrees; raises :class:`ExerciseFailed` when an answer in ``answers`` is None, when the
+    student's code returns None ("fill in"), raises, or gives a different value — naming the case and both values."""
+    same = same or agree
+    if any(v is None for v in answers.values()):
+        check(exercise, **answers)  # "fill in ..."
+    for i, case in enumerate(cases, 1):
+        try:
+            got = run(case)
+        except Exception as e:  # the student's code: its error, reported on the case it met
+            raise ExerciseFailed(f"✗ {exercise}: your code raised {type(e).__name__} on case {i} ({_short(case)}): "
+                                 f"{e}. {hint}".rstrip()) from None
+        if got is None:
+            raise ExerciseFailed(f"✗ {exercise}: fill in your code first (it returns None on case {i})")
+        want = expected(case)
+        if not same(got, want):
+            raise ExerciseFailed(f"✗ {exercise}: on case {i} ({_short(case)}) your code gives {_short(got)}, "
+                                 f"expected {_short(want)}. {hint}".rstrip())
+    print(f"✓ {exercise} ({len(cases)} cases you had not seen)")
+
+
+def agree(a: Any, b: Any, tol: float = 1e-4) -> bool:
+    """``a`` and ``b`` are equal within ``tol``: numbers, tensors (same shape, max absolute difference) or tuples and
+    lists of them, element by element; False for anything else."""
+    import torch
+
+    if isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and a.shape == b.shape
+                and bool(torch.allclose(a.detach().double(), b.detach().double(), atol=tol, rtol=0)))
+    if isinstance(b, (tuple, list)):
+        return (isinstance(a, (tuple, list)) and len(a) == len(b)
+                and all(agree(x, y, tol) for x, y in zip(a, b, strict=True)))
+    return close(a, b, tol)
+
+
+def _short(value: Any, width: int = 90) -> str:
+    """A one-line description of a case or a value for a message."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        text = (f"tensor{tuple(value.shape)}" if value.numel() > 6
+                else f"tensor({[round(float(x), 4) for x in value.flatten()]})")
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (tuple, list)):
+        text = "(" + ", ".join(_short(v, width) for v in value) + ")"
+    else:
+        text = repr(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def close(a: Any, b: Any, tol: float = 1e-4) -> bool:
