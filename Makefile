@@ -62,7 +62,7 @@ test: setup browser
 	$(VENV)/bin/ruff check .
 	@start=$$(date +%s); $(SPHINX) && echo "labkit: docs built in $$(( $$(date +%s) - start )) s"
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadfile --durations=30
-	$(PY) -m pytest notebooks $(NBVAL) --durations=10
+	LABKIT_FIGURE_RULES=error $(PY) -m pytest notebooks $(NBVAL) --durations=10
 
 ## bench: benchmarks under bench/, results as JSON in bench/results/
 bench: setup

@@ -152,3 +152,49 @@ def test_labels_of_points_that_nearly_coincide_are_stacked_not_printed_over_each
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), "two point labels overlap"
+
+
+def _broken(picture) -> str:
+    return "; ".join(figures.problems(picture))
+
+
+def test_figure_rules_pass_on_labkit_figures_and_catch_each_broken_rule():
+    from matplotlib.figure import Figure
+
+    signed = torch.tensor([[-2.0, 0.5], [1.0, -0.1]])
+    ok = [figures.heatmap(torch.rand(5, 5), labels=TOKENS),
+          figures.heatmap(signed, x_labels=[0, 1], y_labels=[10, 11], xlabel="head", ylabel="layer",
+                          colorbar="drop (nats)"),
+          figures.layer_head_summary(torch.rand(4, 3), colorbar="entropy (bits)")]
+    for picture in ok:
+        assert figures.problems(picture) == [], figures.problems(picture)
+    auto = ok[1].figure.axes[0].get_images()[0]  # signed values: a diverging map centred on 0, chosen unasked
+    assert auto.get_cmap().name == "RdBu_r" and auto.get_clim() == (-2.0, 2.0)
+
+    one_way = figures.heatmap(signed, cmap="magma", x_labels=[0, 1], y_labels=[0, 1], colorbar="nats")
+    assert "one-directional colour map 'magma'" in _broken(one_way)
+    off_centre = figures.heatmap(signed, cmap="RdBu_r", vmin=-2, vmax=1, x_labels=[0, 1], y_labels=[0, 1],
+                                 colorbar="nats")
+    assert "not centred on 0" in _broken(off_centre)
+    quoted = figures.heatmap(torch.rand(2, 2), x_labels=["0", "1"], y_labels=["a", "b"], colorbar="p")
+    assert "numeric tick label is quoted: '0'" in _broken(quoted)  # numbers given as text are drawn as tokens
+
+    fig = Figure(figsize=(5, 3.6), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot([1, 2, 3], [1, 4, 9], "o")  # points, no labels, no axis titles
+    ax.text(2.9, 9, "a label that runs far past the right edge of the figure", fontsize=12)
+    bare = figures.Picture(fig)
+    broken = _broken(bare)
+    assert "the x axis has no label" in broken and "the y axis has no label" in broken
+    assert "runs off the figure" in broken
+    ax.texts[0].remove()
+    assert "points without labels" in _broken(bare)
+
+
+def test_strict_figure_rules_refuse_to_draw_a_broken_figure(monkeypatch):
+    signed = torch.tensor([[-1.0, 1.0]])
+    broken = figures.heatmap(signed, cmap="viridis", vmin=-1, vmax=1, x_labels=[0, 1], y_labels=[0], colorbar="x")
+    assert broken.png()  # drawn, by default
+    monkeypatch.setenv(figures.STRICT_ENV, "error")
+    with pytest.raises(InvalidArgument, match="breaks the figure rules: signed values"):
+        broken.png()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +24,7 @@ import plotly.graph_objects as go
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from labkit.core.errors import InvalidArgument
@@ -32,6 +35,13 @@ MIN_WIDTH_IN, MIN_HEIGHT_IN = 5.0, 3.6
 """The smallest figure drawn (inches at :data:`DPI`): 500 × 360 px, so 9-pt tick labels stay legible."""
 MAX_TICK_LABELS = 64
 """Token tick labels are drawn up to this many per axis; longer axes get numbered ticks."""
+
+
+DIVERGING = {"RdBu", "coolwarm", "bwr", "seismic", "PiYG", "PRGn", "BrBG", "PuOr", "RdGy", "RdYlBu", "RdYlGn",
+             "Spectral"}
+"""Colour maps with a neutral middle, for signed values (each also reversed, ``_r``)."""
+STRICT_ENV = "LABKIT_FIGURE_RULES"
+"""Set to ``error`` (the notebook tests do) and drawing a figure that breaks a rule (:func:`problems`) raises."""
 
 
 class Picture:
@@ -54,6 +64,8 @@ class Picture:
 
     def png(self) -> bytes:
         """The figure as PNG bytes, at the figure's own DPI."""
+        if os.environ.get(STRICT_ENV) == "error" and (broken := problems(self)):
+            raise InvalidArgument(f"the figure {self.title!r} breaks the figure rules: {'; '.join(broken)}")
         buf = io.BytesIO()
         self.figure.savefig(buf, format="png", dpi=self.figure.dpi)
         return buf.getvalue()
@@ -73,6 +85,53 @@ class Picture:
     def __repr__(self) -> str:
         w, h = self.size
         return f"<Picture {self.title!r}: {w}×{h} px>"
+
+
+def problems(picture: Picture) -> list[str]:
+    """The figure rules ``picture`` breaks (empty when none): every plot's axes labelled, every colour bar labelled
+    (its unit), numeric tick labels unquoted, signed values (an image with cells below and above 0) on a diverging
+    colour map centred on 0, points (markers without lines) labelled by text or a legend, and no text running off
+    the figure. What a test cannot see — whether a colour map suits the reader, whether labels say enough — is left
+    to the eye."""
+    fig = picture.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    found = []
+    for ax in fig.axes:
+        if getattr(ax, "_colorbar", None) is not None:
+            if not (ax.get_ylabel() or ax.get_xlabel()):
+                found.append("a colour bar without a label (say its unit)")
+            continue
+        if not ax.axison:
+            continue  # an image shown as itself, without axes
+        for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
+            ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
+            if len(ticks) and not label:
+                found.append(f"the {axis} axis has no label")
+        for tick in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+            if re.fullmatch(r"'[-+]?\d+(\.\d+)?'", tick.get_text()):
+                found.append(f"a numeric tick label is quoted: {tick.get_text()}")
+                break
+        for image in ax.get_images():
+            data = np.ma.masked_invalid(np.ma.asarray(image.get_array(), float)).compressed()
+            if data.size and data.min() < 0 < data.max():
+                name = image.get_cmap().name.removesuffix("_r")
+                low, high = image.get_clim()
+                if name not in DIVERGING:
+                    found.append(f"signed values on the one-directional colour map {image.get_cmap().name!r}")
+                elif abs(low + high) > 1e-6 * max(abs(low), abs(high)):
+                    found.append(f"a diverging colour map not centred on 0 (limits {low:.3g}, {high:.3g})")
+        points = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None" and ln.get_marker() not in ("None", "")]
+        if points and not ax.texts and ax.get_legend() is None:
+            found.append("points without labels (text beside them, or a legend)")
+    box = fig.bbox
+    for text in fig.findobj(Text):
+        if text.get_visible() and text.get_text().strip():
+            extent = text.get_window_extent(renderer)
+            if (extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1
+                    or extent.y1 > box.y1 + 1):
+                found.append(f"the text {text.get_text()[:30]!r} runs off the figure")
+    return found
 
 
 def token_label(text: str, width: int = 16) -> str:
@@ -117,16 +176,19 @@ def _new_figure(width_in: float, height_in: float) -> Figure:
 
 
 def heatmap(matrix: torch.Tensor | np.ndarray, labels: Sequence[str] | None = None, size: int = 512,
-            vmin: float | None = 0.0, vmax: float | None = None, title: str | None = None, *,
+            vmin: float | None = None, vmax: float | None = None, title: str | None = None, *,
             x_labels: Sequence[str] | None = None, y_labels: Sequence[str] | None = None,
             xlabel: str = "key position", ylabel: str = "query position", colorbar: str = "attention probability",
-            tokens: bool = True, cmap: str = "viridis") -> Picture:
+            tokens: bool = True, cmap: str | None = None) -> Picture:
     """Shape (R, C) -> a heatmap about ``size`` px wide (never under 500 × 360 px) with both axes labelled, a colour
     bar titled ``colorbar`` (say the unit) and, when given, tick labels: ``labels`` for a square matrix (rows and
     columns are the same tokens), or ``x_labels`` (C) and ``y_labels`` (R). ``tokens`` quotes string labels as
     tokens (a leading space shows); numbers (layer, head) are drawn as they are.
-    NaN and −inf cells are left blank (white)."""
+    Colours: values that are all ≥ 0 on ``viridis`` from 0 (``vmin``) to their maximum (``vmax``); signed values
+    (some < 0, some > 0) on the diverging ``RdBu_r`` centred on 0 (limits ±max |value|), so a negative cell never
+    looks like a zero one. ``cmap``, ``vmin`` and ``vmax`` override. NaN and −inf cells are left blank (white)."""
     a = _as_2d(matrix)
+    cmap, vmin, vmax = _colours(a, cmap, vmin, vmax)
     rows, cols = a.shape
     if labels is not None:
         if rows != cols:
@@ -149,6 +211,17 @@ def heatmap(matrix: torch.Tensor | np.ndarray, labels: Sequence[str] | None = No
         ax.set_title(title, fontsize=11, wrap=True)
     fig.colorbar(image, ax=ax, label=colorbar, shrink=0.9)
     return Picture(fig)
+
+
+def _colours(a: np.ndarray, cmap: str | None, vmin: float | None,
+             vmax: float | None) -> tuple[str, float | None, float | None]:
+    """The colour map and limits for values ``a``: diverging and centred for signed values, else viridis from 0."""
+    finite = a[np.isfinite(a)]
+    signed = finite.size > 0 and finite.min() < 0 < finite.max()
+    if signed and cmap is None and vmin is None and vmax is None:
+        peak = float(np.abs(finite).max())
+        return "RdBu_r", -peak, peak
+    return cmap or "viridis", (0.0 if vmin is None and not signed else vmin), vmax
 
 
 def head_grid(maps: torch.Tensor, cols: int | None = None, cell_size: int = 160, titles: list[str] | None = None,
@@ -187,7 +260,7 @@ def head_grid(maps: torch.Tensor, cols: int | None = None, cell_size: int = 160,
 
 def layer_head_summary(values: torch.Tensor, size: int = 480, title: str | None = None,
                        colorbar: str = "value", vmin: float | None = None, vmax: float | None = None,
-                       cmap: str = "viridis") -> Picture:
+                       cmap: str | None = None) -> Picture:
     """Shape (L, H) -> one cell per (layer, head): rows are layers, columns heads, ``colorbar`` names the quantity
     and its unit (e.g. "mean attention entropy (bits)")."""
     if values.ndim != 2:
@@ -317,7 +390,9 @@ def static_picture(fig: go.Figure) -> Picture:
                     ax.annotate(str(label), (x, y), xytext=(0, 5 + 10 * tier), textcoords="offset points",
                                 ha="center", fontsize=7)
         elif trace.type == "heatmap":
-            image = ax.imshow(np.asarray(trace.z, float), aspect="auto", cmap="viridis")
+            z = np.asarray(trace.z, float)
+            cmap, low, high = _colours(z, None, None, None)
+            image = ax.imshow(z, aspect="auto", cmap=cmap, vmin=low, vmax=high)
             out.colorbar(image, ax=ax, label=_text(trace.colorbar.title) or "value")
         else:
             raise InvalidArgument(f"a static fallback draws bar, scatter and heatmap traces; got {trace.type!r}")
