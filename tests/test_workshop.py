@@ -296,3 +296,32 @@ def test_a_hub_on_the_rooms_network_says_what_that_exposes(tmp_path):
         workshop.check(2, 8000, None, None, ip="the-room")
     with pytest.raises(InvalidArgument, match="ssl_cert and ssl_key go together"):
         workshop.check(2, 8000, None, None, ssl_cert=cert)
+
+
+def test_students_get_a_python_of_their_own_when_the_teachers_environment_is_out_of_their_reach(tmp_path,
+                                                                                                  monkeypatch):
+    """The fallback for a virtual environment under a private home: a venv from the system Python with hard-linked
+    copies of the packages and of labkit; it imports labkit, torch and JupyterHub's single-user server from there."""
+    import sysconfig
+
+    from labkit.teach import isolation
+
+    if isolation._system_python() is None:
+        pytest.skip("no system Python of this version that every user can run")
+    private = {Path(sysconfig.get_paths()["purelib"]), Path(workshop.__file__).parents[1]}  # as if under /root
+    real = isolation.blocked
+    monkeypatch.setattr(isolation, "blocked", lambda p: Path(p) if Path(p) in private else real(p))
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        python = isolation.student_python(folder)
+        assert python == folder / "runtime" / "bin" / "python"
+        code = ("import labkit, torch, jupyterhub.singleuser, sys; "
+                "print(labkit.__file__, torch.__file__, sys.prefix, sep='|')")
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True,
+                             cwd=folder).stdout  # not the checkout: its labkit/ would come first
+        labkit_file, torch_file, prefix = out.strip().split("|")
+        assert labkit_file.startswith(str(folder / "runtime")) and torch_file.startswith(str(folder / "runtime"))
+        assert prefix == str(folder / "runtime")
+        assert (folder / "runtime" / "share" / "jupyter" / "lab").is_dir()  # JupyterLab's assets for the server
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

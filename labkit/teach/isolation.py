@@ -111,8 +111,8 @@ def student_python(folder: Path) -> Path:
             link_tree(site, own)
     reach = [site for site in sites if blocked(site) is None]
     package = Path(labkit.__file__).parent
-    if blocked(package) is not None and not (own / "labkit").exists():
-        link_tree(package, own / "labkit")  # an editable install's source folder out of reach
+    if blocked(package) is not None:  # an editable install's source folder out of reach (merged with its data)
+        link_tree(package, own / "labkit")
     # addsitedir (not a bare path line) so the teacher's own .pth files run too (an editable install's is one)
     (own / "labkit-teacher.pth").write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in reach))
     for part in ("share/jupyter", "etc/jupyter"):  # JupyterLab's assets, extensions and server configuration
