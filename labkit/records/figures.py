@@ -24,7 +24,6 @@ import plotly.graph_objects as go
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from labkit.core.errors import InvalidArgument
@@ -104,9 +103,11 @@ def problems(picture: Picture) -> list[str]:
             continue
         if not ax.axison:
             continue  # an image shown as itself, without axes
-        for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
+        spec = ax.get_subplotspec()  # in a grid of panels, the outer ones carry the labels
+        for axis, label, outer in (("x", ax.get_xlabel(), spec is None or spec.is_last_row()),
+                                   ("y", ax.get_ylabel(), spec is None or spec.is_first_col())):
             ticks = ax.get_xticks() if axis == "x" else ax.get_yticks()
-            if len(ticks) and not label:
+            if len(ticks) and outer and not label:
                 found.append(f"the {axis} axis has no label")
         for tick in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
             if re.fullmatch(r"'[-+]?\d+(\.\d+)?'", tick.get_text()):
@@ -124,13 +125,13 @@ def problems(picture: Picture) -> list[str]:
         points = [ln for ln in ax.get_lines() if ln.get_linestyle() == "None" and ln.get_marker() not in ("None", "")]
         if points and not ax.texts and ax.get_legend() is None:
             found.append("points without labels (text beside them, or a legend)")
-    box = fig.bbox
-    for text in fig.findobj(Text):
-        if text.get_visible() and text.get_text().strip():
-            extent = text.get_window_extent(renderer)
-            if (extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1
-                    or extent.y1 > box.y1 + 1):
-                found.append(f"the text {text.get_text()[:30]!r} runs off the figure")
+    box = fig.bbox  # what is drawn (ticks outside an axis's range are not) must lie inside the figure
+    drawn = [(ax.get_title() or ax.get_ylabel() or "a plot", ax.get_tightbbox(renderer)) for ax in fig.axes]
+    drawn += [(t.get_text(), t.get_window_extent(renderer)) for t in fig.texts if t.get_visible() and t.get_text()]
+    for name, extent in drawn:
+        if extent is not None and (extent.x0 < box.x0 - 1 or extent.x1 > box.x1 + 1 or extent.y0 < box.y0 - 1
+                                   or extent.y1 > box.y1 + 1):
+            found.append(f"{name[:40]!r}: something runs off the figure")
     return found
 
 

@@ -177,7 +177,7 @@ class Attribution:
         signed = self.method in ("input_x_gradient", "ig")
         return heatmap(values, x_labels=self.tokens, y_labels=[f"→ {self.target!r}"], tokens=True,
                        vmin=-peak if signed else 0.0, vmax=peak, cmap="RdBu_r" if signed else "viridis",
-                       xlabel="context token", ylabel="", colorbar=f"{self.method} ({self.unit})",
+                       xlabel="context token", ylabel="target", colorbar=f"{self.method} ({self.unit})",
                        title=title or f"{self.method} attribution of {self.label}")
 
 
