@@ -65,7 +65,8 @@ autodoc_default_options = {"members": True, "undoc-members": True, "show-inherit
 nitpicky = True
 _EXTERNAL = ("torch", "transformers", "numpy", "np", "pandas", "pd", "plotly", "go", "PIL", "matplotlib", "ipywidgets",
              "anywidget", "IPython", "traitlets", "collections", "typing", "pathlib", "os", "enum", "abc", "threading",
-             "subprocess", "datetime", "dataclasses", "ray", "safetensors", "captum", "tqdm", "click")
+             "subprocess", "datetime", "dataclasses", "ray", "safetensors", "captum", "tqdm", "click", "pwd",
+             "jupyterhub", "t")
 nitpick_ignore_regex = [
     (r"py:.*", rf"({'|'.join(_EXTERNAL)})(\..*)?"),
     (r"py:.*", r"labkit(\.\w+)*\._\w+"),

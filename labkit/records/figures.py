@@ -186,8 +186,9 @@ def heatmap(matrix: torch.Tensor | np.ndarray, labels: Sequence[str] | None = No
     columns are the same tokens), or ``x_labels`` (C) and ``y_labels`` (R). ``tokens`` quotes string labels as
     tokens (a leading space shows); numbers (layer, head) are drawn as they are.
     Colours: values that are all ≥ 0 on ``viridis`` from 0 (``vmin``) to their maximum (``vmax``); signed values
-    (some < 0, some > 0) on the diverging ``RdBu_r`` centred on 0 (limits ±max |value|), so a negative cell never
-    looks like a zero one. ``cmap``, ``vmin`` and ``vmax`` override. NaN and −inf cells are left blank (white)."""
+    (some < 0, some > 0) on the diverging ``RdBu_r`` centred on 0 (limits ± the largest magnitude), so a negative
+    cell never looks like a zero one. ``cmap``, ``vmin`` and ``vmax`` override. NaN and −inf cells are left blank
+    (white)."""
     a = _as_2d(matrix)
     cmap, vmin, vmax = _colours(a, cmap, vmin, vmax)
     rows, cols = a.shape
