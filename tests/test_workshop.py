@@ -292,6 +292,10 @@ def test_a_hub_on_the_rooms_network_says_what_that_exposes(tmp_path):
         assert f"chmod o-rx {shared}" in exposed.warning()
     finally:
         shared.rmdir()
+    with pytest.raises(InvalidArgument, match="students cannot reach the workshop folder"):  # before any user
+        workshop.prepare(tmp_path / "workshop", users=1, isolate=True, prefix="lknever-")
+    with pytest.raises(InvalidArgument, match="prefix must be the start of a Unix user name"):
+        workshop.prepare(tmp_path / "workshop", users=1, isolate=True, prefix="Bad Prefix")
     with pytest.raises(InvalidArgument, match="ip must be an IP address"):
         workshop.check(2, 8000, None, None, ip="the-room")
     with pytest.raises(InvalidArgument, match="ssl_cert and ssl_key go together"):

@@ -84,7 +84,8 @@ def student_python(folder: Path) -> Path:
     """An interpreter with labkit's packages that every student can run: this one when other users can reach it and
     its packages, else ``folder/runtime/bin/python`` (built once: a virtual environment from a system Python of this
     version, seeing the teacher's ``site-packages`` through a ``.pth`` file, hard-linked copies where those are out of
-    reach, and this environment's Jupyter data and configuration). InvalidArgument when no such Python exists."""
+    reach, and this environment's Jupyter data and configuration). InvalidArgument when no such Python exists.
+    Delete ``folder/runtime`` to rebuild it after upgrading packages that were copied there."""
     import labkit
 
     sites = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})

@@ -185,6 +185,9 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     root = Path(folder).resolve()
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o711 if isolate else 0o700)  # students pass through to runtime/ and cache/; nobody lists it
+    if isolate and isolation.blocked(root) not in (None, root):  # checked before any user is created
+        raise InvalidArgument(f"students cannot reach the workshop folder {root}: {isolation.blocked(root)} is closed "
+                              "to other users; choose a --dir every user can pass through (e.g. under /srv or /opt)")
     if isolate:
         isolation.create_users([f"student{i}" for i in range(1, users + 1)], prefix)
     from labkit.teach import teaching
