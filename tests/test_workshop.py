@@ -21,7 +21,7 @@ import requests
 import websocket
 
 from labkit.core.errors import InvalidArgument
-from labkit.teach import workshop
+from labkit.teach import isolation, workshop
 
 BIN = Path(sys.executable).parent
 PASSWORD = "labkit-class-2026"
@@ -157,6 +157,7 @@ def test_workshop_hub_student_kernel_generates(tmp_path):
     left = [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not left, f"processes left running: {left}"
     assert len(family) >= 3  # hub, proxy, the student's server (+ its kernel)
+    assert not (isolation.CGROUP_V1 / isolation.CGROUP_GROUP / "shared-student1").exists()  # its memory group too
 
 
 _ATTEMPT = """import os, pwd, resource, labkit
@@ -167,9 +168,25 @@ def attempt(path):
     except PermissionError:
         return 'PermissionError'
 t = labkit.Session().generate('The capital of France is', max_new_tokens=1)
+from labkit.core import memory
+cgroup = [l.split(':', 2)[2].strip() for l in open('/proc/self/cgroup') if l.split(':')[1] in ('memory', '')][0]
 print(pwd.getpwuid(os.getuid()).pw_name, repr(t.text), resource.getrlimit(resource.RLIMIT_DATA)[0],
-      *(attempt(p) for p in PATHS), sep='|')
+      memory.free_ram(), cgroup, *(attempt(p) for p in PATHS), sep='|')
 """
+
+
+def test_a_students_memory_cgroup_caps_what_labkit_may_spend():
+    folder = isolation.memory_cgroup("lk-test-budget", 2**30)
+    if folder is None:
+        pytest.skip("no memory cgroup can be made here (not root, or no memory controller)")
+    try:
+        code = "from labkit.core import memory; print(memory.free_ram())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             preexec_fn=lambda: (folder / "cgroup.procs").write_text(str(os.getpid())))
+        assert 0 < int(out.stdout) <= 2**30  # what is left under the student's limit, not the machine's free RAM
+    finally:
+        isolation.remove_cgroups("lk-test-budget")
+    assert not folder.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
@@ -205,9 +222,11 @@ def test_each_student_is_a_unix_user_who_cannot_read_another_students_or_the_tea
         kernel = _kernel(user, tokens["student1"])
         family |= {p.pid for p in psutil.Process(hub.pid).children(recursive=True)}
         out = _execute(user, tokens["student1"], kernel, f"PATHS = {[str(p) for p in paths]!r}\n{_ATTEMPT}")
-        name, text, limit, *results = out.strip().split("|")
+        name, text, limit, free, cgroup, *results = out.strip().split("|")
         assert name == prefix + "student1" and text == repr(" Paris")  # the kernel runs as the student
-        assert int(limit) == 3 * 2**30  # the memory limit holds in the student's kernel
+        assert int(limit) == 3 * 2**30 and int(free) < 3 * 2**30  # the limit holds, and labkit's budget sees it
+        if isolation.CGROUP_V1.joinpath("memory.limit_in_bytes").exists() and os.access(isolation.CGROUP_V1, os.W_OK):
+            assert cgroup == f"/labkit-workshop/{prefix}student1"  # all of student1's processes in one group
         seen = dict(zip(map(str, paths), results, strict=True))
         assert results == ["read"] + ["PermissionError"] * (len(paths) - 1), seen
     finally:

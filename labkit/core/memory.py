@@ -66,14 +66,29 @@ def budget(nbytes: int | str) -> Iterator[int]:
 
 
 def _cgroup_free() -> int | None:
-    """Bytes left under this process's cgroup v2 memory limit, or None when there is none."""
+    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes`` —
+    ``labkit workshop`` puts each student in one), or None when there is none."""
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
         return None
+    candidates = []
+    for line in groups:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2: one unified hierarchy
+            candidates.append((Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"))
+        elif "memory" in controllers.split(","):  # v1
+            candidates.append((Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes",
+                               "memory.usage_in_bytes"))
+    for folder, limit_file, usage_file in candidates:
+        try:
+            limit = (folder / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+                continue
+            return max(0, int(limit) - int((folder / usage_file).read_text()))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _rlimit_free() -> int | None:

@@ -12,6 +12,7 @@ them where the teacher's are out of reach).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -125,6 +126,45 @@ def student_python(folder: Path) -> Path:
     return python
 
 
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_GROUP = "labkit-workshop"
+
+
+def memory_cgroup(name: str, limit: int) -> Path | None:
+    """A memory cgroup holding every process of one student (their server and all their kernels together), limited
+    to ``limit`` bytes — cgroup v1's ``memory/labkit-workshop/<name>`` or v2's ``labkit-workshop/<name>`` — or None
+    where this process cannot create one (not root, no memory controller). A process joins it by writing its pid to
+    ``cgroup.procs``."""
+    try:
+        if (CGROUP_V1 / "memory.limit_in_bytes").exists():
+            folder = CGROUP_V1 / CGROUP_GROUP / name
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "memory.limit_in_bytes").write_text(str(limit))
+            return folder
+        if "memory" in (CGROUP_V2 / "cgroup.controllers").read_text().split():
+            parent = CGROUP_V2 / CGROUP_GROUP
+            parent.mkdir(exist_ok=True)
+            (parent / "cgroup.subtree_control").write_text("+memory")
+            folder = parent / name
+            folder.mkdir(exist_ok=True)
+            (folder / "memory.max").write_text(str(limit))
+            return folder
+    except OSError:
+        return None
+    return None
+
+
+def remove_cgroups(name: str) -> bool:
+    """Remove a student's memory cgroup and the workshop's, once empty; True when the student's is gone (a cgroup
+    that still holds a process, e.g. a kernel still exiting, stays)."""
+    for base in (CGROUP_V1, CGROUP_V2):
+        for folder in (base / CGROUP_GROUP / name, base / CGROUP_GROUP):
+            with contextlib.suppress(OSError):  # not there, or not empty yet
+                folder.rmdir()
+    return not any((base / CGROUP_GROUP / name).exists() for base in (CGROUP_V1, CGROUP_V2))
+
+
 def unix_name(student: str, prefix: str = PREFIX) -> str:
     """The Unix user of a student: ``prefix + student``."""
     return f"{prefix}{student}"
@@ -168,4 +208,5 @@ def remove_users(prefix: str = PREFIX) -> list[str]:
     for name in names:
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)  # a server left running
         subprocess.run(["userdel", "--remove", name], check=True, capture_output=True)
+        remove_cgroups(name)
     return names

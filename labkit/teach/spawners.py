@@ -6,15 +6,17 @@
   not isolated from each other.
 
 Both give each student a personal copy of the teaching notebooks (made once; a student's edits are never
-overwritten) and enforce ``c.Spawner.mem_limit`` per process: the data segment limit (``RLIMIT_DATA``) of the
-student's server and of each kernel it starts, so an allocation past it fails in that kernel with an error
-(``DefaultCPUAllocator: can't allocate memory``) instead of the machine's OOM killer taking someone's kernel; labkit's
-memory budget (:func:`labkit.core.memory.free_ram`) sees the limit and refuses earlier, with the bytes.
-JupyterHub's local spawners document ``mem_limit`` but do not enforce it.
+overwritten) and enforce ``c.Spawner.mem_limit``: per student, all their processes together, in a memory cgroup
+where the hub can create one (:func:`labkit.teach.isolation.memory_cgroup`; run as root), and per process as the
+data segment limit (``RLIMIT_DATA``) of the student's server and of each kernel it starts, so an allocation past it
+fails in that kernel with an error (``DefaultCPUAllocator: can't allocate memory``) instead of the machine's OOM
+killer taking someone's kernel. labkit's memory budget (:func:`labkit.core.memory.free_ram`) sees both limits and
+refuses earlier, with the bytes. JupyterHub's local spawners document ``mem_limit`` but do not enforce it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import resource
@@ -25,12 +27,17 @@ from pathlib import Path
 from jupyterhub.spawner import LocalProcessSpawner, SimpleLocalProcessSpawner, set_user_setuid
 from traitlets import HasTraits, Unicode
 
-from labkit.teach.isolation import PREFIX
+from labkit.teach.isolation import PREFIX, memory_cgroup, remove_cgroups
 
 
-def _limited(preexec: Callable[[], None], limit: int | None) -> Callable[[], None]:
-    """``preexec`` preceded by setting the data segment limit to ``limit`` bytes (None: no limit)."""
+def _limited(preexec: Callable[[], None], limit: int | None, group: str) -> Callable[[], None]:
+    """``preexec`` preceded by joining the memory cgroup of ``group`` (where one can be made) and setting the data
+    segment limit, both ``limit`` bytes (None: no limit)."""
+    cgroup = memory_cgroup(group, int(limit)) if limit else None
+
     def run() -> None:
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(str(os.getpid()))  # before setuid: joining needs root
         if limit:
             resource.setrlimit(resource.RLIMIT_DATA, (int(limit), int(limit)))
         preexec()
@@ -39,6 +46,14 @@ def _limited(preexec: Callable[[], None], limit: int | None) -> Callable[[], Non
 
 class _CourseCopy(HasTraits):
     notebooks = Unicode("", config=True, help="The students' copy of the teaching notebooks (copied once per home).")
+    memory_group = Unicode("", help="The name of this student's memory cgroup (set at start).")
+
+    async def stop(self, now: bool = False) -> None:
+        await super().stop(now)  # type: ignore[misc] - the spawner's own stop
+        for _ in range(40):  # the server's kernels may take a moment to exit and leave the group empty
+            if not self.memory_group or remove_cgroups(self.memory_group):
+                break
+            await asyncio.sleep(0.25)
 
     def copy_notebooks(self, home: Path, uid: int | None = None, gid: int | None = None) -> None:
         """``home/notebooks``: a copy of :attr:`notebooks`, owned by ``uid``/``gid`` when given; kept if present."""
@@ -55,7 +70,8 @@ class SharedSpawner(_CourseCopy, SimpleLocalProcessSpawner):
     """Every student's server as this Unix user, in ``home_dir_template`` (no isolation)."""
 
     def make_preexec_fn(self, name: str) -> Callable[[], None]:
-        return _limited(super().make_preexec_fn(name), self.mem_limit)
+        self.memory_group = f"shared-{name}"
+        return _limited(super().make_preexec_fn(name), self.mem_limit, self.memory_group)
 
     async def start(self):
         self.copy_notebooks(Path(self.home_dir))
@@ -72,7 +88,8 @@ class StudentSpawner(_CourseCopy, LocalProcessSpawner):
         return pwd.getpwnam(self.prefix + self.user.name)
 
     def make_preexec_fn(self, name: str) -> Callable[[], None]:
-        return _limited(set_user_setuid(self.prefix + name), self.mem_limit)
+        self.memory_group = self.prefix + name
+        return _limited(set_user_setuid(self.prefix + name), self.mem_limit, self.memory_group)
 
     def user_env(self, env: dict) -> dict:
         user = self.unix_user()
