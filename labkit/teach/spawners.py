@@ -44,7 +44,9 @@ def _limited(preexec: Callable[[], None], limit: int | None, group: str) -> Call
     return run
 
 
-class _CourseCopy(HasTraits):
+class _StudentServer(HasTraits):
+    """What both spawners add: the notebooks copied into the home, the memory group removed when the server stops."""
+
     notebooks = Unicode("", config=True, help="The students' copy of the teaching notebooks (copied once per home).")
     memory_group = Unicode("", help="The name of this student's memory cgroup (set at start).")
 
@@ -66,7 +68,7 @@ class _CourseCopy(HasTraits):
                 os.chown(path, uid, gid, follow_symlinks=False)
 
 
-class SharedSpawner(_CourseCopy, SimpleLocalProcessSpawner):
+class SharedSpawner(_StudentServer, SimpleLocalProcessSpawner):
     """Every student's server as this Unix user, in ``home_dir_template`` (no isolation)."""
 
     def make_preexec_fn(self, name: str) -> Callable[[], None]:
@@ -78,7 +80,7 @@ class SharedSpawner(_CourseCopy, SimpleLocalProcessSpawner):
         return await super().start()
 
 
-class StudentSpawner(_CourseCopy, LocalProcessSpawner):
+class StudentSpawner(_StudentServer, LocalProcessSpawner):
     """Student ``student1``'s server as the Unix user ``labkit-student1`` (``prefix`` + the hub's name)."""
 
     prefix = Unicode(PREFIX, config=True, help="Unix user name = prefix + the hub's user name.")
