@@ -1,0 +1,117 @@
+"""Image tokens of vision-language prompts mapped to (image, row, column), checked against each family's own layout
+on tiny random VLMs built from transformers config classes (the default tokenizer plus the image tokens)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+)
+
+from labkit.model import models
+from labkit.model.vlm import UnsupportedVLM, image_positions
+
+TEXT = dict(vocab_size=49160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def _tokenizer(*special: str):
+    tok = AutoTokenizer.from_pretrained(str(models.prepare_default_model(progress=False)), local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": list(special)})
+    return tok
+
+
+def _images(*sizes: tuple[int, int]) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in sizes]
+
+
+def test_llava_image_tokens_map_to_the_vision_towers_patches_row_by_row():
+    torch.manual_seed(0)
+    tok = _tokenizer("<image>")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=2, image_size=42, patch_size=14),
+                         text_config=LlamaConfig(**TEXT), image_token_index=image_id)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 42},
+                                                                  crop_size={"height": 42, "width": 42}),
+                               tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token="<image>")
+    inputs = processor(text="Compare <image> with <image> please", images=_images((40, 60), (50, 30)),
+                       return_tensors="pt")
+    layout = image_positions(config, inputs.input_ids)
+    assert len(layout) == 18 and layout.grids == ((3, 3), (3, 3))
+    assert layout.image.tolist() == [0] * 9 + [1] * 9
+    assert (inputs.input_ids[0, layout.positions] == image_id).all()
+    # the language model receives image feature k of image i at position positions[9 i + k] ...
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["h"] = kwargs.get("hidden_states", args[0] if args else None)
+
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            features = model.model.get_image_features(pixel_values=inputs.pixel_values)
+    finally:
+        handle.remove()
+    features = torch.cat(list(features.pooler_output if hasattr(features, "pooler_output") else features))
+    torch.testing.assert_close(seen["h"][0, layout.positions], features.reshape(-1, features.shape[-1]))
+    # ... and feature k comes from the patch at (row, col) = divmod(k, 3): the tower's token k + 1 (after CLS) is
+    # the patch embedding of that cell of the image
+    embeddings = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        conv = embeddings.patch_embedding(inputs.pixel_values[:1])  # (1, C, 3, 3)
+        tokens = embeddings(inputs.pixel_values[:1])[0, 1:] - embeddings.position_embedding.weight[1:]
+    first = layout.image == 0
+    for k, (row, col) in enumerate(zip(layout.row[first].tolist(), layout.col[first].tolist(), strict=True)):
+        torch.testing.assert_close(tokens[k], conv[0, :, row, col])
+
+
+def test_qwen2_vl_image_tokens_match_the_models_own_rope_grid():
+    torch.manual_seed(0)
+    tok = _tokenizer("<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+    pad, start, end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    config = Qwen2VLConfig(text_config=dict(**TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+                           vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14,
+                                              spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+                           image_token_id=pad, vision_start_token_id=start, vision_end_token_id=end)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    pixels = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                   temporal_patch_size=2)(images=_images((60, 100), (110, 50)), return_tensors="pt")
+    counts = (pixels.image_grid_thw.prod(-1) // 4).tolist()  # what Qwen2VLProcessor expands each pad into
+    ids = tok("Look").input_ids
+    for n in counts:
+        ids += [start, *[pad] * n, end]
+    ids = torch.tensor([ids + tok(" and say").input_ids])
+    layout = image_positions(config, ids, pixels.image_grid_thw)
+    assert len(layout) == sum(counts) and [r * c for r, c in layout.grids] == counts
+    kinds = (ids == pad).int()  # text 0, image 1: what the processor returns as mm_token_type_ids
+    with torch.no_grad():  # the model accepts the prompt (it checks that image tokens and features agree) ...
+        model(input_ids=ids, pixel_values=pixels.pixel_values, image_grid_thw=pixels.image_grid_thw,
+              mm_token_type_ids=kinds)
+        rope, _ = model.model.get_rope_index(ids, kinds, pixels.image_grid_thw, None, torch.ones_like(ids))
+    for i in range(len(counts)):  # the model's own (height, width) position ids of each image token
+        mine = layout.image == i
+        h, w = rope[1, 0, layout.positions[mine]], rope[2, 0, layout.positions[mine]]
+        assert (h - h.min()).tolist() == layout.row[mine].tolist()
+        assert (w - w.min()).tolist() == layout.col[mine].tolist()
+
+
+def test_an_unsupported_vlm_family_is_refused_by_name():
+    with pytest.raises(UnsupportedVLM, match="llava, qwen2_vl models; got model_type 'llama'"):
+        image_positions(LlamaConfig(**TEXT), torch.tensor([1, 2, 3]))
