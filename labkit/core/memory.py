@@ -65,6 +65,12 @@ def budget(nbytes: int | str) -> Iterator[int]:
         _BUDGET.reset(token)
 
 
+CGROUP_V2 = Path("/sys/fs/cgroup")
+"""Where the cgroup v2 hierarchy is mounted."""
+CGROUP_V1_MEMORY = Path("/sys/fs/cgroup/memory")
+"""Where cgroup v1's memory controller is mounted."""
+
+
 def _cgroup_free() -> int | None:
     """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, or v1 ``memory.limit_in_bytes`` —
     ``labkit workshop`` puts each student in one), or None when there is none."""
@@ -76,9 +82,9 @@ def _cgroup_free() -> int | None:
     for line in groups:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one unified hierarchy
-            candidates.append((Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"))
+            candidates.append((CGROUP_V2 / path.lstrip("/"), "memory.max", "memory.current"))
         elif "memory" in controllers.split(","):  # v1
-            candidates.append((Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes",
+            candidates.append((CGROUP_V1_MEMORY / path.lstrip("/"), "memory.limit_in_bytes",
                                "memory.usage_in_bytes"))
     for folder, limit_file, usage_file in candidates:
         try:

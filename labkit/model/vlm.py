@@ -63,10 +63,10 @@ def _assemble(positions: torch.Tensor, grids: list[tuple[int, int]], per_image: 
     if sum(per_image) != positions.numel():
         raise InvalidArgument(f"the prompt holds {positions.numel()} image tokens but the images need "
                               f"{sum(per_image)} ({per_image}): was the prompt made by this model's processor?")
-    image = torch.cat([torch.full((n,), i) for i, n in enumerate(per_image)]) if per_image else positions.new_empty(0)
-    within = torch.cat([torch.arange(n) for n in per_image]) if per_image else positions.new_empty(0)
-    cols = torch.cat([torch.full((n,), c) for n, (_, c) in zip(per_image, grids, strict=True)]) if per_image \
-        else positions.new_empty(0)
+    counts = torch.tensor(per_image, dtype=torch.long)
+    image = torch.repeat_interleave(torch.arange(len(per_image)), counts)  # (n,)
+    cols = torch.repeat_interleave(torch.tensor([c for _, c in grids], dtype=torch.long), counts)  # (n,)
+    within = torch.arange(positions.numel()) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # (n,)
     return ImagePositions(positions, image, within // cols, within % cols, tuple(grids))
 
 
@@ -75,8 +75,7 @@ def _llava(config: object, ids: torch.Tensor, _: torch.Tensor | None) -> ImagePo
     CLS token dropped: ``vision_feature_select_strategy="default"``; kept as an extra first token with "full")."""
     vision = config.vision_config
     side = vision.image_size // vision.patch_size
-    extra = 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0
-    if extra:
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
         raise UnsupportedVLM("LLaVA with vision_feature_select_strategy='full' (a CLS token per image) is not mapped")
     positions = (ids == config.image_token_index).nonzero().reshape(-1)
     count = positions.numel() // (side * side)

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from labkit.core import memory
 from labkit.core.errors import InvalidArgument
 
 PREFIX = "labkit-"
@@ -106,12 +107,14 @@ def student_python(folder: Path) -> Path:
             f"(e.g. apt install python{version} python{version}-venv) or put labkit's environment where every user can "
             "read it")
     subprocess.run([str(base), "-m", "venv", "--without-pip", str(runtime)], check=True, capture_output=True)
+    for path in [runtime, *runtime.rglob("*")]:  # the venv's own files (the links below are opened as they are made)
+        if not path.is_symlink():
+            _open_to_all(path)
     own = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               check=True, capture_output=True, text=True).stdout.strip())
-    for site in map(Path, sites):  # out of reach: merged into the runtime's own site-packages as hard links
-        if blocked(site) is not None:
-            link_tree(site, own)
     reach = [site for site in sites if blocked(site) is None]
+    for site in sorted(set(sites) - set(reach)):  # out of reach: merged into the runtime's site-packages as hard links
+        link_tree(Path(site), own)
     package = Path(labkit.__file__).parent
     if blocked(package) is not None:  # an editable install's source folder out of reach (merged with its data)
         link_tree(package, own / "labkit")
@@ -120,14 +123,12 @@ def student_python(folder: Path) -> Path:
     for part in ("share/jupyter", "etc/jupyter"):  # JupyterLab's assets, extensions and server configuration
         if (Path(sys.prefix) / part).is_dir():
             link_tree(Path(sys.prefix) / part, runtime / part)
-    for path in [runtime, *runtime.rglob("*")]:
-        if not path.is_symlink():
-            _open_to_all(path)
+            _open_to_all((runtime / part).parent)
+    _open_to_all(own / "labkit-teacher.pth")
     return python
 
 
-CGROUP_V1 = Path("/sys/fs/cgroup/memory")
-CGROUP_V2 = Path("/sys/fs/cgroup")
+CGROUP_V1, CGROUP_V2 = memory.CGROUP_V1_MEMORY, memory.CGROUP_V2
 CGROUP_GROUP = "labkit-workshop"
 
 

@@ -166,7 +166,6 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     name and addresses). ``isolate`` (default: when run as root) creates one Unix user per student and an
     interpreter they can run (:func:`labkit.teach.isolation.student_python`); ``mem_limit`` (bytes, a size, "none";
     default: :func:`memory_limit`'s fair share) caps each student process."""
-    from labkit.model import models
     from labkit.teach import kernelspec
 
     require("workshop", "labkit workshop", "jupyterhub", "configurable_http_proxy")
@@ -182,38 +181,11 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
         raise InvalidArgument(f"prefix must be the start of a Unix user name (lower-case letters, digits, '-', '_'; "
                               f"at most 21 characters); got {prefix!r}")
     limit = memory_limit(mem_limit, users)
-    root = Path(folder).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o711 if isolate else 0o700)  # students pass through to runtime/ and cache/; nobody lists it
-    if isolate and isolation.blocked(root) not in (None, root):  # checked before any user is created
-        raise InvalidArgument(f"students cannot reach the workshop folder {root}: {isolation.blocked(root)} is closed "
-                              "to other users; choose a --dir every user can pass through (e.g. under /srv or /opt)")
+    root = _workshop_folder(folder, isolate)
     if isolate:
         isolation.create_users([f"student{i}" for i in range(1, users + 1)], prefix)
-    from labkit.teach import teaching
-
-    students = root / "student-notebooks"  # the students' copy: solutions encoded in reveal cells, outputs cleared
-    if students.exists():
-        shutil.rmtree(students)
-    key = root / "answer-key.md"  # the teacher's, beside the configuration
-    teaching.student_copy(source, students, key=key)
-    students.chmod(0o700)  # the hub copies it into each home; a student never reads it here
-    key.chmod(0o600)
-    (root / "state").mkdir(mode=0o700, exist_ok=True)
-    model = models.prepare_default_model(progress=True)
-    _read_only(model)
-    cache = models.cache_dir().resolve()
-    python = Path(sys.executable)
-    if isolate:
-        python = isolation.student_python(root)
-        if isolation.blocked(model) is not None:  # the teacher's cache is out of the students' reach: link it
-            cache = root / "cache"
-            isolation.link_tree(model, cache / model.relative_to(models.cache_dir()))
-            _read_only(cache / model.relative_to(models.cache_dir()))
-        for path in (python, cache):
-            if isolation.blocked(path) is not None:
-                raise InvalidArgument(f"students cannot reach {path}: {isolation.blocked(path)} is closed to other "
-                                      "users; put the workshop folder (--dir) where every user can pass through")
+    students = _course_copy(source, root)
+    python, cache = _students_environment(root, isolate)
     cpus = os.cpu_count() or 2
     kernelspec.install(prefix=str(_prefix(python)), threads=max(1, cpus // min(users, cpus)), python=str(python))
     if self_signed:
@@ -227,6 +199,60 @@ def prepare(folder: str | os.PathLike[str], users: int = 10, port: int = 8000, p
     config.chmod(0o600)  # the class password is in it
     config.write_text(hub_config(cfg))
     return cfg
+
+
+def _workshop_folder(folder: str | os.PathLike[str], isolate: bool) -> Path:
+    """The workshop folder, made: 0711 with isolation (students pass through to runtime/ and cache/, nobody lists
+    it), else 0700, with its private ``state/``. With isolation, InvalidArgument when a folder above it is closed to
+    other users (checked before any Unix user is created)."""
+    root = Path(folder).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o711 if isolate else 0o700)
+    closed = isolation.blocked(root) if isolate else None
+    if closed not in (None, root):
+        raise InvalidArgument(f"students cannot reach the workshop folder {root}: {closed} is closed to other users; "
+                              "choose a --dir every user can pass through (e.g. under /srv or /opt)")
+    (root / "state").mkdir(mode=0o700, exist_ok=True)
+    return root
+
+
+def _course_copy(source: Path, root: Path) -> Path:
+    """``root/student-notebooks`` (solutions encoded in reveal cells, outputs cleared; 0700: the hub copies it into
+    each home, a student never reads it here) and the teacher's ``root/answer-key.md`` (0600)."""
+    from labkit.teach import teaching
+
+    students = root / "student-notebooks"
+    if students.exists():
+        shutil.rmtree(students)
+    key = root / "answer-key.md"
+    teaching.student_copy(source, students, key=key)
+    students.chmod(0o700)
+    key.chmod(0o600)
+    return students
+
+
+def _students_environment(root: Path, isolate: bool) -> tuple[Path, Path]:
+    """(the interpreter the students' servers and kernels run, the labkit cache they read): the default model
+    converted once and made read-only; with isolation, an interpreter and a cache every student can reach (the
+    model linked into ``root/cache`` when the teacher's cache is private)."""
+    from labkit.model import models
+
+    model = models.prepare_default_model(progress=True)
+    _read_only(model)
+    cache, python = models.cache_dir().resolve(), Path(sys.executable)
+    if not isolate:
+        return python, cache
+    python = isolation.student_python(root)
+    if isolation.blocked(model) is not None:
+        cache = root / "cache"
+        linked = cache / model.relative_to(models.cache_dir())
+        isolation.link_tree(model, linked)
+        _read_only(linked)
+    for path in (python, cache):
+        if (closed := isolation.blocked(path)) is not None:
+            raise InvalidArgument(f"students cannot reach {path}: {closed} is closed to other users; put the "
+                                  "workshop folder (--dir) where every user can pass through")
+    return python, cache
 
 
 def self_signed_certificate(folder: Path, ip: str) -> tuple[Path, Path]:
