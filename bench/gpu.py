@@ -89,7 +89,7 @@ def _sync() -> None:
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> float:
-    diff = float((a.float() - b.float()).abs().max())
+    diff = float((a.float().cpu() - b.float().cpu()).abs().max())
     if diff > atol:
         raise AssertionError(f"max difference {diff:.3g} > {atol}")
     return diff
@@ -161,11 +161,11 @@ def _backends(device: str) -> dict[str, Any]:
             ids = s.encode(PROMPT)
             with torch.no_grad(), attn_implementation(s.model, "eager"):
                 ref = torch.stack([a[0, :, -1] for a in s.model(input_ids=ids, output_attentions=True).attentions])
-            diff = _close(t.steps[0].captures["attention"].probs, ref.cpu(), 1e-5)
+            diff = _close(t.steps[0].captures["attention"].probs.cpu(), ref.cpu(), 1e-5)
         else:
             diff = None  # capture runs beside SDPA or eager only; xformers is checked on its outputs
             ref_s = labkit.Session(device=device, dtype="float32", attn="sdpa", progress=False)
-            _close(s.next_token(PROMPT).logprobs, ref_s.next_token(PROMPT).logprobs, 1e-4)
+            _close(s.next_token(PROMPT).logprobs.cpu(), ref_s.next_token(PROMPT).logprobs.cpu(), 1e-4)
         out[attn] = {"capture_max_diff": diff, "speed": _ms_per_token(s)}
     return out
 

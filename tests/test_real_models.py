@@ -35,11 +35,13 @@ CONFIGS = {
                                   eos_token_id=2, pad_token_id=2),
 }
 # half the blocks in RAM, half on disk; embedding, final norm and unembedding in RAM
+# The final norm sits on disk: its weights are on "meta" outside its forward, as for every module accelerate offloads
+# (beside a GPU, modules mapped to "cpu" are offloaded the same way) -- logit attribution reads them (found on an H100).
 SPLITS = {
     "llama": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
-              "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"},
+              "model.layers.3": "disk", "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "cpu"},
     "gpt2": {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.h.0": "disk", "transformer.h.1": "cpu",
-             "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.ln_f": "cpu", "lm_head": "cpu"},
+             "transformer.h.2": "disk", "transformer.h.3": "cpu", "transformer.ln_f": "disk", "lm_head": "cpu"},
 }
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 
 from labkit.core.errors import InvalidArgument, UnsupportedArchitecture, deprecated
 from labkit.model.hooks import Sites
@@ -175,10 +176,10 @@ def frozen_norm(module: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[tor
     UnsupportedArchitecture."""
     want = module(x[None])[0].float()
     xf = x.float()
-    weight = getattr(module, "weight", None)
-    w = torch.ones_like(xf) if weight is None else weight.detach().float()
-    b = getattr(module, "bias", None)
-    b = torch.zeros_like(xf) if b is None else b.detach().float()
+    with align_module_device(module):  # an offloaded module's weights are on "meta" outside its forward
+        weight, b = getattr(module, "weight", None), getattr(module, "bias", None)
+        w = torch.ones_like(xf) if weight is None else weight.detach().float().to(xf.device)
+        b = torch.zeros_like(xf) if b is None else b.detach().float().to(xf.device)
     eps = next((float(getattr(module, n)) for n in ("eps", "variance_epsilon", "epsilon") if hasattr(module, n)), 1e-5)
     centred_sigma = torch.sqrt(xf.var(unbiased=False) + eps)
     rms_sigma = torch.sqrt(xf.pow(2).mean() + eps)
