@@ -249,8 +249,10 @@ def _memory(device: str) -> dict[str, Any]:
     before = torch.cuda.memory_allocated()
     maps = s.attention(text, dtype="float16")
     peak = torch.cuda.max_memory_allocated() - before
-    return {"tokens": maps.probs.shape[-1], "maps_bytes_cpu": maps.probs.numel() * 2,
-            "estimate_transient_bytes": memory.forward_bytes(shape, maps.probs.shape[-1]), "cuda_peak_bytes": peak}
+    t = maps.probs.shape[-1]
+    rows = 3 * shape.n_heads * t * 4 * t  # attention_maps' per-row cost (scores, probabilities, a copy) × all rows
+    return {"tokens": t, "maps_bytes_cpu": maps.probs.numel() * 2, "estimate_rows_bytes": rows,
+            "estimate_transient_bytes": memory.forward_bytes(shape, t) + rows, "cuda_peak_bytes": peak}
 
 
 def main() -> None:
