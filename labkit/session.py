@@ -37,6 +37,9 @@ class Session:
     ``quantization`` None|"8bit"|"4bit" (bitsandbytes); ``attn`` "auto"|"sdpa"|"eager"|"xformers";
     ``device_map`` ("auto", "balanced", or a dict {module name: "cuda:0" | "cpu" | "disk"}), ``max_memory`` and
     ``offload_folder`` spread a model larger than one device over GPUs, CPU and disk (accelerate).
+    A vision-language model (LLaVA, Qwen2-VL, Gemma 3; a folder, a cache id or an object with ``image_processor=``)
+    loads the same way: ``next_token``, ``generate``, ``stream``, ``score``, ``activations``, ``attention`` and
+    ``lens`` then take ``images=`` (see :mod:`labkit.model.vlm`), and ``Session.vision`` describes its image side.
     ``Session.model`` and ``Session.tokenizer`` are the transformers objects. A Session may be used from a
     background thread and the notebook at once: one generation runs at a time, a second gets SessionBusy.
     """
@@ -44,12 +47,17 @@ class Session:
     def __init__(self, model: Any = "default", device: str = "auto", dtype: str = "auto",
                  quantization: str | None = None, attn: str = "auto", progress: bool = True, *,
                  tokenizer: Any = None, revision: str | None = None, device_map: Any = None, max_memory: Any = None,
-                 offload_folder: str | os.PathLike[str] | None = None) -> None:
+                 offload_folder: str | os.PathLike[str] | None = None, image_processor: Any = None) -> None:
+        from labkit.model import vlm
+
         self.model, self.tokenizer, self.info = models.load(
             model, device=device, dtype=dtype, quantization=quantization, attn=attn, progress=progress,
             tokenizer=tokenizer, revision=revision, device_map=device_map, max_memory=max_memory,
             offload_folder=offload_folder)
         self.device = torch.device(self.info.device)
+        self.vision = vlm.vision_of(self.model, self.tokenizer, image_processor,
+                                    self.info.path if self.info.source != "object" else None)
+        """The image side of a vision-language model (:class:`labkit.model.vlm.Vision`), None for a text model."""
         self._lock = threading.Lock()  # not re-entrant: a generation started from inside another is refused
         self._stop = threading.Event()
         self.token_text = TokenTexts(self.tokenizer)
@@ -64,10 +72,11 @@ class Session:
         self.eos_ids = frozenset(eos_ids)
 
     @classmethod
-    def from_model(cls, model: Any, tokenizer: Any) -> Session:
+    def from_model(cls, model: Any, tokenizer: Any, image_processor: Any = None) -> Session:
         """A Session over a transformers causal LM already loaded in this process (one you quantised, edited,
-        placed with ``device_map``, or a PEFT model), used as it is: same weights, device(s) and dtype."""
-        return cls(model, tokenizer=tokenizer)
+        placed with ``device_map``, or a PEFT model), used as it is: same weights, device(s) and dtype. A
+        vision-language model takes its ``image_processor`` too."""
+        return cls(model, tokenizer=tokenizer, image_processor=image_processor)
 
     def __repr__(self) -> str:
         i = self.info
@@ -116,6 +125,27 @@ class Session:
             raise InvalidArgument(f"prompt is {len(ids)} tokens{extra}; the model's context is {limit} tokens")
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    def _inputs(self, prompt: str, chat: bool, reserve: int, images: Any) -> tuple[torch.Tensor, Any]:
+        """``(ids (1, T) on the model's device, ImagePrompt or None)``: :meth:`encode`'s ids, or with ``images`` the
+        prompt with each image expanded into its tokens (InvalidArgument for a text model)."""
+        if images is None:
+            return self.encode(prompt, chat=chat, reserve=reserve), None
+        if self.vision is None:
+            raise InvalidArgument(f"images= needs a vision-language model; {self.model_id!r} is a text model")
+        self.encode(prompt, chat=False)  # the same checks of the text
+        made = self.vision.prompt(prompt, images, chat=chat)
+        length, limit = made.ids.shape[1], self.info.context_length
+        if length + reserve > limit:
+            raise InvalidArgument(f"prompt with its images is {length} tokens (+ {reserve} new); the model's context "
+                                  f"is {limit} tokens")
+        return made.ids.to(self.device), made
+
+    def _with_images(self, made: Any) -> Any:
+        """The scope in which the model's passes over the prompt get ``made``'s pixels (nothing for None)."""
+        from labkit.model import vlm
+
+        return vlm.attached(self.model, self.vision, made) if made is not None else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the Session for a block of model calls made outside labkit's verbs (a panel's or a sweep's own
@@ -130,28 +160,29 @@ class Session:
             self._lock.release()
 
     # -- verbs -------------------------------------------------------------------------------------------
-    def next_token(self, prompt: str, chat: bool = False) -> Distribution:
+    def next_token(self, prompt: str, chat: bool = False, images: Any = None) -> Distribution:
         """The next-token distribution after ``prompt`` (no sampler). Outside any :meth:`intervene` scope it is the
         model's raw distribution; inside one, the scope's interventions apply — activation-level ones in the forward
         pass, token-level ones to the logits as at a generation's first step — and ``Distribution.interventions``
         names the token-level ones that changed it."""
         from labkit.interventions.base import InterventionContext, apply_all
 
-        ids = self.encode(prompt, chat=chat, reserve=0)
-        with self.exclusive(), torch.inference_mode():
+        ids, made = self._inputs(prompt, chat, 0, images)
+        with self.exclusive(), self._with_images(made), torch.inference_mode():
             logits = self.model(input_ids=ids, logits_to_keep=1).logits[0, -1:].float()  # (1, V)
             logits, changed = apply_all(logits, InterventionContext(0, [], ids[0].tolist(), self), self._scoped)
             logprobs = torch.log_softmax(logits[0], dim=-1).cpu()  # (V,) nats
         return Distribution(logprobs=logprobs, tokenizer=self.tokenizer, prompt=prompt, interventions=changed)
 
-    def score(self, text: str, chat: bool = False) -> Score:
+    def score(self, text: str, chat: bool = False, images: Any = None) -> Score:
         """Per-token surprisal, entropy and rank of ``text``'s own tokens, and its perplexity (one forward pass; the
-        logits over the vocabulary are made a chunk of positions at a time, sized by the memory budget)."""
-        ids = self.encode(text, chat=chat)
+        logits over the vocabulary are made a chunk of positions at a time, sized by the memory budget). With
+        ``images`` the image tokens are among the tokens scored (their placeholder ids: read the text tokens)."""
+        ids, made = self._inputs(text, chat, 0, images)
         if ids.shape[1] < 2:
             raise InvalidArgument(f"text must be at least 2 tokens to score; {text!r} is {ids.shape[1]}")
         chosen, ranks, entropies = [], [], []
-        with self.exclusive(), torch.inference_mode():
+        with self.exclusive(), self._with_images(made), torch.inference_mode():
             for start, logits in self._logits_in_chunks(ids, 0, ids.shape[1] - 1):  # (R, V) predicting start+1..
                 logp = torch.log_softmax(logits, dim=-1)  # (R, V) nats
                 actual = ids[0, start + 1:start + 1 + logits.shape[0]].to(logp.device)  # (R,)
@@ -219,7 +250,7 @@ class Session:
         return self.token_probabilities(prompts, token, chat=chat)
 
     def attention(self, prompt: str, chat: bool = False, layers: Sequence[int] | None = None,
-                  heads: Sequence[int] | None = None, dtype: str = "float32") -> Any:
+                  heads: Sequence[int] | None = None, dtype: str = "float32", images: Any = None) -> Any:
         """Full attention matrices of ``prompt``: AttentionMaps with probs of shape (L, H, T, T) for ``layers`` and
         ``heads`` (default: all), stored in ``dtype`` ("float32" | "float16" | "bfloat16") on the CPU. They equal
         eager attention's ``output_attentions``, computed a block of query rows at a time beside the model's own
@@ -232,16 +263,25 @@ class Session:
             raise invalid_choice("dtype", dtype, tuple(MAP_DTYPES))
         layer_list = self._indices("layers", layers, self.info.n_layers)
         head_list = self._indices("heads", heads, self.info.n_heads)
-        ids = self.encode(prompt, chat=chat)
+        ids, made = self._inputs(prompt, chat, 0, images)
         length, torch_dtype = ids.shape[1], MAP_DTYPES[dtype]
         kept = len(layer_list) * len(head_list) * length * length * torch_dtype.itemsize
         memory.check(kept, f"attention maps of {len(layer_list)} layers × {len(head_list)} heads over {length} "
                      f"tokens ({dtype})", "cpu", "choose fewer layers= or heads=, dtype='float16', or a shorter prompt")
-        with self.exclusive():
+        with self.exclusive(), self._with_images(made):
             maps = attention_maps(self.model, ids, layer_list, head_list, torch_dtype)
         probs = torch.stack([maps[layer] for layer in layer_list])  # (L_sel, H_sel, T, T)
-        return AttentionMaps(probs=probs, tokens=[self.token_text(i) for i in ids[0].tolist()], layers=layer_list,
-                             heads=head_list)
+        return AttentionMaps(probs=probs, tokens=self._token_texts(ids, made), layers=layer_list, heads=head_list,
+                             image_block=None if made is None else made.layout.positions.tolist())
+
+    def _token_texts(self, ids: torch.Tensor, made: Any) -> list[str]:
+        """Display texts of ``ids`` (1, T): image tokens as ``<img i:r,c>`` (image i, row r, column c)."""
+        texts = [self.token_text(i) for i in ids[0].tolist()]
+        if made is not None:
+            lay = made.layout
+            for p, i, r, c in zip(*(t.tolist() for t in (lay.positions, lay.image, lay.row, lay.col)), strict=True):
+                texts[p] = f"<img {i}:{r},{c}>"
+        return texts
 
     @staticmethod
     def _indices(name: str, values: Sequence[int] | None, n: int) -> list[int]:
@@ -258,13 +298,13 @@ class Session:
             raise InvalidArgument(f"{name} must not repeat an index; got {list(values)!r}")
         return out
 
-    def lens(self, prompt: str, chat: bool = False, k: int = 5) -> Any:
+    def lens(self, prompt: str, chat: bool = False, k: int = 5, images: Any = None) -> Any:
         """Logit lens after ``prompt``: each layer's next-token distribution (LogitLens, shape (L, V))."""
         from labkit.measures.lens import logit_lens
 
         check_int("k", k, 1, self.info.vocab_size)
-        ids = self.encode(prompt, chat=chat)
-        with self.exclusive():
+        ids, made = self._inputs(prompt, chat, 0, images)
+        with self.exclusive(), self._with_images(made):
             return logit_lens(self.model, ids, self.token_text, k=k)
 
     def teacher_forced_logits(self, trace: Trace) -> torch.Tensor:
@@ -287,15 +327,15 @@ class Session:
         return out
 
     # -- why: activations and attribution ------------------------------------------------------------------
-    def activations(self, prompt: str, sites: Sequence[str], chat: bool = False) -> Any:
+    def activations(self, prompt: str, sites: Sequence[str], chat: bool = False, images: Any = None) -> Any:
         """The activations at hook ``sites`` (names from ``list(s.sites)``) of one forward pass over ``prompt``:
         an :class:`labkit.why.activations.Activations` — ``acts["blocks.3.resid_post"]`` has shape (T, d_model),
         ``blocks.L.attn.z`` (T, H, d_head); ``save``/``load`` (safetensors), ``to_pandas()`` (norms)."""
         from labkit.why.activations import Activations, check_site_names, run_with_cache
 
         names = check_site_names(self.sites, sites)
-        ids = self.encode(prompt, chat=chat)
-        with self.exclusive():
+        ids, made = self._inputs(prompt, chat, 0, images)
+        with self.exclusive(), self._with_images(made):
             tensors = run_with_cache(self.sites, ids, names)
         return Activations(tensors=tensors, tokens=[self.token_text(i) for i in ids[0].tolist()],
                            token_ids=ids[0].tolist(), prompt=prompt, model=self.model_id,
@@ -392,6 +432,9 @@ class Session:
             raise InvalidArgument(f"the trace was generated by {trace.meta.model!r}; this Session holds "
                                   f"{self.model_id!r}")
         check_int("index", index, -len(trace), len(trace) - 1)
+        if trace.images:
+            raise InvalidArgument("this trace's prompt holds images: recomputing a step needs them, which labkit does "
+                                  "not do yet (attribute the image prompt with s.grounding or the interventions)")
         index %= len(trace)
         ids = [*trace.prompt_ids, *trace.token_ids[:index]]
         return torch.tensor([ids], dtype=torch.long, device=self.device), trace.steps[index].token_id
@@ -400,7 +443,8 @@ class Session:
                stop: str | int | Sequence[str | int] | None = None, chat: bool = False,
                capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                speculative: Any = None, metrics: Sequence[str] = (), kv: Any = None,
-               n: int | None = None, beam: Any = None, *, settings: GenerationSettings | None = None) -> Generation:
+               n: int | None = None, beam: Any = None, *, settings: GenerationSettings | None = None,
+               images: Any = None) -> Generation:
         """Start a generation; iterate the result for Steps as they are made (``.trace`` holds them all; with ``n``,
         ``.traces`` holds the n sequences and their Steps arrive row by row within each token).
 
@@ -409,9 +453,9 @@ class Session:
         return self._start(prompt, _settings(settings, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                                              stop=stop, chat=chat, capture=capture, top_k=top_k,
                                              interventions=interventions, speculative=speculative, metrics=metrics,
-                                             kv=kv, n=n, beam=beam))
+                                             kv=kv, n=n, beam=beam), images)
 
-    def _start(self, prompt: str, settings: GenerationSettings) -> Generation:
+    def _start(self, prompt: str, settings: GenerationSettings, images: Any = None) -> Generation:
         """A Generation of ``prompt`` with ``settings``, after the checks that need this model and Session: the
         settings against the model, the interventions and the sampler (and draft) bound, the prompt and its room,
         the captures' memory."""
@@ -424,11 +468,14 @@ class Session:
                 settings.speculative.bind(self)  # loads a draft model once; errors (tokenizer, layers) surface here
         _check_forced_steps(interventions, settings.max_new_tokens)
         rules = settings.stop_rules(self.tokenizer, self.info.vocab_size, self.eos_ids)
-        ids = self.encode(prompt, chat=settings.chat, reserve=settings.max_new_tokens)
+        ids, made = self._inputs(prompt, settings.chat, settings.max_new_tokens, images)
         self._check_capture_memory(settings.capture, ids.shape[1], settings.max_new_tokens, settings.rows)
-        run = Run(settings, self.model, self.tokenizer, ids, self._new_traces(prompt, ids, settings, rules, seeds),
-                  rules, [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds],
-                  session=self, stop_event=self._stop, token_text=self.token_text)
+        traces = self._new_traces(prompt, ids, settings, rules, seeds)
+        for trace in traces:
+            trace.images = {} if made is None else made.layout.as_dict()
+        run = Run(settings, self.model, self.tokenizer, ids, traces, rules,
+                  [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds], session=self,
+                  stop_event=self._stop, token_text=self.token_text, images=made)
         return Generation(self, run, interventions)
 
     def _new_traces(self, prompt: str, ids: torch.Tensor, settings: GenerationSettings, rules: StopRules,
@@ -471,7 +518,7 @@ class Session:
                  capture: Sequence[str] = (), top_k: int = 10, interventions: Sequence[Any] = (),
                  on_step: Callable[[Step], None] | None = None, speculative: Any = None,
                  metrics: Sequence[str] = (), kv: Any = None, n: int | None = None, beam: Any = None, *,
-                 settings: GenerationSettings | None = None) -> Any:
+                 settings: GenerationSettings | None = None, images: Any = None) -> Any:
         """Generate up to ``max_new_tokens`` tokens after ``prompt`` and return the instrumented Trace.
 
         ``n`` (an integer ≥ 1) decodes n sequences of the prompt together, in one batched forward pass per token,
@@ -496,13 +543,16 @@ class Session:
 
         ``settings`` (a :class:`~labkit.decoding.settings.GenerationSettings`) gives them all at once, as
         transformers' ``generation_config``: the keyword arguments given beside it override its fields.
+
+        ``images`` (a vision-language model: PIL images, arrays or paths, one per ``<image>`` mark of the prompt) go
+        into the prefill; ``trace.images`` records where each image token sits (:mod:`labkit.model.vlm`).
         """
         if on_step is not None and not callable(on_step):
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
         settings = _settings(settings, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop,
                              chat=chat, capture=capture, top_k=top_k, interventions=interventions,
                              speculative=speculative, metrics=metrics, kv=kv, n=n, beam=beam)
-        gen = self._start(prompt, settings)
+        gen = self._start(prompt, settings, images)
         with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
             try:
                 for step in gen:
@@ -641,7 +691,7 @@ def _run(s: Session, run: Run, interventions: list[Any]) -> Iterator[Step]:
     """The steps of one generation, with the Session held and the interventions attached. A plain function, not a
     method: the generator must not reference its Generation (see there)."""
     try:
-        with s.exclusive(), activated(s, interventions, bind=False) as token_level:
+        with s.exclusive(), s._with_images(run.images), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
             run.interventions = [*s._scoped, *token_level]
             yield from loop.generate(run)

@@ -255,6 +255,8 @@ class Run:
     """Handed to the interventions' context."""
     stop_event: threading.Event = field(default_factory=threading.Event)
     token_text: TokenTexts | None = None
+    images: Any = None
+    """The prompt's images (a :class:`labkit.model.vlm.ImagePrompt`) for a vision-language model, else None."""
 
     def __post_init__(self) -> None:
         if self.token_text is None:

@@ -237,6 +237,8 @@ class AttentionMaps:
     """The model layers of ``probs``' first dim (all, 0..L−1, when empty at construction)."""
     heads: list[int] = field(default_factory=list)
     """The heads of ``probs``' second dim (all when empty at construction)."""
+    image_block: list[int] | None = None
+    """The positions of image tokens (a vision-language prompt), marked on the attention images' axes; else None."""
 
     def __post_init__(self) -> None:
         if self.probs.ndim != 4 or self.probs.shape[-1] != self.probs.shape[-2] != len(self.tokens):

@@ -55,7 +55,12 @@ _SITE_DOCS = {  # kind -> (shape, meaning)
     "mlp_out": ("(B, T, d_model)", "MLP output"),
     "resid_post": ("(B, T, d_model)", "residual stream leaving the block"),
     "final_norm": ("(B, T, d_model)", "last block's output after the final norm"),
+    "vision.blocks.L": ("(images, patches, d_vision) or (patches, d_vision)",
+                        "output of the vision tower's block L (VLMs; the family's own layout)"),
+    "projector": ("(images, tokens, d_model) or (tokens, d_model)",
+                  "the projector's output: the image tokens' vectors before they enter the language model (VLMs)"),
 }
+_VISION_RE = re.compile(r"^vision\.blocks\.(-?\d+)$")
 _BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|attn\.z|attn_out|mlp_out|resid_post)$")
 
 
@@ -84,6 +89,10 @@ class Adapter:
     mlp: str
     attn_post: str | None = None
     mlp_post: str | None = None
+    vision_blocks: str | None = None
+    """A vision-language model's vision-tower blocks (a path from the top model), or None for a text model."""
+    projector: str | None = None
+    """A vision-language model's projector (multimodal connector) from vision features to the language model."""
 
 
 LLAMA = Adapter("llama", ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "granite",
@@ -101,6 +110,16 @@ GPT_NEOX = Adapter("gpt_neox", ("gpt_neox",), blocks="gpt_neox.layers", embed="g
 OPT = Adapter("opt", ("opt",), blocks="model.decoder.layers", embed="model.decoder.embed_tokens",
               final=("model.decoder.final_layer_norm", "model.decoder.project_out"), attn="self_attn",
               out_proj="self_attn.out_proj", mlp="fc2")
+
+# vision-language models: the language model's blocks inside the multimodal model, beside the vision tower
+_LANGUAGE = dict(blocks="model.language_model.layers", embed="model.language_model.embed_tokens",
+                 final=("model.language_model.norm",))
+LLAVA = dataclasses.replace(LLAMA, name="llava", model_types=("llava",), **_LANGUAGE,
+                            vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")
+QWEN2_VL = dataclasses.replace(LLAMA, name="qwen2_vl", model_types=("qwen2_vl",), **_LANGUAGE,
+                               vision_blocks="model.visual.blocks", projector="model.visual.merger")
+GEMMA3 = dataclasses.replace(SANDWICH, name="gemma3", model_types=("gemma3",), **_LANGUAGE,
+                             vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")
 
 ADAPTERS: dict[str, Adapter] = {}
 """Registered adapters by name (see :func:`register_adapter`)."""
@@ -129,7 +148,7 @@ def register_adapter(adapter: Adapter, overwrite: bool = False) -> Adapter:
     return adapter
 
 
-for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT):
+for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT, LLAVA, QWEN2_VL, GEMMA3):
     register_adapter(_a)
 
 
@@ -172,6 +191,9 @@ def _problems(model: Any, adapter: Adapter) -> list[str]:
                   ("MLP", adapter.mlp), ("attention output norm", adapter.attn_post),
                   ("MLP output norm", adapter.mlp_post))
                  if path is not None and not isinstance(_attr(block, path), torch.nn.Module)]
+    problems += [f"no {what} at {path}" for what, path in (("vision blocks", adapter.vision_blocks),
+                                                           ("projector", adapter.projector))
+                 if path is not None and not isinstance(_attr(model, path), torch.nn.Module)]
     return problems
 
 
@@ -238,6 +260,9 @@ class Sites:
         self.embed: torch.nn.Module = _attr(model, adapter.embed)
         self.final: list[torch.nn.Module] = [m for m in (_attr(model, p) for p in adapter.final) if m is not None]
         self.unembedding: torch.nn.Module = model.get_output_embeddings()
+        self.vision_blocks: torch.nn.ModuleList | None = (_attr(model, adapter.vision_blocks)
+                                                          if adapter.vision_blocks else None)
+        self.projector: torch.nn.Module | None = _attr(model, adapter.projector) if adapter.projector else None
 
     @property
     def model(self) -> Any:
@@ -281,7 +306,8 @@ class Sites:
     def names(self) -> list[str]:
         """Every site name of this model, in forward order."""
         inner = [f"blocks.{layer}.{site}" for layer in range(self.n_layers) for site in BLOCK_SITES]
-        return ["embed", *inner, "final_norm"]
+        vision = [f"vision.blocks.{i}" for i in range(len(self.vision_blocks or ()))]
+        return [*vision, *(["projector"] if self.projector is not None else []), "embed", *inner, "final_norm"]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -299,6 +325,8 @@ class Sites:
 
         rows = [SiteInfo(name, *_SITE_DOCS[name.removeprefix("blocks.L.")])
                 for name in ("embed", *(f"blocks.L.{s}" for s in BLOCK_SITES), "final_norm")]
+        if self.vision_blocks is not None:
+            rows[:0] = [SiteInfo(name, *_SITE_DOCS[name]) for name in ("vision.blocks.L", "projector")]
         frame = pd.DataFrame([r.__dict__ for r in rows])
         frame.attrs["layers"] = self.n_layers
         return frame
@@ -309,12 +337,22 @@ class Sites:
             raise InvalidArgument(f"site must be a site name such as 'blocks.0.resid_post'; got {name!r}")
         if name in MODEL_SITES:
             return name, None
+        if name == "projector" and self.projector is not None:
+            return name, None
+        v = _VISION_RE.match(name)
+        if v and self.vision_blocks is not None:
+            n = len(self.vision_blocks)
+            i = int(v.group(1))
+            if not -n <= i < n:
+                raise InvalidArgument(f"{name!r}: the vision tower has {n} blocks; the index must be in [0, {n})")
+            return "vision", i % n
         m = _BLOCK_RE.match(name)
         if m:
             return m.group(2), self.check_layer(int(m.group(1)), name="the site's block index")
         close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.6)
         hint = f"; did you mean {close}?" if close else ""
-        raise InvalidArgument(f"unknown site {name!r}{hint}; sites are 'embed', 'final_norm' and "
+        vision = ", 'vision.blocks.L', 'projector'" if self.vision_blocks is not None else ""
+        raise InvalidArgument(f"unknown site {name!r}{hint}; sites are 'embed', 'final_norm'{vision} and "
                               f"'blocks.L.{{{','.join(BLOCK_SITES)}}}' with L in [0, {self.n_layers})")
 
     # -- hooks ----------------------------------------------------------------------------------------------
@@ -332,7 +370,7 @@ class Sites:
         return handles
 
     def _register(self, kind: str, layer: int | None, user_fn: SiteFn, positions: _Positions) -> list[Any]:
-        name = kind if layer is None else f"blocks.{layer}.{kind}"
+        name = kind if layer is None else f"vision.blocks.{layer}" if kind == "vision" else f"blocks.{layer}.{kind}"
 
         def fn(value: torch.Tensor, pos: torch.Tensor) -> torch.Tensor | None:
             new = user_fn(value, pos)
@@ -342,6 +380,15 @@ class Sites:
                                       f"{tuple(value.shape)}; got {got}")
             return new
 
+        if kind in ("vision", "projector"):  # the image side: positions are the patches (or tokens) of its pass
+            module = self.vision_blocks[layer] if kind == "vision" else self.projector
+
+            def image_side(module: Any, args: Any, output: Any) -> Any:
+                value = _hidden(output)
+                new = fn(value, torch.arange(value.shape[-2]))
+                return None if new is None else _replace(output, new)
+
+            return [module.register_forward_hook(image_side)]
         if kind == "resid_pre":
             def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 hidden = args[0] if args else kwargs["hidden_states"]

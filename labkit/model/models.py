@@ -516,7 +516,7 @@ def load(model: Any = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", 
     impl = resolve_attn(attn, dev)
     source = resolve_source(model, revision=revision, progress=progress)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False, "dtype": torch_dtype}
     read_from = str(source.path)
@@ -543,7 +543,7 @@ def load(model: Any = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", 
             tok_kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
             tokenizer = AutoTokenizer.from_pretrained(read_from, local_files_only=True, trust_remote_code=False,
                                                       **tok_kwargs)
-            hf_model = AutoModelForCausalLM.from_pretrained(read_from, **kwargs)
+            hf_model = _auto_class(read_from, source.gguf_file).from_pretrained(read_from, **kwargs)
     except Exception as e:  # transformers, tokenizers and safetensors raise many types: one error, one line
         first = (str(e).strip().splitlines() or [""])[0][:300]
         what = f"{read_from}/{source.gguf_file}" if source.gguf_file else read_from
@@ -566,6 +566,16 @@ def load(model: Any = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", 
                                       quantization=quantization, source=source.kind,
                                       device_map={k: str(v) for k, v in placed.items()} if placed else None,
                                       attn="xformers" if impl == XFORMERS_ATTN else None)
+
+
+def _auto_class(folder: str, gguf_file: str | None) -> Any:
+    """transformers' Auto class for a folder: image-text-to-text for a vision-language model (its config has a vision
+    tower), causal LM otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if gguf_file is None and getattr(AutoConfig.from_pretrained(folder, local_files_only=True), "vision_config", None):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
 
 
 def _info(hf_model: Any, tokenizer: Any, *, name: str, path: str, device: torch.device, quantization: str | None,

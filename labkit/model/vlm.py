@@ -1,19 +1,35 @@
-"""Vision-language models: which positions of a prompt are image tokens, and where in which image each one sits.
+"""Vision-language models: image prompts, which positions are image tokens, and where in which image each one sits.
 
-A VLM's processor expands each image placeholder into one token per image feature (LLaVA: one per vision-tower
-patch, row-major; Qwen2-VL: one per 2 × 2 block of patches after the merger). :func:`image_positions` maps the
-prompt's image tokens back to ``(image, row, column)`` on that feature grid, per family, from the model's config
-and the processor's outputs (Qwen2-VL's ``image_grid_thw``). An unsupported family gets one error naming the
-supported ones. (Work in progress for issue 31: the Session does not take ``images=`` yet.)
+A VLM's processor expands each image into one token per image feature (LLaVA: one per vision-tower patch,
+row-major; Qwen2-VL: one per 2 × 2 block of patches after the merger, between vision-start and vision-end tokens;
+Gemma 3: ``mm_tokens_per_image`` average-pooled cells between begin- and end-of-image tokens). labkit builds that
+expansion itself, per family (:class:`Vision`), from the model's config and its image processor alone, so a prompt's
+image tokens are known by construction: :func:`image_positions` maps them to ``(image, row, column)`` on each image's
+feature grid. An unsupported family gets one error naming the supported ones.
+
+The pixels reach the model through :func:`attached`: a pre-hook on the model that adds them (and the family's
+per-pass inputs: Qwen2-VL's ``mm_token_type_ids``, Gemma 3's ``token_type_ids``) to every forward pass whose
+``input_ids`` hold the prompt's image tokens -- the prefill of a generation, a scoring pass, a pass that reads
+activations -- and to none of the one-token decoding passes after it (their keys and values of the image are in the
+cache). Everything labkit does through the model (KV cache, captures, hook sites, interventions) therefore works on
+image prompts unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from labkit.core.errors import InvalidArgument, LabkitError
+
+MARK = "<image>"
+"""Where an image goes in a prompt's text (one mark per image; with no mark the images come first)."""
 
 
 class UnsupportedVLM(LabkitError):
@@ -38,9 +54,33 @@ class ImagePositions:
     def __len__(self) -> int:
         return int(self.positions.numel())
 
+    def as_dict(self) -> dict[str, list[Any]]:
+        """JSON-ready lists (what ``Trace.images`` holds; :meth:`from_dict` reads it back)."""
+        return {"positions": self.positions.tolist(), "image": self.image.tolist(), "row": self.row.tolist(),
+                "col": self.col.tolist(), "grids": [list(g) for g in self.grids]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[Any]]) -> ImagePositions:
+        tensor = {k: torch.tensor(data[k], dtype=torch.long) for k in ("positions", "image", "row", "col")}
+        return cls(**tensor, grids=tuple(tuple(g) for g in data["grids"]))
+
+    def of_image(self, image: int) -> ImagePositions:
+        """The tokens of image ``image`` alone (InvalidArgument naming how many images there are)."""
+        if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < len(self.grids):
+            raise InvalidArgument(f"image must be an integer in [0, {len(self.grids)}): the prompt holds "
+                                  f"{len(self.grids)} images; got {image!r}")
+        keep = self.image == image
+        return ImagePositions(self.positions[keep], self.image[keep], self.row[keep], self.col[keep], self.grids)
+
+
+def is_vlm(config: object) -> bool:
+    """Whether a transformers config is a vision-language model's (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
+
 
 def family(config: object) -> str:
-    """The VLM family of a transformers config (``"llava"``, ``"qwen2_vl"``); UnsupportedVLM otherwise."""
+    """The VLM family of a transformers config (``"gemma3"``, ``"llava"``, ``"qwen2_vl"``); UnsupportedVLM
+    otherwise."""
     name = getattr(config, "model_type", None)
     if name not in _LAYOUTS:
         raise UnsupportedVLM(f"labkit maps the image tokens of {', '.join(sorted(_LAYOUTS))} models; "
@@ -94,4 +134,192 @@ def _qwen2_vl(config: object, ids: torch.Tensor, grid_thw: torch.Tensor | None) 
     return _assemble(positions, grids, per_image)
 
 
-_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl}
+def _gemma3(config: object, ids: torch.Tensor, _: torch.Tensor | None) -> ImagePositions:
+    """Gemma 3: each image is ``mm_tokens_per_image`` tokens, the vision tower's patch grid average-pooled to
+    √n × √n cells, row-major."""
+    side = round(config.mm_tokens_per_image ** 0.5)
+    positions = (ids == config.image_token_index).nonzero().reshape(-1)
+    count = positions.numel() // (side * side)
+    return _assemble(positions, [(side, side)] * count, [side * side] * count)
+
+
+_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "gemma3": _gemma3}
+
+
+# -- image prompts ---------------------------------------------------------------------------------------------
+
+def load_images(images: Any) -> list[Any]:
+    """``images`` (one or a list: PIL images, (H, W, 3) uint8 or [0, 1] float arrays, or file paths) as RGB PIL
+    images; InvalidArgument naming the one that is none of these."""
+    from PIL import Image
+
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise InvalidArgument("images must hold at least one image (a PIL image, an array or a path)")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Image.Image):
+            out.append(item.convert("RGB"))
+        elif isinstance(item, (str, os.PathLike)):
+            path = Path(item).expanduser()
+            if not path.is_file():
+                raise InvalidArgument(f"images[{i}]: no image file at {str(path)!r}")
+            with Image.open(path) as opened:
+                out.append(opened.convert("RGB"))
+        elif hasattr(item, "shape") and len(item.shape) == 3 and item.shape[-1] in (3, 4):
+            import numpy as np
+
+            array = np.asarray(item)
+            if array.dtype != np.uint8:
+                if array.min() < 0 or array.max() > 1:
+                    raise InvalidArgument(f"images[{i}]: a float array must hold values in [0, 1]; got "
+                                          f"[{array.min():.3g}, {array.max():.3g}]")
+                array = (array * 255).round().astype(np.uint8)
+            out.append(Image.fromarray(array[..., :3]))
+        else:
+            raise InvalidArgument(f"images[{i}] must be a PIL image, an (H, W, 3) array or an image file path; got "
+                                  f"{type(item).__name__}")
+    return out
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """A prompt with its images, ready for the model: the ids with each image expanded into its tokens, the
+    pixels (and grids) the model takes with them, and where each image token sits."""
+
+    ids: torch.Tensor
+    """Shape (1, T): the prompt's token ids, image tokens included."""
+    pixels: dict[str, torch.Tensor]
+    """The model's image inputs for a pass over the prompt (``pixel_values``, Qwen2-VL's ``image_grid_thw``)."""
+    layout: ImagePositions
+    images: list[Any] = field(default_factory=list)
+    """The RGB PIL images, in prompt order (as resized by nothing: what the user gave)."""
+
+
+class Vision:
+    """The image side of one loaded VLM: its family, config, tokenizer and image processor. :meth:`prompt` makes an
+    :class:`ImagePrompt`."""
+
+    def __init__(self, config: Any, tokenizer: Any, image_processor: Any) -> None:
+        self.family = family(config)
+        self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
+        self.image_token = {"llava": "image_token_index", "qwen2_vl": "image_token_id",
+                            "gemma3": "image_token_index"}[self.family]
+        self.image_token_id = int(getattr(config, self.image_token))
+
+    def __repr__(self) -> str:
+        return f"Vision(family={self.family!r}, image_token_id={self.image_token_id})"
+
+    def _expansion(self, index: int, pixels: dict[str, torch.Tensor]) -> list[int]:
+        """The token ids that stand for image ``index`` in the prompt (the family's markers around its tokens)."""
+        c = self.config
+        if self.family == "llava":
+            side = c.vision_config.image_size // c.vision_config.patch_size
+            return [self.image_token_id] * side * side
+        if self.family == "qwen2_vl":
+            t, h, w = (int(v) for v in pixels["image_grid_thw"][index])
+            n = t * h * w // c.vision_config.spatial_merge_size ** 2
+            return [c.vision_start_token_id, *[self.image_token_id] * n, c.vision_end_token_id]
+        return [c.boi_token_index, *[self.image_token_id] * c.mm_tokens_per_image, c.eoi_token_index]
+
+    def prompt(self, text: str, images: Any, chat: bool = False) -> ImagePrompt:
+        """``text`` with ``images`` at its ``<image>`` marks (one per image, in order; no mark: the images first),
+        the chat template applied when ``chat``. Each text segment is tokenized on its own (special tokens of the
+        tokenizer only before the first), then each mark replaced by the image's tokens."""
+        if self.image_processor is None or not callable(self.image_processor):
+            raise InvalidArgument(f"this {self.family} model has no image processor: give it when loading "
+                                  "(Session.from_model(model, tokenizer, image_processor=...), e.g. "
+                                  "transformers.AutoImageProcessor.from_pretrained(folder))")
+        pictures = load_images(images)
+        marks = text.count(MARK)
+        if marks not in (0, len(pictures)):
+            raise InvalidArgument(f"the prompt has {marks} {MARK!r} marks for {len(pictures)} images; put one mark "
+                                  f"where each image goes, or none to put the images first")
+        if marks == 0:
+            text = MARK * len(pictures) + text
+        if chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        pixels = {k: v for k, v in self.image_processor(images=pictures, return_tensors="pt").items()
+                  if k in ("pixel_values", "image_grid_thw")}
+        ids: list[int] = []
+        for i, segment in enumerate(text.split(MARK)):
+            if i > 0:
+                ids += self._expansion(i - 1, pixels)
+            if segment or i == 0:
+                ids += self.tokenizer(segment, add_special_tokens=(i == 0 and not chat)).input_ids
+        tensor = torch.tensor([ids], dtype=torch.long)
+        layout = image_positions(self.config, tensor, pixels.get("image_grid_thw"))
+        return ImagePrompt(ids=tensor, pixels=pixels, layout=layout, images=pictures)
+
+    def per_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inputs a pass over ``ids`` (B, t) takes beside the pixels: which tokens are image tokens, in the
+        argument the family reads (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image blocks)."""
+        is_image = (ids == self.image_token_id).long()
+        if self.family == "qwen2_vl":
+            return {"mm_token_type_ids": is_image.int()}
+        if self.family == "gemma3":
+            return {"token_type_ids": is_image}
+        return {}
+
+
+@contextlib.contextmanager
+def attached(model: Any, vision: Vision, prompt: ImagePrompt | None) -> Iterator[None]:
+    """Inside the block, every forward pass of ``model`` whose ``input_ids`` hold image tokens gets ``prompt``'s
+    pixels (repeated for each row of a batch) and the family's per-pass inputs; passes without image tokens run as
+    they are. A pass whose rows do not hold exactly the prompt's image tokens is refused (they would be misplaced).
+    Qwen2-VL keeps its M-RoPE offset on the model between passes: it is cleared on entry and exit (a later prompt
+    never inherits it) and cut to one row after the prefill (a batch's rows share the prompt, and rows that end
+    leave the batch)."""
+    if prompt is None:
+        yield
+        return
+    n = len(prompt.layout)
+    inner = getattr(model, "model", None)
+
+    def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is None or not bool((ids == vision.image_token_id).any()):
+            return None
+        counts = (ids == vision.image_token_id).sum(1).tolist()
+        if any(c != n for c in counts):
+            raise InvalidArgument(f"a pass over ids with {counts} image tokens per row; the images need {n}")
+        rows = ids.shape[0]
+        extra = {k: torch.cat([v] * rows).to(ids.device) if k == "image_grid_thw" else
+                 torch.cat([v] * rows).to(ids.device, dtype=module.dtype) for k, v in prompt.pixels.items()}
+        return args, {**kwargs, **extra, **vision.per_pass(ids)}
+
+    def post(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        deltas = getattr(inner, "rope_deltas", None)
+        if deltas is not None and deltas.shape[0] > 1:
+            inner.rope_deltas = deltas[:1]
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    if hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if hasattr(inner, "rope_deltas"):
+            inner.rope_deltas = None
+
+
+def vision_of(model: Any, tokenizer: Any, image_processor: Any = None, folder: str | None = None) -> Vision | None:
+    """The :class:`Vision` of a loaded model (None for a text model): ``image_processor`` as given, else the one
+    saved in ``folder`` (read offline), else none (image prompts are then refused with the way to give one)."""
+    if not is_vlm(model.config):
+        return None
+    if image_processor is None and folder is not None and Path(folder).is_dir():
+        from transformers import AutoImageProcessor
+
+        from labkit.model.models import offline
+
+        try:
+            with offline():
+                image_processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"could not read the image processor of {folder!r}: {e}") from e
+    return Vision(model.config, tokenizer, image_processor)

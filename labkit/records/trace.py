@@ -143,6 +143,9 @@ class Trace:
     """Generated text, decoded from all generated ids with special tokens skipped."""
     stop_reason: str = ""
     """Why generation ended: one of ``STOP_REASONS`` ("" while still running)."""
+    images: dict[str, Any] = field(default_factory=dict)
+    """A vision-language prompt's image tokens: {"positions", "image", "row", "col": one entry per image token,
+    "grids": (rows, columns) per image} (``labkit.model.vlm.ImagePositions.as_dict``); empty for a text prompt."""
 
     def __post_init__(self) -> None:
         if self.stop_reason not in STOP_REASONS:
@@ -275,7 +278,8 @@ class Trace:
 
     def _header(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": FORMAT_VERSION, "prompt": self.prompt, "prompt_ids": self.prompt_ids,
-                "text": self.text, "stop_reason": self.stop_reason, "meta": dataclasses.asdict(self.meta)}
+                "text": self.text, "stop_reason": self.stop_reason, "meta": dataclasses.asdict(self.meta),
+                "images": self.images}
 
     @classmethod
     def _from_parts(cls, header: dict[str, Any], steps: Any, path: Path) -> Trace:
@@ -290,7 +294,7 @@ class Trace:
             _check_types(Step, step, f"{str(path)!r} step {i}", skip=("captures",))
         return cls(prompt=header["prompt"], prompt_ids=list(header["prompt_ids"]),
                    steps=[Step(**s) for s in steps], meta=TraceMeta(**header["meta"]),
-                   text=header["text"], stop_reason=header["stop_reason"])
+                   text=header["text"], stop_reason=header["stop_reason"], images=header.get("images") or {})
 
 
 def format_of(path: Path) -> str:

@@ -1,0 +1,66 @@
+"""Tiny random-weight vision-language models of three families, built from transformers config classes with the
+default tokenizer (its vocabulary plus a few ids for the image tokens): LLaVA (CLIP tower, one token per patch),
+Qwen2-VL (merged 2 × 2 patches, M-RoPE) and Gemma 3 (SigLIP tower, pooled tokens, bidirectional image blocks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import transformers as tf
+from PIL import Image
+
+from labkit.model import models
+
+VOCAB = 49152  # the default tokenizer's vocabulary; ids from here on are the image tokens
+IMAGE, BEGIN, END = VOCAB + 1, VOCAB + 2, VOCAB + 3
+TEXT = dict(vocab_size=VOCAB + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tokenizer() -> Any:
+    return tf.AutoTokenizer.from_pretrained(str(models.prepare_default_model(progress=False)), local_files_only=True)
+
+
+def images(*sizes: tuple[int, int], seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in sizes]
+
+
+def llava() -> tuple[Any, Any]:
+    config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**VISION, image_size=42, patch_size=14),
+                            text_config=tf.LlamaConfig(**TEXT), image_token_index=IMAGE)
+    processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
+    return tf.LlavaForConditionalGeneration(config).eval(), processor
+
+
+def qwen2_vl() -> tuple[Any, Any]:
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = dict(TEXT, bos_token_id=1, eos_token_id=2, rope_parameters=rope)
+    config = tf.Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2,
+                                                                    patch_size=14, spatial_merge_size=2,
+                                                                    temporal_patch_size=2),
+                              image_token_id=IMAGE, vision_start_token_id=BEGIN, vision_end_token_id=END)
+    processor = tf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                         temporal_patch_size=2)
+    return tf.Qwen2VLForConditionalGeneration(config).eval(), processor
+
+
+def gemma3() -> tuple[Any, Any]:
+    text = tf.Gemma3TextConfig(**TEXT, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+    config = tf.Gemma3Config(text_config=text, vision_config=tf.SiglipVisionConfig(**VISION, image_size=56,
+                                                                                    patch_size=14),
+                             mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=BEGIN,
+                             eoi_token_index=END)
+    processor = tf.Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, do_pan_and_scan=False)
+    return tf.Gemma3ForConditionalGeneration(config).eval(), processor
+
+
+BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "gemma3": gemma3}
+
+
+def build(family: str, seed: int = 0) -> tuple[Any, Any]:
+    torch.manual_seed(seed)
+    return BUILDERS[family]()
