@@ -63,6 +63,7 @@ class Session:
         self.token_text = TokenTexts(self.tokenizer)
         """``token_text(id)``: the text of one token id (cached), as Steps and Traces show it."""
         self._scoped: list[Any] = []  # token-level interventions of open `intervene` scopes, outermost first
+        self._image_prompt: Any = None  # the ImagePrompt of the pass running now (see _with_images)
         self.last_trace: Trace | None = None
         """The Trace of the latest generation, however it ended (also when a callback raised)."""
         eos = self.model.generation_config.eos_token_id
@@ -140,11 +141,21 @@ class Session:
                                   f"is {limit} tokens")
         return made.ids.to(self.device), made
 
-    def _with_images(self, made: Any) -> Any:
-        """The scope in which the model's passes over the prompt get ``made``'s pixels (nothing for None)."""
+    @contextlib.contextmanager
+    def _with_images(self, made: Any) -> Iterator[None]:
+        """The scope in which the model's passes over the prompt get ``made``'s pixels (nothing for None);
+        ``_image_prompt`` names it meanwhile (image interventions read its layout)."""
         from labkit.model import vlm
 
-        return vlm.attached(self.model, self.vision, made) if made is not None else contextlib.nullcontext()
+        if made is None:
+            yield
+            return
+        with vlm.attached(self.model, self.vision, made):
+            self._image_prompt = made
+            try:
+                yield
+            finally:
+                self._image_prompt = None
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

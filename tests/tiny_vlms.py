@@ -55,7 +55,10 @@ def gemma3() -> tuple[Any, Any]:
                              mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=BEGIN,
                              eoi_token_index=END)
     processor = tf.Gemma3ImageProcessorPil(size={"height": 56, "width": 56}, do_pan_and_scan=False)
-    return tf.Gemma3ForConditionalGeneration(config).eval(), processor
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initialises the projection at zero: every image would look the same
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+    return model, processor
 
 
 BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "gemma3": gemma3}

@@ -214,12 +214,13 @@ def capturing(model: Any, recorder: Any = None) -> Iterator[Any]:
     _register()
     if recorder is None:
         recorder = _Recorder(model.config.get_text_config(decoder=True).num_hidden_layers, base)
-    _RECORDERS[id(model.config)] = recorder
+    key = id(model.config.get_text_config(decoder=True))  # a VLM's language-model layers hold its text config
+    _RECORDERS[key] = recorder
     try:
         with attn_implementation(model, CAPTURE_BASES[base]):
             yield recorder
     finally:
-        _RECORDERS.pop(id(model.config), None)
+        _RECORDERS.pop(key, None)
 
 
 # -- full maps -------------------------------------------------------------------------------------------
@@ -271,6 +272,22 @@ class AttentionMaps:
     def entropy_bits(self) -> torch.Tensor:
         """Shape (L, H): mean over query positions of each row's attention entropy (bits)."""
         return head_entropy(self.probs).mean(-1)
+
+    def plot(self, layer: int, head: int, size: int = 512) -> Any:
+        """One head's matrix as a heatmap (:func:`labkit.records.figures.heatmap`), tokens on both axes; the image
+        tokens of a vision-language prompt marked by dashed lines around their block and named "image"."""
+        from labkit.records.figures import heatmap
+
+        picture = heatmap(self.head(layer, head), labels=self.tokens, size=size,
+                          title=f"layer {layer}, head {head}")
+        if self.image_block:
+            ax = picture.figure.axes[0]
+            start, stop = min(self.image_block) - 0.5, max(self.image_block) + 0.5
+            for edge in (start, stop):
+                ax.axvline(edge, color="white", linestyle="--", linewidth=1.2)
+                ax.axhline(edge, color="white", linestyle="--", linewidth=1.2)
+            ax.text((start + stop) / 2, start, "image", color="white", ha="center", va="bottom", fontsize=9)
+        return picture
 
 
 def _span(values: list[int]) -> str:

@@ -55,9 +55,9 @@ _SITE_DOCS = {  # kind -> (shape, meaning)
     "mlp_out": ("(B, T, d_model)", "MLP output"),
     "resid_post": ("(B, T, d_model)", "residual stream leaving the block"),
     "final_norm": ("(B, T, d_model)", "last block's output after the final norm"),
-    "vision.blocks.L": ("(images, patches, d_vision) or (patches, d_vision)",
+    "vision.blocks.L": ("(images, patches, d_vision) or (1, patches, d_vision)",
                         "output of the vision tower's block L (VLMs; the family's own layout)"),
-    "projector": ("(images, tokens, d_model) or (tokens, d_model)",
+    "projector": ("(images, tokens, d_model) or (1, tokens, d_model)",
                   "the projector's output: the image tokens' vectors before they enter the language model (VLMs)"),
 }
 _VISION_RE = re.compile(r"^vision\.blocks\.(-?\d+)$")
@@ -385,8 +385,10 @@ class Sites:
 
             def image_side(module: Any, args: Any, output: Any) -> Any:
                 value = _hidden(output)
-                new = fn(value, torch.arange(value.shape[-2]))
-                return None if new is None else _replace(output, new)
+                flat = value.ndim == 2  # Qwen2-VL's tower runs on (patches, d): shown as one batch row
+                shown = value[None] if flat else value
+                new = fn(shown, torch.arange(shown.shape[1]))
+                return None if new is None else _replace(output, new[0] if flat else new)
 
             return [module.register_forward_hook(image_side)]
         if kind == "resid_pre":

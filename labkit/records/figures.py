@@ -215,6 +215,29 @@ def heatmap(matrix: torch.Tensor | np.ndarray, labels: Sequence[str] | None = No
     return Picture(fig)
 
 
+def overlay(picture: Any, grid: torch.Tensor | np.ndarray, colorbar: str, title: str | None = None,
+            alpha: float = 0.55, size: int = 420) -> Picture:
+    """A (rows, cols) grid of values drawn over ``picture`` (a PIL image), each cell stretched over its part of the
+    image (the feature grid spans the whole picture), with pixel axes and a colour bar titled ``colorbar`` (say the
+    unit). NaN cells are left clear."""
+    a = _as_2d(grid)
+    image = np.asarray(picture.convert("RGB"))
+    h, w = image.shape[:2]
+    cmap, vmin, vmax = _colours(a, None, None, None)
+    width_in = size / DPI + 1.6
+    fig = _new_figure(width_in, width_in * h / w * 0.85 + 0.9)
+    ax = fig.add_subplot()
+    ax.imshow(image, extent=(0, w, h, 0))
+    shown = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, extent=(0, w, h, 0),
+                      interpolation="nearest")
+    ax.set_xlabel("x (pixels)")
+    ax.set_ylabel("y (pixels)")
+    if title:
+        ax.set_title(title, fontsize=10, wrap=True)
+    fig.colorbar(shown, ax=ax, label=colorbar, shrink=0.9)
+    return Picture(fig)
+
+
 def _colours(a: np.ndarray, cmap: str | None, vmin: float | None,
              vmax: float | None) -> tuple[str, float | None, float | None]:
     """The colour map and limits for values ``a``: diverging and centred for signed values, else viridis from 0."""

@@ -1,0 +1,222 @@
+"""VLM sessions on tiny random-weight models of three families (LLaVA, Qwen2-VL, Gemma 3; tests/tiny_vlms.py),
+each checked against transformers' own forward, generate and eager attention, and against edits made by hand."""
+
+from __future__ import annotations
+
+import pytest
+import tiny_vlms
+import torch
+from transformers import LlavaProcessor
+
+import labkit
+from labkit.core.errors import InvalidArgument
+from labkit.interventions.image import AblatePatches
+from labkit.measures.attention import attn_implementation
+from labkit.records.figures import problems
+from labkit.records.trace import Trace
+from labkit.why.vision import alignment, grounding, image_lens
+
+PROMPT = "Describe <image> in one word:"
+FAMILIES = list(tiny_vlms.BUILDERS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_vlms.tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sessions(tokenizer) -> dict[str, labkit.Session]:
+    out = {}
+    for family in FAMILIES:
+        model, processor = tiny_vlms.build(family)
+        out[family] = labkit.Session.from_model(model, tokenizer, image_processor=processor)
+    return out
+
+
+PICTURE = tiny_vlms.images((40, 60))
+
+
+def _own_inputs(s: labkit.Session, prompt: str = PROMPT, images=PICTURE) -> dict[str, torch.Tensor]:
+    """The model's inputs made outside the Session's passes: ids, the image processor's pixels, the family's
+    token-type ids."""
+    made = s.vision.prompt(prompt, images)
+    return {"input_ids": made.ids, **made.pixels, **s.vision.per_pass(made.ids)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_next_token_and_greedy_generation_with_an_image_equal_transformers(family, sessions):
+    s = sessions[family]
+    inputs = _own_inputs(s)
+    with torch.no_grad():
+        own = torch.log_softmax(s.model(**inputs).logits[0, -1].float(), -1)
+        reference = s.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=8,
+                                     min_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(s.next_token(PROMPT, images=PICTURE).logprobs, own, atol=1e-5, rtol=0)
+    trace = s.generate(PROMPT, images=PICTURE, max_new_tokens=8, stop=[])
+    assert trace.token_ids == reference[0, inputs["input_ids"].shape[1]:].tolist()
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+    assert trace.images == layout.as_dict() and len(trace.images["positions"]) == len(layout) > 0
+    # a text prompt after an image prompt is the model's text forward (no position offset left behind)
+    text = s.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = s.model.generate(text, attention_mask=torch.ones_like(text), max_new_tokens=4, min_new_tokens=4,
+                                 do_sample=False)
+    assert s.generate("The capital of France is", max_new_tokens=4, stop=[]).token_ids == plain[0, -4:].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_attention_and_grounding_equal_eager_attention_on_the_image(family, sessions):
+    s = sessions[family]
+    trace = s.generate(PROMPT, images=PICTURE, max_new_tokens=3, capture=["attention"], stop=[])
+    inputs = _own_inputs(s)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([trace.token_ids[:-1]])], dim=1)
+    inputs.update(input_ids=ids, **s.vision.per_pass(ids))
+    with torch.no_grad(), attn_implementation(s.model, "eager"):
+        eager = torch.stack(s.model(**inputs, output_attentions=True).attentions)[:, 0]  # (L, H, T, T)
+    length = len(trace.prompt_ids)
+    g = grounding(trace)
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+    for i, step in enumerate(trace.steps):
+        row = eager[:, :, length - 1 + i, :length + i]  # (L, H, T + i)
+        torch.testing.assert_close(step.captures["attention"].probs, row, atol=1e-5, rtol=0)
+        torch.testing.assert_close(g.mass[i], row[..., layout.positions], atol=1e-5, rtol=0)
+        cells = g.map(i, reduce="mean")
+        want = row[..., layout.positions].mean((0, 1))
+        torch.testing.assert_close(cells[layout.row, layout.col], want, atol=1e-5, rtol=0)
+    assert 0 < float(g.on_image().max()) <= 1
+    assert problems(g.plot(0, PICTURE[0])) == []  # axes, colour bar with its unit
+
+
+def _by_hand(s: labkit.Session, cells_zeroed: list[int]) -> torch.Tensor:
+    """Next-token log-probs with the image tokens at ``cells_zeroed`` (indices among them) set to 0 where they
+    enter the language model, written without labkit: the merged input embeddings edited, then inputs_embeds."""
+    inputs = _own_inputs(s)
+    seen = {}
+    lm = s.model.model.language_model
+
+    def keep(module, args, kwargs):
+        seen.update(kwargs)  # the merged embeddings, and the positions and masks the model made for them
+
+    handle = lm.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        s.model(**inputs)
+    handle.remove()
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+    embeds = seen.pop("inputs_embeds").clone()
+    embeds[0, layout.positions[cells_zeroed]] = 0.0
+    with torch.no_grad():
+        out = lm(inputs_embeds=embeds, **seen)
+        logits = s.model.lm_head(out.last_hidden_state[:, -1])
+    return torch.log_softmax(logits[0].float(), -1)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])  # Qwen2-VL: the next test (its M-RoPE needs input ids)
+def test_a_patch_ablation_equals_zeroing_those_positions_by_hand(family, sessions):
+    s = sessions[family]
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+    cells = [(0, 0), (1, 1)]
+    index = [k for k, rc in enumerate(zip(layout.row.tolist(), layout.col.tolist(), strict=True)) if rc in cells]
+    with s.intervene(AblatePatches(cells)):
+        ablated = s.next_token(PROMPT, images=PICTURE).logprobs
+    torch.testing.assert_close(ablated, _by_hand(s, index), atol=1e-5, rtol=0)
+    plain = s.next_token(PROMPT, images=PICTURE).logprobs
+    assert float((plain - ablated).abs().max()) > 1e-4  # the edit reached the output
+
+
+def test_qwen2_vl_patch_ablation_equals_zeroing_the_merged_features_by_hand(sessions):
+    s = sessions["qwen2_vl"]
+    inputs = _own_inputs(s)
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+
+    def zero_two(module, args, output):  # the merger's output rows are the image tokens, in prompt order
+        output = output.clone()
+        output[[0, 4]] = 0.0
+        return output
+
+    handle = s.model.model.visual.merger.register_forward_hook(zero_two)
+    with torch.no_grad():
+        own = torch.log_softmax(s.model(**inputs).logits[0, -1].float(), -1)
+    handle.remove()
+    cells = [(int(layout.row[k]), int(layout.col[k])) for k in (0, 4)]
+    with s.intervene(AblatePatches(cells)):
+        torch.testing.assert_close(s.next_token(PROMPT, images=PICTURE).logprobs, own, atol=1e-5, rtol=0)
+
+
+def test_mean_and_other_image_ablations_and_their_refusals(sessions):
+    s = sessions["llava"]
+    other = tiny_vlms.images((40, 60), seed=5)
+    with s.intervene(AblatePatches(mode="image", source=other)):
+        swapped = s.next_token(PROMPT, images=PICTURE).logprobs
+    torch.testing.assert_close(swapped, s.next_token(PROMPT, images=other).logprobs, atol=1e-5, rtol=0)
+    with s.intervene(AblatePatches(mode="mean")):
+        mean = s.next_token(PROMPT, images=PICTURE).logprobs
+    assert float((mean - s.next_token(PROMPT, images=PICTURE).logprobs).abs().max()) > 1e-4
+    with pytest.raises(InvalidArgument, match="outside image 0's 3 × 3 grid"), s.intervene(AblatePatches([(5, 0)])):
+        s.next_token(PROMPT, images=PICTURE)
+    with pytest.raises(InvalidArgument, match="mode must be one of"):
+        AblatePatches(mode="blur")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vision_and_projector_sites_equal_the_towers_own_outputs(family, sessions):
+    s = sessions[family]
+    names = [n for n in s.sites.names() if n.startswith("vision.") or n == "projector"]
+    assert names[-1] == "projector" and len(names) == 3
+    acts = s.activations(PROMPT, names, images=PICTURE)
+    pixels = s.vision.prompt(PROMPT, PICTURE).pixels
+    with torch.no_grad():
+        features = s.model.model.get_image_features(**pixels)
+    merged = features.pooler_output if hasattr(features, "pooler_output") else features
+    merged = torch.cat(list(merged)) if isinstance(merged, (tuple, list)) else merged
+    torch.testing.assert_close(acts["projector"].reshape(-1, merged.shape[-1]), merged.reshape(-1, merged.shape[-1]))
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+    entering = s.activations(PROMPT, ["blocks.0.resid_pre"], images=PICTURE)["blocks.0.resid_pre"]
+    torch.testing.assert_close(entering[layout.positions], merged.reshape(-1, merged.shape[-1]))
+
+
+def test_llava_prompts_equal_the_llava_processors_own(tokenizer, sessions):
+    s = sessions["llava"]
+    tok = tiny_vlms.tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    assert tok.convert_tokens_to_ids("<image>") == tiny_vlms.IMAGE - 1  # the next free id
+    processor = LlavaProcessor(image_processor=s.vision.image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    theirs = processor(text="Compare <image> with <image> please", images=PICTURE * 2, return_tensors="pt")
+    mine = s.vision.prompt("Compare <image> with <image> please", PICTURE * 2)
+    mapped = theirs.input_ids.clone()
+    mapped[mapped == tiny_vlms.IMAGE - 1] = tiny_vlms.IMAGE  # the same token under the tiny model's id
+    assert mine.ids.tolist() == mapped.tolist()
+    torch.testing.assert_close(mine.pixels["pixel_values"], theirs.pixel_values)
+
+
+def test_alignment_and_image_lens_equal_the_computation_by_hand(sessions):
+    s = sessions["llava"]
+    a = alignment(s, PROMPT, PICTURE, k=3)
+    layout = s.vision.prompt(PROMPT, PICTURE).layout
+    entering = s.activations(PROMPT, ["blocks.0.resid_pre"], images=PICTURE)["blocks.0.resid_pre"]
+    table = s.model.get_input_embeddings().weight.detach()
+    sims = torch.nn.functional.cosine_similarity(entering[layout.positions][:, None], table[None], dim=-1)
+    torch.testing.assert_close(a.cosine, sims.topk(3, dim=-1).values, atol=1e-5, rtol=0)
+    assert list(a.to_pandas().columns[:4]) == ["image", "row", "col", "nearest"] and len(a.to_pandas()) == 9
+    top, lay = image_lens(s, PROMPT, PICTURE)
+    last = s.activations(PROMPT, ["final_norm"], images=PICTURE)["final_norm"][lay.positions]
+    assert top[-1].tolist() == s.model.lm_head(last).argmax(-1).tolist()
+
+
+def test_image_traces_save_and_load_and_image_mistakes_are_refused(sessions, tmp_path):
+    s = sessions["gemma3"]
+    trace = s.generate(PROMPT, images=PICTURE, max_new_tokens=2, stop=[])
+    back = Trace.load(trace.save(tmp_path / "t.json"))
+    assert back.images == trace.images and back.images["grids"] == [[2, 2]]
+    with pytest.raises(InvalidArgument, match="has 2 '<image>' marks for 1 images"):
+        s.next_token("<image> and <image>", images=PICTURE)
+    with pytest.raises(InvalidArgument, match=r"images\[0\] must be a PIL image"):
+        s.next_token(PROMPT, images=[3])
+    with pytest.raises(InvalidArgument, match="recomputing a step needs them"):
+        s.logit_attribution_step(trace, 0)
+    maps = s.attention(PROMPT, images=PICTURE)
+    assert maps.image_block == trace.images["positions"] and maps.tokens[trace.images["positions"][0]] == "<img 0:0,0>"
+    picture = maps.plot(0, 1)
+    assert problems(picture) == [] and "image" in [t.get_text() for t in picture.figure.axes[0].texts]
