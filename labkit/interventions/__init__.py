@@ -19,6 +19,7 @@ from labkit.interventions.base import (
     TokenIntervention,
 )
 from labkit.interventions.effects import Effect, analyze_intervention_effects, evaluate
+from labkit.interventions.image import AblatePatches
 from labkit.interventions.recipes import RECIPES, recipe
 from labkit.interventions.token import (
     Boost,
@@ -34,6 +35,7 @@ from labkit.interventions.token import (
 __all__ = [
     "RECIPES",
     "AblateHead",
+    "AblatePatches",
     "ActivationHook",
     "ActivationIntervention",
     "Boost",

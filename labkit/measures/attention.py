@@ -278,15 +278,14 @@ class AttentionMaps:
         tokens of a vision-language prompt marked by dashed lines around their block and named "image"."""
         from labkit.records.figures import heatmap
 
+        marked = " (dashed: the image tokens' block)" if self.image_block else ""
         picture = heatmap(self.head(layer, head), labels=self.tokens, size=size,
-                          title=f"layer {layer}, head {head}")
+                          title=f"layer {layer}, head {head}{marked}")
         if self.image_block:
             ax = picture.figure.axes[0]
-            start, stop = min(self.image_block) - 0.5, max(self.image_block) + 0.5
-            for edge in (start, stop):
+            for edge in (min(self.image_block) - 0.5, max(self.image_block) + 0.5):
                 ax.axvline(edge, color="white", linestyle="--", linewidth=1.2)
                 ax.axhline(edge, color="white", linestyle="--", linewidth=1.2)
-            ax.text((start + stop) / 2, start, "image", color="white", ha="center", va="bottom", fontsize=9)
         return picture
 
 

@@ -19,6 +19,9 @@ Site names (``L`` = block index, from 0; shapes for a batch of B sequences of T 
 ``blocks.L.resid_post``    (B, T, d_model)     residual stream leaving block L (= resid_pre of block L + 1)
 ``final_norm``             (B, T, d_model)     the last block's output after the final norm (what the
                                                unembedding reads)
+``vision.blocks.L``        (N, P, d_vision)    a vision-language model's vision-tower block L (N images of P
+                                               patches; Qwen2-VL: one row of all patches)
+``projector``              (N, P', d_model)    a vision-language model's projector output (the image tokens)
 =========================  ==================  ===========================================================
 
 Every site function has one signature, ``fn(value, positions) -> value | None``: ``value`` is the site's tensor in

@@ -7,7 +7,8 @@
   projector's output, site ``blocks.0.resid_pre``) with every row of the token embedding: which vocabulary items a
   patch is closest to; and :func:`image_lens`: the logit lens at the image positions, per layer.
 
-Causal checks of a map live in :class:`labkit.interventions.image.AblatePatches`.
+Causal checks of a map: :class:`labkit.interventions.image.AblatePatches`, and :func:`image_effect` for its effect
+on the next token (KL in bits, the token's probability before and after).
 """
 
 from __future__ import annotations
@@ -152,3 +153,35 @@ def image_lens(session: Any, prompt: str, images: Any) -> tuple[torch.Tensor, Im
             hidden = acts[site][made.layout.positions].to(session.device)  # (n, d)
             top.append(session.sites.logits(hidden).argmax(-1).cpu())  # (n,)
     return torch.stack(top), made.layout
+
+
+@dataclass(frozen=True)
+class ImageEffect:
+    """What an intervention on an image prompt did to the next-token distribution."""
+
+    token: str
+    """The token followed (the unedited model's top prediction unless one was given)."""
+    p_before: float
+    p_after: float
+    kl_bits: float
+    """KL(edited ‖ unedited) of the whole next-token distribution, in bits."""
+
+    @property
+    def change(self) -> float:
+        """p_after − p_before."""
+        return self.p_after - self.p_before
+
+
+def image_effect(session: Any, prompt: str, images: Any, *interventions: Any, token: str | int | None = None
+                 ) -> ImageEffect:
+    """The next token after ``prompt`` with ``images``, without and with ``interventions`` (e.g. AblatePatches):
+    KL in bits and the probability of ``token`` (default: the unedited top token) before and after."""
+    from labkit.core.tokens import token_id
+    from labkit.measures.information import kl_divergence
+
+    before = session.next_token(prompt, images=images).logprobs
+    with session.intervene(*interventions):
+        after = session.next_token(prompt, images=images).logprobs
+    tid = int(before.argmax()) if token is None else token_id(session.tokenizer, token)
+    return ImageEffect(token=session.token_text(tid), p_before=float(before[tid].exp()),
+                       p_after=float(after[tid].exp()), kl_bits=float(kl_divergence(after, before, "bits")))
