@@ -61,6 +61,7 @@ class ImagePositions:
 
     @classmethod
     def from_dict(cls, data: dict[str, list[Any]]) -> ImagePositions:
+        """The layout :meth:`as_dict` wrote (a ``Trace.images`` record)."""
         tensor = {k: torch.tensor(data[k], dtype=torch.long) for k in ("positions", "image", "row", "col")}
         return cls(**tensor, grids=tuple(tuple(g) for g in data["grids"]))
 
