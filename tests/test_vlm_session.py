@@ -3,6 +3,8 @@ each checked against transformers' own forward, generate and eager attention, an
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import tiny_vlms
 import torch
@@ -220,3 +222,32 @@ def test_image_traces_save_and_load_and_image_mistakes_are_refused(sessions, tmp
     assert maps.image_block == trace.images["positions"] and maps.tokens[trace.images["positions"][0]] == "<img 0:0,0>"
     picture = maps.plot(0, 1)
     assert problems(picture) == [] and "image tokens' block" in picture.title
+
+
+def test_a_saved_vlm_folder_loads_and_the_cli_takes_images(tmp_path, tokenizer):
+    from click.testing import CliRunner
+
+    from labkit.ui.cli import main
+
+    model, processor = tiny_vlms.build("llava")
+    folder = tmp_path / "tiny-llava"
+    model.save_pretrained(folder)  # safetensors
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    s = labkit.Session(str(folder))
+    assert type(s.model).__name__ == "LlavaForConditionalGeneration" and s.vision.family == "llava"
+    reference = labkit.Session.from_model(model, tokenizer, image_processor=processor)
+    torch.testing.assert_close(s.next_token(PROMPT, images=PICTURE).logprobs,
+                               reference.next_token(PROMPT, images=PICTURE).logprobs, atol=1e-5, rtol=0)
+    path = tmp_path / "picture.png"
+    PICTURE[0].save(path)
+    out = CliRunner().invoke(main, ["next", PROMPT, "--model", str(folder), "--image", str(path), "--json",
+                                    "--top", "3"])
+    assert out.exit_code == 0, out.output
+    top = json.loads(out.output)["top"]
+    want = reference.next_token(PROMPT, images=[path]).top(3)
+    assert [row["token_id"] for row in top] == [i for _, i, _ in want]
+    out = CliRunner().invoke(main, ["generate", PROMPT, "--model", str(folder), "--image", str(path),
+                                    "--max-new-tokens", "4", "--stop", "."])
+    assert out.exit_code == 0, out.output
+    assert reference.generate(PROMPT, images=[path], max_new_tokens=4, stop=["."]).text in out.output

@@ -107,17 +107,22 @@ def samplers_cmd() -> None:
             click.echo(f"    {line}")
 
 
+IMAGE_OPTION = click.option("--image", "images", multiple=True, help="An image file for a vision-language model "
+                            "(repeatable; one '<image>' mark per image in the prompt, or none to put them first).")
+
+
 @main.command("next")
 @click.argument("prompt")
 @click.option("--top", "top", default=10, show_default=True, type=click.IntRange(min=1), help="How many tokens.")
 @click.option("--chat", is_flag=True, help="Apply the tokenizer's chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@IMAGE_OPTION
 @model_options
-def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, **model_kw: Any) -> None:
+def next_cmd(prompt: str, top: int, chat: bool, as_json: bool, images: tuple[str, ...], **model_kw: Any) -> None:
     """Show the most probable next tokens after PROMPT (raw distribution, no sampler)."""
     with _errors():
         s = _session(**model_kw)
-        d = s.next_token(prompt, chat=chat)
+        d = s.next_token(prompt, chat=chat, images=list(images) or None)
         rows = d.top(top)
         if as_json:
             click.echo(json.dumps({"entropy_bits": d.entropy("bits"),
@@ -250,12 +255,14 @@ def _knob(name: str) -> Any:
               "'window:sinks=4,window=256' (default: the full cache); prints the cache's size at the end.")
 @click.option("--show-steps", is_flag=True, help="One row per token: token, p, entropy, varentropy, top alternatives.")
 @click.option("--save", "save_path", default=None, help="Save the trace (.json or .parquet).")
+@IMAGE_OPTION
 @model_options
 def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature: float | None, top_k: int,
                  top_p: float, min_p: float, sampler_spec: str | None, stop: tuple[str, ...],
                  suppress: tuple[str, ...], boost: tuple[str, ...], force: tuple[str, ...], ablate: tuple[str, ...],
                  recipes: tuple[str, ...], speculative_spec: str | None, baseline: bool, chat: bool,
-                 kv_spec: str | None, show_steps: bool, save_path: str | None, **model_kw: Any) -> None:
+                 kv_spec: str | None, show_steps: bool, save_path: str | None, images: tuple[str, ...],
+                 **model_kw: Any) -> None:
     """Generate text after PROMPT and optionally show every step."""
     from labkit.sampling import Classic, parse_sampler
     from labkit.sampling.beam import strategy_arguments
@@ -284,7 +291,7 @@ def generate_cmd(prompt: str, max_new_tokens: int, seed: int | None, temperature
         interventions += [i for spec in recipes for i in parse(s, spec)]
         kw = {"max_new_tokens": max_new_tokens, **strategy_arguments(sampler), "seed": seed,
               "stop": list(stop) or None, "chat": chat, "interventions": interventions,
-              **({"kv": policy} if policy is not None else {})}
+              **({"kv": policy} if policy is not None else {}), **({"images": list(images)} if images else {})}
         measured = evaluate(s, prompt, draft, repeats=3, **kw) if baseline else None
         trace = measured.trace if measured else s.generate(prompt, speculative=draft, **kw)
         if show_steps:
