@@ -126,6 +126,12 @@ class Session:
             raise InvalidArgument(f"prompt is {len(ids)} tokens{extra}; the model's context is {limit} tokens")
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    @property
+    def image_prompt(self) -> Any:
+        """The :class:`~labkit.model.vlm.ImagePrompt` whose passes run now (inside a verb given ``images=``), else
+        None: image interventions read its layout."""
+        return self._image_prompt
+
     def _inputs(self, prompt: str, chat: bool, reserve: int, images: Any) -> tuple[torch.Tensor, Any]:
         """``(ids (1, T) on the model's device, ImagePrompt or None)``: :meth:`encode`'s ids, or with ``images`` the
         prompt with each image expanded into its tokens (InvalidArgument for a text model)."""

@@ -11,6 +11,7 @@ import torch
 from labkit.core.errors import InvalidArgument
 from labkit.interventions.base import ActivationIntervention
 from labkit.model.hooks import sites_of
+from labkit.model.vlm import attached
 
 MODES = ("zero", "mean", "image")
 
@@ -45,7 +46,8 @@ class AblatePatches(ActivationIntervention):
         if self.mode == "image":  # the source's vectors entering the language model (the caller holds the model)
             made = session.vision.prompt("<image>", self.source)
             sites = sites_of(session.model)
-            with torch.no_grad(), session._with_images(made), sites.read(["blocks.0.resid_pre"]) as seen:
+            with torch.no_grad(), attached(session.model, session.vision, made), \
+                    sites.read(["blocks.0.resid_pre"]) as seen:
                 session.model(input_ids=made.ids.to(session.device), logits_to_keep=1)
             self._source_vectors = seen["blocks.0.resid_pre"][0][0, made.layout.positions]  # (n_src, d)
             self._source_layout = made.layout
@@ -67,7 +69,7 @@ class AblatePatches(ActivationIntervention):
     def attach(self, model: Any) -> list[Any]:
         def ablate(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
             session = self._session() if self._session is not None else None
-            made = getattr(session, "_image_prompt", None)
+            made = None if session is None else session.image_prompt
             if made is None:
                 return None  # a pass with no image prompt (a text prompt, or a decoding step)
             targets, index = self._targets(made.layout)
