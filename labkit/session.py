@@ -275,6 +275,7 @@ class Session:
         (:mod:`labkit.core.memory`): MemoryBudgetExceeded names the bytes and how to need less."""
         from labkit.core import memory
         from labkit.measures.attention import MAP_DTYPES, AttentionMaps, attention_maps
+        from labkit.model.vlm import display_tokens
 
         if dtype not in MAP_DTYPES:
             raise invalid_choice("dtype", dtype, tuple(MAP_DTYPES))
@@ -288,17 +289,9 @@ class Session:
         with self.exclusive(), self._with_images(made):
             maps = attention_maps(self.model, ids, layer_list, head_list, torch_dtype)
         probs = torch.stack([maps[layer] for layer in layer_list])  # (L_sel, H_sel, T, T)
-        return AttentionMaps(probs=probs, tokens=self._token_texts(ids, made), layers=layer_list, heads=head_list,
+        return AttentionMaps(probs=probs, tokens=display_tokens(self.token_text, ids, made), layers=layer_list,
+                             heads=head_list,
                              image_block=None if made is None else made.layout.positions.tolist())
-
-    def _token_texts(self, ids: torch.Tensor, made: Any) -> list[str]:
-        """Display texts of ``ids`` (1, T): image tokens as ``<img i:r,c>`` (image i, row r, column c)."""
-        texts = [self.token_text(i) for i in ids[0].tolist()]
-        if made is not None:
-            lay = made.layout
-            for p, i, r, c in zip(*(t.tolist() for t in (lay.positions, lay.image, lay.row, lay.col)), strict=True):
-                texts[p] = f"<img {i}:{r},{c}>"
-        return texts
 
     @staticmethod
     def _indices(name: str, values: Sequence[int] | None, n: int) -> list[int]:

@@ -251,3 +251,54 @@ def test_a_saved_vlm_folder_loads_and_the_cli_takes_images(tmp_path, tokenizer):
                                     "--max-new-tokens", "4", "--stop", "."])
     assert out.exit_code == 0, out.output
     assert reference.generate(PROMPT, images=[path], max_new_tokens=4, stop=["."]).text in out.output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_image_token_attribution_ig_is_complete_and_saliency_is_the_gradient_by_hand(family, sessions):
+    from labkit.why.vision import attribute_image
+
+    s = sessions[family]
+    ig = attribute_image(s, PROMPT, PICTURE, quantity="logprob", steps=16)
+    a = ig.attribution
+    assert a.completeness_error < 0.01 and a.target_id == int(s.next_token(PROMPT, images=PICTURE).logprobs.argmax())
+    assert a.value == pytest.approx(float(s.next_token(PROMPT, images=PICTURE).logprobs[a.target_id]), abs=1e-5)
+    layout = ig.layout
+    text = torch.ones(len(a.scores), dtype=torch.bool)
+    text[layout.positions] = False
+    assert torch.tensor(a.scores)[text].abs().max() == 0  # the black baseline changes the image tokens only
+    assert sum(a.scores) == pytest.approx(a.value - a.baseline_value, rel=0.01)
+    cells = ig.map(0)
+    assert cells.shape == layout.grids[0] and not torch.isnan(cells).any()
+    # saliency by hand: the gradient of log p(target) with respect to the merged input embeddings
+    inputs = _own_inputs(s)
+    lm = s.model.model.language_model
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = lm.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        s.model(**inputs)
+    handle.remove()
+    embeds = seen.pop("inputs_embeds").detach().clone().requires_grad_()
+    out = lm(inputs_embeds=embeds, **seen)
+    logp = torch.log_softmax(s.model.lm_head(out.last_hidden_state[:, -1]).float(), -1)[0, a.target_id]
+    (grad,) = torch.autograd.grad(logp, embeds)
+    sal = attribute_image(s, PROMPT, PICTURE, method="saliency", quantity="logprob")
+    torch.testing.assert_close(torch.tensor(sal.attribution.scores), grad[0].norm(dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_pixel_attribution_is_complete_and_refused_where_pixels_are_patches(sessions):
+    from labkit.why.vision import attribute_image
+
+    s = sessions["llava"]
+    ig = attribute_image(s, PROMPT, PICTURE, to="pixels", quantity="logprob", steps=16)
+    assert ig.pixels.shape == (1, 42, 42) and ig.attribution.completeness_error < 0.01
+    assert float(ig.pixels.sum()) == pytest.approx(ig.attribution.value - ig.attribution.baseline_value, rel=0.01)
+    made = s.vision.prompt(PROMPT, PICTURE)
+    view = s.vision.view(made)
+    assert view.size == (42, 42)  # what the model saw: the centre crop, resized
+    assert problems(ig.plot(view)) == []
+    with pytest.raises(InvalidArgument, match="flattens patches"):
+        attribute_image(sessions["qwen2_vl"], PROMPT, PICTURE, to="pixels")

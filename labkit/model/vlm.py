@@ -253,6 +253,21 @@ class Vision:
         layout = image_positions(self.config, tensor, pixels.get("image_grid_thw"))
         return ImagePrompt(ids=tensor, pixels=pixels, layout=layout, images=pictures)
 
+    def view(self, made: ImagePrompt, image: int = 0) -> Any:
+        """Image ``image`` of ``made`` as the model sees it, as a PIL image: the processor's pixels un-normalised
+        (its resize and crop included: LLaVA's CLIP processor crops the centre square), or, where the processor
+        flattens patches (Qwen2-VL, which resizes without cropping), the picture itself. Feature grids and pixel
+        attributions are drawn over this."""
+        from PIL import Image
+
+        pixels = made.pixels["pixel_values"]
+        if pixels.ndim != 4:
+            return made.images[image]
+        mean = torch.tensor(getattr(self.image_processor, "image_mean", None) or [0.0] * 3)[:, None, None]
+        std = torch.tensor(getattr(self.image_processor, "image_std", None) or [1.0] * 3)[:, None, None]
+        x = (pixels[image].float() * std + mean).clamp(0, 1)  # (3, H, W) in [0, 1]
+        return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
     def per_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The inputs a pass over ``ids`` (B, t) takes beside the pixels: which tokens are image tokens, in the
         argument the family reads (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image blocks)."""
@@ -287,7 +302,8 @@ def attached(model: Any, vision: Vision, prompt: ImagePrompt | None) -> Iterator
             raise InvalidArgument(f"a pass over ids with {counts} image tokens per row; the images need {n}")
         rows = ids.shape[0]
         extra = {k: torch.cat([v] * rows).to(ids.device) if k == "image_grid_thw" else
-                 torch.cat([v] * rows).to(ids.device, dtype=module.dtype) for k, v in prompt.pixels.items()}
+                 torch.cat([v] * rows).to(ids.device, dtype=module.dtype) for k, v in prompt.pixels.items()
+                 if kwargs.get(k) is None}  # pixels the caller passes (attribution to pixels) are kept
         return args, {**kwargs, **extra, **vision.per_pass(ids)}
 
     def post(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -306,6 +322,17 @@ def attached(model: Any, vision: Vision, prompt: ImagePrompt | None) -> Iterator
             handle.remove()
         if hasattr(inner, "rope_deltas"):
             inner.rope_deltas = None
+
+
+def display_tokens(token_text: Any, ids: torch.Tensor, made: ImagePrompt | None) -> list[str]:
+    """Display texts of ``ids`` (1, T) by ``token_text``; the image tokens of ``made`` as ``<img i:r,c>`` (image i,
+    row r, column c)."""
+    texts = [token_text(i) for i in ids[0].tolist()]
+    if made is not None:
+        lay = made.layout
+        for p, i, r, c in zip(*(t.tolist() for t in (lay.positions, lay.image, lay.row, lay.col)), strict=True):
+            texts[p] = f"<img {i}:{r},{c}>"
+    return texts
 
 
 def vision_of(model: Any, tokenizer: Any, image_processor: Any = None, folder: str | None = None) -> Vision | None:

@@ -3,6 +3,9 @@
 - :func:`grounding`: the attention each generated token puts on the image tokens (per step, layer and head; from
   ``capture=["attention"]``), as fractions of the query row (they sum to the mass on the image, ≤ 1), and maps of it
   over each image's feature grid (:meth:`Grounding.map`, drawn over the image by :meth:`Grounding.plot`).
+- :func:`attribute_image`: gradient attribution (saliency, input × gradient, integrated gradients with its
+  completeness error) of a prediction to every token of an image prompt -- the image tokens' vectors where they enter
+  the language model -- or to the pixels (families whose processor gives (images, 3, H, W) pixels).
 - :func:`alignment`: the cosine similarity of each image token's vector where it enters the language model (the
   projector's output, site ``blocks.0.resid_pre``) with every row of the token embedding: which vocabulary items a
   patch is closest to; and :func:`image_lens`: the logit lens at the image positions, per layer.
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 
 from labkit.core.errors import InvalidArgument
-from labkit.model.vlm import ImagePositions
+from labkit.model.vlm import ImagePositions, attached, display_tokens
 
 
 def _layout(trace: Any) -> ImagePositions:
@@ -79,8 +82,8 @@ class Grounding:
 
     def plot(self, step: int, picture: Any, image: int = 0, layers: Sequence[int] | None = None,
              heads: Sequence[int] | None = None, reduce: str = "mean") -> Any:
-        """:meth:`map` drawn over ``picture`` (the PIL image the prompt was made with): a labelled figure with a
-        colour bar in attention probability."""
+        """:meth:`map` drawn over ``picture`` -- the image as the model saw it (``s.vision.view(made)``; the
+        processor may have cropped it) -- a labelled figure with a colour bar in attention probability."""
         from labkit.records.figures import overlay
 
         grid = self.map(step, image, layers, heads, reduce)
@@ -185,3 +188,150 @@ def image_effect(session: Any, prompt: str, images: Any, *interventions: Any, to
     tid = int(before.argmax()) if token is None else token_id(session.tokenizer, token)
     return ImageEffect(token=session.token_text(tid), p_before=float(before[tid].exp()),
                        p_after=float(after[tid].exp()), kl_bits=float(kl_divergence(after, before, "bits")))
+
+
+@dataclass
+class ImageAttribution:
+    """Gradient attribution of one prediction over an image prompt."""
+
+    attribution: Any
+    """The :class:`labkit.why.attribution.Attribution` over every position of the prompt (image tokens as
+    ``<img i:r,c>``): its scores with ``to="tokens"``; with ``to="pixels"`` they are 0 and :attr:`pixels` holds
+    the scores (its ``value``, ``completeness_error`` and labels hold for both)."""
+    layout: ImagePositions
+    pixels: torch.Tensor | None = None
+    """``to="pixels"``: shape (images, H, W), each pixel's score summed over its colour channels (the processor's
+    resolution); else None."""
+
+    def map(self, image: int = 0) -> torch.Tensor:
+        """Shape (rows, cols): the scores of image ``image``'s tokens on its feature grid (``to="tokens"``)."""
+        one = self.layout.of_image(image)
+        rows, cols = self.layout.grids[image]
+        grid = torch.full((rows, cols), float("nan"))
+        scores = torch.tensor(self.attribution.scores)
+        grid[one.row, one.col] = scores[one.positions].float()
+        return grid
+
+    def plot(self, picture: Any, image: int = 0) -> Any:
+        """The token map (or the pixel scores) over ``picture`` (the model's view, ``s.vision.view(made)``), signed
+        scores on a diverging colour map centred on 0."""
+        from labkit.records.figures import overlay
+
+        a = self.attribution
+        values = self.pixels[image] if self.pixels is not None else self.map(image)
+        where = "pixels" if self.pixels is not None else "image tokens"
+        return overlay(picture, values, colorbar=f"{a.method} ({a.unit})", alpha=0.6,
+                       title=f"{a.method} of {a.label} over image {image}'s {where}")
+
+
+def attribute_image(session: Any, prompt: str, images: Any, target: str | int | None = None, *,
+                    foil: str | int | None = None, method: str = "ig", to: str = "tokens", quantity: str = "prob",
+                    steps: int = 64, max_steps: int = 512, tolerance: float = 0.01, baseline: str = "black"
+                    ) -> ImageAttribution:
+    """Why the model predicts ``target`` (default: its top token) after ``prompt`` with ``images``.
+
+    ``to="tokens"``: one score per prompt position, with respect to the vectors entering the language model
+    (``blocks.0.resid_pre``: text embeddings and projected image features alike); the model's own forward runs (vision
+    tower, M-RoPE, masks), with that input replaced by the point of the path. ``to="pixels"``: with respect to the
+    pixel values (LLaVA, Gemma 3). ``method`` "saliency" | "input_x_gradient" | "ig"; IG's path starts from
+    ``baseline``: "black" (the features or pixels of all-black images of the same size; text positions keep their
+    own embeddings, so only the images are attributed) or "zero"; its completeness error is reported, and its rule
+    refined (labkit's adaptive IG) until the error is under ``tolerance`` or ``max_steps`` points are used."""
+    from labkit.core.errors import check_int, invalid_choice
+    from labkit.core.memory import Shape, backward_bytes, pieces
+    from labkit.core.tokens import token_id
+    from labkit.why.attribution import (
+        GRADIENT_METHODS,
+        Attribution,
+        adaptive_ig,
+        check_quantity,
+        quantity_of,
+    )
+
+    if method not in ("saliency", "input_x_gradient", "ig"):
+        raise invalid_choice("method", method, ("saliency", "input_x_gradient", "ig"))
+    if to not in ("tokens", "pixels"):
+        raise invalid_choice("to", to, ("tokens", "pixels"))
+    if baseline not in ("black", "zero"):
+        raise invalid_choice("baseline", baseline, ("black", "zero"))
+    check_quantity(quantity)
+    check_int("steps", steps, 2, 4096)
+    if session.vision is None:
+        raise InvalidArgument(f"attribute_image needs a vision-language model; {session.model_id!r} is a text model")
+    made = session.vision.prompt(prompt, images)
+    pixels = made.pixels["pixel_values"]
+    if to == "pixels" and pixels.ndim != 4:
+        raise InvalidArgument(f"to='pixels' needs (images, 3, H, W) pixel values; the {session.vision.family} "
+                              "processor flattens patches: use to='tokens'")
+    ids = made.ids.to(session.device)
+    length = ids.shape[1]
+    model, sites = session.model, session.sites
+    foil_id = None if foil is None else token_id(session.tokenizer, foil)
+    from PIL import Image
+
+    blacks = [Image.new("RGB", p.size) for p in made.images]  # all-black images of the same sizes
+    black = session.vision.prompt(prompt, blacks)
+    with session.exclusive(), torch.no_grad(), sites.read(["blocks.0.resid_pre"]) as seen:
+        with attached(model, session.vision, black):
+            model(input_ids=ids, logits_to_keep=1)  # seen[0]: the black images' vectors
+        with attached(model, session.vision, made):
+            own = model(input_ids=ids, logits_to_keep=1).logits[:, -1]  # seen[1]: the images'
+    with session.exclusive(), attached(model, session.vision, made):
+        target_id = int(own[0].argmax()) if target is None else token_id(session.tokenizer, target)
+        if to == "tokens":
+            dark, x = seen["blocks.0.resid_pre"][0].detach(), seen["blocks.0.resid_pre"][1].detach()
+            x0 = dark if baseline == "black" else torch.where(_image_mask(made, x), torch.zeros_like(x), x)
+
+            def f(points: torch.Tensor) -> torch.Tensor:
+                rows = points.shape[0]
+                with sites.edit({"blocks.0.resid_pre": lambda value, positions: points}):
+                    logits = model(input_ids=ids.expand(rows, -1), logits_to_keep=1).logits[:, -1]
+                return quantity_of(logits, target_id, foil_id, quantity)
+        else:
+            n, c, h, w = pixels.shape
+            x = pixels.to(session.device, model.dtype).permute(0, 2, 3, 1).reshape(1, n * h * w, c)
+            x0 = torch.zeros_like(x) if baseline == "zero" else (
+                black.pixels["pixel_values"].to(x.device, x.dtype).permute(0, 2, 3, 1).reshape(1, n * h * w, c))
+
+            def f(points: torch.Tensor) -> torch.Tensor:
+                rows = points.shape[0]
+                values = points.reshape(rows * n, h, w, c).permute(0, 3, 1, 2)
+                logits = model(input_ids=ids.expand(rows, -1), pixel_values=values, logits_to_keep=1).logits[:, -1]
+                return quantity_of(logits, target_id, foil_id, quantity)
+
+        batch = pieces(steps, backward_bytes(Shape.of(model), length), 0, f"{method} attribution of an image prompt",
+                       session.device, "use a shorter prompt or method='saliency'")
+        extra: dict[str, Any] = {}
+        with torch.inference_mode(False), torch.enable_grad():
+            with torch.no_grad():
+                value, base_value = (float(v) for v in f(torch.cat([x, x0])))
+            own_value = float(quantity_of(own.float(), target_id, foil_id, quantity)[0])
+            if abs(value - own_value) > 1e-3 * max(1.0, abs(own_value)):
+                raise InvalidArgument(f"the attributed function gives {value:.6g} at the input, the model "
+                                      f"{own_value:.6g}: this model's image path is not one labkit follows")
+            if method == "ig":
+                scores, used = adaptive_ig(f, x, x0, steps, max_steps, tolerance, batch, (base_value, value))
+                gap = value - base_value
+                error = abs(float(scores.double().sum()) - gap) / abs(gap) if gap else float("inf")
+                extra.update(baseline_value=base_value, completeness_error=error, steps=used, baseline=baseline)
+            else:
+                scores = GRADIENT_METHODS[method](f, x.clone().requires_grad_()).detach().float()
+    id_list = made.ids[0].tolist()
+    texts = display_tokens(session.token_text, made.ids, made)
+    if to == "pixels":
+        pixel_scores = scores.reshape(n, h, w)
+        token_scores = [0.0] * length
+    else:
+        pixel_scores, token_scores = None, scores.tolist()
+    attribution = Attribution(tokens=texts, token_ids=id_list, scores=token_scores, method=method,
+                              target=session.token_text(target_id), target_id=target_id, position=length - 1,
+                              quantity=quantity, value=value, foil=None if foil_id is None else
+                              session.token_text(foil_id), foil_id=foil_id, **extra)
+    return ImageAttribution(attribution=attribution, layout=made.layout, pixels=pixel_scores)
+
+
+def _image_mask(made: Any, x: torch.Tensor) -> torch.Tensor:
+    """Shape (1, T, 1): True at the image tokens."""
+    mask = torch.zeros(1, x.shape[1], 1, dtype=torch.bool, device=x.device)
+    mask[0, made.layout.positions.to(x.device)] = True
+    return mask
