@@ -227,7 +227,8 @@ def overlay(picture: Any, grid: torch.Tensor | np.ndarray, colorbar: str, title:
     width_in = size / DPI + 1.6
     fig = _new_figure(width_in, width_in * h / w * 0.85 + 0.9)
     ax = fig.add_subplot()
-    ax.imshow(image.mean(-1), cmap="gray", extent=(0, w, h, 0))  # grey, so that the overlay's colours read true
+    grey = image @ np.array([0.299, 0.587, 0.114])  # luminance: grey, so that the overlay's colours read true
+    ax.imshow(grey, cmap="gray", vmin=0, vmax=255, extent=(0, w, h, 0))
     shown = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=vmin, vmax=vmax, alpha=alpha, extent=(0, w, h, 0),
                       interpolation="nearest")
     ax.set_xlabel("x (pixels)")

@@ -89,7 +89,7 @@ class Grounding:
         grid = self.map(step, image, layers, heads, reduce)
         what = "all layers" if layers is None else f"layers {list(layers)}"
         return overlay(picture, grid, colorbar=f"attention probability ({reduce} over heads and layers)",
-                       title=f"step {step % self.mass.shape[0]} {self.tokens[step]!r}: attention on image {image} "
+                       title=f"step {step % self.mass.shape[0]} {self.tokens[step]!r}:\nattention on image {image} "
                              f"({what})")
 
 
@@ -221,7 +221,7 @@ class ImageAttribution:
         values = self.pixels[image] if self.pixels is not None else self.map(image)
         where = "pixels" if self.pixels is not None else "image tokens"
         return overlay(picture, values, colorbar=f"{a.method} ({a.unit})", alpha=0.6,
-                       title=f"{a.method} of {a.label} over image {image}'s {where}")
+                       title=f"{a.method} of {a.label}\nover image {image}'s {where}")
 
 
 def attribute_image(session: Any, prompt: str, images: Any, target: str | int | None = None, *,
