@@ -302,3 +302,34 @@ def test_pixel_attribution_is_complete_and_refused_where_pixels_are_patches(sess
     assert problems(ig.plot(view)) == []
     with pytest.raises(InvalidArgument, match="flattens patches"):
         attribute_image(sessions["qwen2_vl"], PROMPT, PICTURE, to="pixels")
+
+
+def test_the_lab_shows_the_image_and_the_clicked_tokens_attention_on_it(sessions):
+    pytest.importorskip("anywidget")
+    from labkit.ui.panels import Lab
+
+    s = sessions["llava"]
+    lab = Lab(s, chat=False, prompt=PROMPT, max_new_tokens=3, images=PICTURE)
+    try:
+        lab.run()
+        lab.wait(60)
+        assert len(lab.trace) == 3 and lab.trace.images["grids"] == [[3, 3]]
+        same = s.generate(PROMPT, images=PICTURE, max_new_tokens=3, sampler=lab.controls.sampler, seed=0)
+        assert lab.trace.token_ids == same.token_ids
+        assert lab._prompt_maps.image_block == lab.trace.images["positions"]  # the attention image has the image
+        plain = lab.picture.value
+        assert plain[:4] == b"\x89PNG" and "click a token" in lab.picture_label.value
+        lab.stream.selected = 1
+        lab.wait_why()
+        assert lab.picture.value != plain and lab.picture_label.value.startswith("step 1 ")
+    finally:
+        lab.close()
+    with pytest.raises(InvalidArgument, match="needs a vision-language model"):
+        Lab(labkit.Session.from_model(*_text_model()), images=PICTURE)
+
+
+def _text_model():
+    import transformers as tf
+
+    config = tf.LlamaConfig(**{k: v for k, v in tiny_vlms.TEXT.items()})
+    return tf.LlamaForCausalLM(config).eval(), tiny_vlms.tokenizer()

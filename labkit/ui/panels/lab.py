@@ -13,6 +13,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from labkit.core.errors import InvalidArgument
 from labkit.interventions import ForceTokens
 from labkit.interventions.specs import from_text
 from labkit.records.trace import Step, Trace
@@ -25,7 +26,7 @@ from labkit.ui.panels.stream import Throttle, TokenStream
 from labkit.ui.panels.why_view import WhyView, explain
 
 
-def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int) -> tuple[Any, str]:
+def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int, images: Any = None) -> tuple[Any, str]:
     """The prompt's attention maps for the Lab's image, planned for the memory budget: the image grows to
     N = T + max_new_tokens positions and is held twice (prompt maps and the grown matrix), so float32 when
     2·L·H·N²·4 bytes fit, else float16, else none — ``(None, why)`` with the bytes and the budget, and the run goes
@@ -35,18 +36,28 @@ def prompt_maps(session: Any, prompt: str, chat: bool, max_new_tokens: int) -> t
 
     i = session.info
     length = session.encode(prompt, chat=chat, reserve=max_new_tokens).shape[1]  # checks the prompt first
+    if images is not None:
+        length = session.vision.prompt(prompt, images, chat=chat).ids.shape[1]  # with the image tokens
     size = length + max_new_tokens
     have, where = memory.available("cpu")
     for dtype, itemsize in (("float32", 4), ("float16", 2)):
         need = 2 * i.n_layers * i.n_heads * size * size * itemsize
         if need <= have:
             try:
-                return session.attention(prompt, chat=chat, dtype=dtype), ""
+                return session.attention(prompt, chat=chat, dtype=dtype, images=images), ""
             except MemoryBudgetExceeded:  # its own estimate is stricter: try half precision
                 continue
     return None, (f"attention image off: the maps of {size} positions need {memory.fmt_bytes(need)} in float16, "
                   f"the budget is {memory.fmt_bytes(have)} ({where}); use a shorter prompt or fewer tokens "
                   "(session.attention(prompt, layers=[...]) draws chosen layers)")
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def kv_choices() -> list[str]:
@@ -69,12 +80,18 @@ class Lab(widgets.VBox):
     """``Lab(session)``: the live panel. Python handles: ``run(prompt)`` / ``step()`` / ``stop()`` / ``wait()`` /
     ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``.
     ``chat`` None switches the chat template on when the tokenizer has one (an instruct model such as the default
-    answers a request instead of ending at once), off otherwise."""
+    answers a request instead of ending at once), off otherwise. ``images`` (a vision-language model): the prompt's
+    images, shown beside the stream as the model saw them, with the clicked token's attention on each cell."""
 
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
                  max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
-                 image_interval_s: float = 1.0, chat: bool | None = None) -> None:
+                 image_interval_s: float = 1.0, chat: bool | None = None, images: Any = None) -> None:
+        from labkit.model.vlm import load_images
+
         self.session = session
+        if images is not None and session.vision is None:
+            raise InvalidArgument(f"images= needs a vision-language model; {session.model_id!r} is a text model")
+        self.images = None if images is None else load_images(images)
         self.top_k = top_k
         n_layers, n_heads = session.info.n_layers, session.info.n_heads
         # -- inputs
@@ -106,6 +123,10 @@ class Lab(widgets.VBox):
         self.attention = AttentionImage(n_layers, n_heads)
         self.controls = SamplerControls(sampler)
         self.why = WhyView(on_ablate=self._ablate_and_regenerate)
+        self.picture = widgets.Image(format="png", layout=widgets.Layout(max_width="420px"))
+        self.picture.add_class("labkit-picture")
+        self.picture_label = widgets.Label("")
+        self._view: Any = None  # the image as the model sees it (a PIL image), for an image run
         # -- interventions (applied from the next run on)
         self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
         self.boost = widgets.Text(placeholder="token text", description="boost")
@@ -148,7 +169,10 @@ class Lab(widgets.VBox):
                              widgets.HBox([self.kv, self.kv_size]), self.message,
                              widgets.HBox([self.color_by, self.branch]), self.stream],
                             layout=widgets.Layout(width="55%"))
-        right = widgets.VBox([self.charts.bars, self.charts.lines], layout=widgets.Layout(width="45%"))
+        shown = [self.charts.bars, self.charts.lines]
+        if self.images is not None:
+            shown = [widgets.VBox([self.picture_label, self.picture]), *shown]
+        right = widgets.VBox(shown, layout=widgets.Layout(width="45%"))
         right.add_class("labkit-probs")
         interventions = widgets.VBox([widgets.HTML("<b>Interventions</b> (from the next run)"), self.interventions_on,
                                       self.suppress, widgets.HBox([self.boost, self.boost_factor]),
@@ -182,6 +206,8 @@ class Lab(widgets.VBox):
 
     def close(self) -> None:
         """End any open run (a run paused by Step holds the Session) and close the panel's widgets."""
+        if not hasattr(self, "_halt"):  # its construction was refused: it holds nothing
+            return
         self.stop()
         self.wait()
         self._close(None)
@@ -219,12 +245,14 @@ class Lab(widgets.VBox):
             raise RuntimeError("a run is in progress; press Stop first")
         self._close(None)
         prompt, chat = self.prompt.value, self.chat.value
-        maps, why = prompt_maps(self.session, prompt, chat, self.max_new_tokens.value)  # also checks the prompt
+        maps, why = prompt_maps(self.session, prompt, chat, self.max_new_tokens.value,
+                                self.images)  # also checks the prompt
         gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value,
                                   **strategy_arguments(self.controls.sampler), seed=self.seed.value, chat=chat,
                                   top_k=self.top_k,
                                   capture=[] if isinstance(self.controls.sampler, BeamSearch) else ["attention"],
-                                  interventions=[*self._interventions(), *extra], kv=self.kv.value or None)
+                                  interventions=[*self._interventions(), *extra], kv=self.kv.value or None,
+                                  images=self.images)
         self._runner, self.trace = _Runner(gen, self), gen.trace
         self._prompt_maps = maps
         self.traces.append(gen.trace)
@@ -235,6 +263,10 @@ class Lab(widgets.VBox):
         finally:
             self._listing = False
         self.stream.clear(prompt)
+        if self.images is not None:
+            self._view = self.session.vision.view(self.session.vision.prompt(prompt, self.images, chat=chat))
+            self.picture.value = _png(self._view)
+            self.picture_label.value = "the image as the model sees it: click a token for its attention on it"
         self.charts.show_step(None)
         self.charts.show_series([])
         if maps is not None:
@@ -281,7 +313,18 @@ class Lab(widgets.VBox):
     def _on_select(self, index: int) -> None:
         if self.trace is not None and 0 <= index < len(self.trace):
             self.charts.show_step(self.trace.steps[index], index)
+            self._show_grounding(index)
             self._ask_why(index)
+
+    def _show_grounding(self, index: int) -> None:
+        """The image with step ``index``'s attention on each cell (mean over layers and heads), for an image run."""
+        from labkit.why.vision import grounding
+
+        if self.images is None or not self.trace.images or "attention" not in self.trace.steps[index].captures:
+            return
+        picture = grounding(self.trace).plot(index, self._view)
+        self.picture.value = picture.png()
+        self.picture_label.value = f"step {index} {self.trace.steps[index].token!r}: attention on the image"
 
     # -- why -------------------------------------------------------------------------------------------------
     def _ask_why(self, index: int) -> None:
