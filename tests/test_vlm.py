@@ -113,5 +113,39 @@ def test_qwen2_vl_image_tokens_match_the_models_own_rope_grid():
 
 
 def test_an_unsupported_vlm_family_is_refused_by_name():
-    with pytest.raises(UnsupportedVLM, match="gemma3, llava, qwen2_vl models; got model_type 'llama'"):
+    with pytest.raises(UnsupportedVLM, match="gemma3, idefics3, llava, qwen2_vl models; got model_type 'llama'"):
         image_positions(LlamaConfig(**TEXT), torch.tensor([1, 2, 3]))
+
+
+def test_idefics3_tiles_and_thumbnail_match_the_processors_tags_and_the_pixel_shuffle():
+    import tiny_vlms
+    from transformers import Idefics3Processor
+
+    from labkit.model.vlm import Vision
+
+    model, image_processor, tok = tiny_vlms.build("idefics3")
+    vision = Vision(model.config, tok, image_processor)
+    pictures = tiny_vlms.images((40, 100), (90, 90))  # 1 × 2 and 2 × 2 tiles
+    made = vision.prompt("Look <image> and <image> now", pictures)
+    theirs = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4)(
+        text="Look <image> and <image> now", images=pictures, return_tensors="pt")
+    assert made.ids.tolist() == theirs.input_ids.tolist()  # the processor's own prompt, token for token
+    torch.testing.assert_close(made.pixels["pixel_values"], theirs.pixel_values)
+    lay = made.layout
+    assert made.tiles == [(1, 2), (2, 2)] and lay.grids == ((2, 4), (4, 4)) and lay.thumbnail == (2, 2)
+    # each tile's tokens follow its <row_r_col_c> tag: the cell's tile is (row // 2, col // 2)
+    tags = {tok.convert_tokens_to_ids(f"<row_{r + 1}_col_{c + 1}>"): (r, c) for r in range(6) for c in range(6)}
+    ids = made.ids[0].tolist()
+    for p, row, col, view in zip(*(t.tolist() for t in (lay.positions, lay.row, lay.col, lay.view)), strict=True):
+        tag = next(ids[q] for q in range(p, -1, -1) if ids[q] in tags or ids[q] == tok.convert_tokens_to_ids(
+            "<global-img>"))
+        assert tags.get(tag, "thumbnail") == ((row // 2, col // 2) if view == 0 else "thumbnail")
+    # within a tile, the connector's token k is the 2 × 2 block of patches at (k // 2, k % 2): pixel shuffle
+    connector = model.model.connector
+    for k in range(4):
+        r, c = divmod(k, 2)
+        x = torch.zeros(1, 4, 4, 32)
+        x[0, 2 * r:2 * r + 2, 2 * c:2 * c + 2] = 1.0
+        with torch.no_grad():
+            out = connector(x.reshape(1, 16, 32))[0]  # (4, d_model)
+        assert out.abs().sum(-1).nonzero().flatten().tolist() == [k]

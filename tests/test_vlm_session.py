@@ -31,8 +31,8 @@ def tokenizer():
 def sessions(tokenizer) -> dict[str, labkit.Session]:
     out = {}
     for family in FAMILIES:
-        model, processor = tiny_vlms.build(family)
-        out[family] = labkit.Session.from_model(model, tokenizer, image_processor=processor)
+        model, processor, tok = tiny_vlms.build(family)
+        out[family] = labkit.Session.from_model(model, tok, image_processor=processor)
     return out
 
 
@@ -83,9 +83,12 @@ def test_captured_attention_and_grounding_equal_eager_attention_on_the_image(fam
         row = eager[:, :, length - 1 + i, :length + i]  # (L, H, T + i)
         torch.testing.assert_close(step.captures["attention"].probs, row, atol=1e-5, rtol=0)
         torch.testing.assert_close(g.mass[i], row[..., layout.positions], atol=1e-5, rtol=0)
-        cells = g.map(i, reduce="mean")
-        want = row[..., layout.positions].mean((0, 1))
-        torch.testing.assert_close(cells[layout.row, layout.col], want, atol=1e-5, rtol=0)
+        for view in (0, 1) if layout.view is not None else (0,):  # Idefics3: the tiles, then the thumbnail
+            mine = layout.mask(0, view)
+            cells = g.map(i, reduce="mean", view=view)
+            want = row[..., layout.positions[mine]].mean((0, 1))
+            torch.testing.assert_close(cells[layout.row[mine], layout.col[mine]], want, atol=1e-5, rtol=0)
+            assert not torch.isnan(cells).any()  # every cell of the grid has its token
     assert 0 < float(g.on_image().max()) <= 1
     assert problems(g.plot(0, PICTURE[0])) == []  # axes, colour bar with its unit
 
@@ -95,10 +98,11 @@ def _by_hand(s: labkit.Session, cells_zeroed: list[int]) -> torch.Tensor:
     enter the language model, written without labkit: the merged input embeddings edited, then inputs_embeds."""
     inputs = _own_inputs(s)
     seen = {}
-    lm = s.model.model.language_model
+    lm = _language_model(s)
 
     def keep(module, args, kwargs):
         seen.update(kwargs)  # the merged embeddings, and the positions and masks the model made for them
+        seen.pop("past_key_values", None), seen.pop("cache", None)  # a cache filled by this pass is not reused
 
     handle = lm.register_forward_pre_hook(keep, with_kwargs=True)
     with torch.no_grad():
@@ -113,12 +117,19 @@ def _by_hand(s: labkit.Session, cells_zeroed: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits[0].float(), -1)
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3"])  # Qwen2-VL: the next test (its M-RoPE needs input ids)
+def _language_model(s: labkit.Session):
+    inner = s.model.model
+    return inner.text_model if hasattr(inner, "text_model") else inner.language_model  # Idefics3 | the others
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3"])  # Qwen2-VL: the next test (M-RoPE from ids)
 def test_a_patch_ablation_equals_zeroing_those_positions_by_hand(family, sessions):
     s = sessions[family]
     layout = s.vision.prompt(PROMPT, PICTURE).layout
     cells = [(0, 0), (1, 1)]
-    index = [k for k, rc in enumerate(zip(layout.row.tolist(), layout.col.tolist(), strict=True)) if rc in cells]
+    index = [k for k, (rc, on_grid) in enumerate(zip(zip(layout.row.tolist(), layout.col.tolist(), strict=True),
+                                                     layout.mask(0, 0).tolist(), strict=True))
+             if rc in cells and on_grid]  # view 0 (Idefics3's thumbnail repeats the cells: view 1)
     with s.intervene(AblatePatches(cells)):
         ablated = s.next_token(PROMPT, images=PICTURE).logprobs
     torch.testing.assert_close(ablated, _by_hand(s, index), atol=1e-5, rtol=0)
@@ -229,7 +240,7 @@ def test_a_saved_vlm_folder_loads_and_the_cli_takes_images(tmp_path, tokenizer):
 
     from labkit.ui.cli import main
 
-    model, processor = tiny_vlms.build("llava")
+    model, processor, _ = tiny_vlms.build("llava")
     folder = tmp_path / "tiny-llava"
     model.save_pretrained(folder)  # safetensors
     tokenizer.save_pretrained(folder)
@@ -271,11 +282,12 @@ def test_image_token_attribution_ig_is_complete_and_saliency_is_the_gradient_by_
     assert cells.shape == layout.grids[0] and not torch.isnan(cells).any()
     # saliency by hand: the gradient of log p(target) with respect to the merged input embeddings
     inputs = _own_inputs(s)
-    lm = s.model.model.language_model
+    lm = _language_model(s)
     seen = {}
 
     def keep(module, args, kwargs):
         seen.update(kwargs)
+        seen.pop("past_key_values", None), seen.pop("cache", None)  # a cache filled by this pass is not reused
 
     handle = lm.register_forward_pre_hook(keep, with_kwargs=True)
     with torch.no_grad():

@@ -1,6 +1,8 @@
-"""Tiny random-weight vision-language models of three families, built from transformers config classes with the
+"""Tiny random-weight vision-language models of four families, built from transformers config classes with the
 default tokenizer (its vocabulary plus a few ids for the image tokens): LLaVA (CLIP tower, one token per patch),
-Qwen2-VL (merged 2 × 2 patches, M-RoPE) and Gemma 3 (SigLIP tower, pooled tokens, bidirectional image blocks)."""
+Qwen2-VL (merged 2 × 2 patches, M-RoPE), Gemma 3 (SigLIP tower, pooled tokens, bidirectional image blocks) and
+Idefics3 / SmolVLM (images split into tiles plus a global thumbnail, pixel shuffle; its tags added to the
+tokenizer as SmolVLM's tokenizer has them). Each builder returns (model, image processor, tokenizer)."""
 
 from __future__ import annotations
 
@@ -29,14 +31,14 @@ def images(*sizes: tuple[int, int], seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in sizes]
 
 
-def llava() -> tuple[Any, Any]:
+def llava() -> tuple[Any, Any, Any]:
     config = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**VISION, image_size=42, patch_size=14),
                             text_config=tf.LlamaConfig(**TEXT), image_token_index=IMAGE)
     processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
-    return tf.LlavaForConditionalGeneration(config).eval(), processor
+    return tf.LlavaForConditionalGeneration(config).eval(), processor, tokenizer()
 
 
-def qwen2_vl() -> tuple[Any, Any]:
+def qwen2_vl() -> tuple[Any, Any, Any]:
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     text = dict(TEXT, bos_token_id=1, eos_token_id=2, rope_parameters=rope)
     config = tf.Qwen2VLConfig(text_config=text, vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2,
@@ -45,10 +47,10 @@ def qwen2_vl() -> tuple[Any, Any]:
                               image_token_id=IMAGE, vision_start_token_id=BEGIN, vision_end_token_id=END)
     processor = tf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
                                          temporal_patch_size=2)
-    return tf.Qwen2VLForConditionalGeneration(config).eval(), processor
+    return tf.Qwen2VLForConditionalGeneration(config).eval(), processor, tokenizer()
 
 
-def gemma3() -> tuple[Any, Any]:
+def gemma3() -> tuple[Any, Any, Any]:
     text = tf.Gemma3TextConfig(**TEXT, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
     config = tf.Gemma3Config(text_config=text, vision_config=tf.SiglipVisionConfig(**VISION, image_size=56,
                                                                                     patch_size=14),
@@ -58,12 +60,27 @@ def gemma3() -> tuple[Any, Any]:
     model = tf.Gemma3ForConditionalGeneration(config).eval()
     with torch.no_grad():  # transformers initialises the projection at zero: every image would look the same
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
-    return model, processor
+    return model, processor, tokenizer()
 
 
-BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "gemma3": gemma3}
+IDEFICS3_TAGS = ["<image>", "<fake_token_around_image>", "<global-img>",
+                 *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))]
 
 
-def build(family: str, seed: int = 0) -> tuple[Any, Any]:
+def idefics3() -> tuple[Any, Any, Any]:
+    tok = tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": IDEFICS3_TAGS})  # ids 49152.. (SmolVLM's has them too)
+    vision = tf.Idefics3VisionConfig(**VISION, image_size=56, patch_size=14)  # 4 × 4 patches, shuffled to 2 × 2
+    config = tf.Idefics3Config(vision_config=vision, text_config=tf.LlamaConfig(**dict(TEXT, vocab_size=VOCAB + 48)),
+                               scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 112}, max_image_size={"longest_edge": 56},
+                                             do_image_splitting=True)
+    return tf.Idefics3ForConditionalGeneration(config).eval(), processor, tok
+
+
+BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "gemma3": gemma3, "idefics3": idefics3}
+
+
+def build(family: str, seed: int = 0) -> tuple[Any, Any, Any]:
     torch.manual_seed(seed)
     return BUILDERS[family]()

@@ -20,11 +20,12 @@ class AblatePatches(ActivationIntervention):
     """Ablate image cells where they enter the language model (site ``blocks.0.resid_pre``, at the image tokens of
     the prompt being run): ``"zero"`` sets their vectors to 0, ``"mean"`` to the mean over that image's tokens,
     ``"image"`` to another image's vectors at the same cells (``source``: a PIL image, array or path; same grid).
-    ``cells``: (row, col) pairs of image ``image``'s feature grid, or None for all of it. Only the passes over the
-    prompt are edited; later tokens see the edited keys and values through the cache."""
+    ``cells``: (row, col) pairs of image ``image``'s feature grid, or None for all of it (``view`` 1: an Idefics3
+    image's global thumbnail). Only the passes over the prompt are edited; later tokens see the edited keys and
+    values through the cache."""
 
     def __init__(self, cells: Sequence[tuple[int, int]] | None = None, image: int = 0, mode: str = "zero",
-                 source: Any = None) -> None:
+                 source: Any = None, view: int = 0) -> None:
         if mode not in MODES:
             raise InvalidArgument(f"mode must be one of {MODES}; got {mode!r}")
         if (mode == "image") != (source is not None):
@@ -35,7 +36,7 @@ class AblatePatches(ActivationIntervention):
                                 for c in cells):
                 raise InvalidArgument(f"cells must be a non-empty list of (row, col) integer pairs or None; got "
                                       f"{cells!r}")
-        self.cells, self.image, self.mode, self.source = cells, image, mode, source
+        self.cells, self.image, self.mode, self.source, self.view = cells, image, mode, source, view
         self._session: Any = None
         self._source_vectors: torch.Tensor | None = None
 
@@ -54,8 +55,8 @@ class AblatePatches(ActivationIntervention):
 
     def _targets(self, layout: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions to edit, their index among the image's tokens) for the prompt's ``layout``."""
-        one = layout.of_image(self.image)
-        rows, cols = layout.grids[self.image]
+        one = layout.of_image(self.image, self.view)
+        rows, cols = layout.grid_of(self.image, self.view)
         if self.cells is None:
             keep = torch.ones(len(one), dtype=torch.bool)
         else:
@@ -81,14 +82,16 @@ class AblatePatches(ActivationIntervention):
             if self.mode == "zero":
                 hidden[:, columns] = 0.0
             elif self.mode == "mean":
-                everything = made.layout.of_image(self.image).positions
+                everything = made.layout.of_image(self.image, self.view).positions
                 cols = torch.isin(positions, everything).nonzero().flatten().to(hidden.device)
                 hidden[:, columns] = hidden[:, cols].mean(1, keepdim=True)
             else:
-                if self._source_layout.grids[0] != made.layout.grids[self.image]:
-                    raise InvalidArgument(f"the source image's grid {self._source_layout.grids[0]} differs from image "
-                                          f"{self.image}'s {made.layout.grids[self.image]}: resize it to match")
-                hidden[:, columns] = self._source_vectors[index].to(hidden.device, hidden.dtype)
+                if self._source_layout.grid_of(0, self.view) != made.layout.grid_of(self.image, self.view):
+                    raise InvalidArgument(f"the source image's grid {self._source_layout.grid_of(0, self.view)} "
+                                          f"differs from image {self.image}'s "
+                                          f"{made.layout.grid_of(self.image, self.view)}: resize it to match")
+                source = self._source_layout.mask(0, self.view).nonzero().flatten()[index]  # the same cells
+                hidden[:, columns] = self._source_vectors[source].to(hidden.device, hidden.dtype)
             return hidden
 
         return sites_of(model).hook("blocks.0.resid_pre", ablate)

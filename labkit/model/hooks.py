@@ -124,6 +124,10 @@ QWEN2_VL = dataclasses.replace(LLAMA, name="qwen2_vl", model_types=("qwen2_vl",)
 GEMMA3 = dataclasses.replace(SANDWICH, name="gemma3", model_types=("gemma3",), **_LANGUAGE,
                              vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")
 
+IDEFICS3 = dataclasses.replace(LLAMA, name="idefics3", model_types=("idefics3",), blocks="model.text_model.layers",
+                               embed="model.text_model.embed_tokens", final=("model.text_model.norm",),
+                               vision_blocks="model.vision_model.encoder.layers", projector="model.connector")
+
 ADAPTERS: dict[str, Adapter] = {}
 """Registered adapters by name (see :func:`register_adapter`)."""
 
@@ -151,7 +155,7 @@ def register_adapter(adapter: Adapter, overwrite: bool = False) -> Adapter:
     return adapter
 
 
-for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT, LLAVA, QWEN2_VL, GEMMA3):
+for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT, LLAVA, QWEN2_VL, GEMMA3, IDEFICS3):
     register_adapter(_a)
 
 

@@ -29,6 +29,7 @@ import torch
 from labkit.core.errors import InvalidArgument, LabkitError
 
 MARK = "<image>"
+MARK_TOKEN = "<image>"  # Idefics3's image token text (the same string as the mark)
 """Where an image goes in a prompt's text (one mark per image; with no mark the images come first)."""
 
 
@@ -49,29 +50,53 @@ class ImagePositions:
     col: torch.Tensor
     """Column of the token's cell (0 at the left)."""
     grids: tuple[tuple[int, int], ...]
-    """(rows, columns) of each image's feature grid."""
+    """(rows, columns) of each image's feature grid (Idefics3: the tiles' cells side by side)."""
+    view: torch.Tensor | None = None
+    """Idefics3 with its images split into tiles: 0 for a token of the tiles (the full-resolution grid), 1 for a
+    token of the global thumbnail that follows them (its own grid, :attr:`thumbnail`); None elsewhere (all 0)."""
+    thumbnail: tuple[int, int] | None = None
+    """(rows, columns) of an Idefics3 global thumbnail's grid; None elsewhere."""
 
     def __len__(self) -> int:
         return int(self.positions.numel())
 
     def as_dict(self) -> dict[str, list[Any]]:
         """JSON-ready lists (what ``Trace.images`` holds; :meth:`from_dict` reads it back)."""
-        return {"positions": self.positions.tolist(), "image": self.image.tolist(), "row": self.row.tolist(),
-                "col": self.col.tolist(), "grids": [list(g) for g in self.grids]}
+        out = {"positions": self.positions.tolist(), "image": self.image.tolist(), "row": self.row.tolist(),
+               "col": self.col.tolist(), "grids": [list(g) for g in self.grids]}
+        if self.view is not None:
+            out.update(view=self.view.tolist(), thumbnail=list(self.thumbnail))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, list[Any]]) -> ImagePositions:
         """The layout :meth:`as_dict` wrote (a ``Trace.images`` record)."""
         tensor = {k: torch.tensor(data[k], dtype=torch.long) for k in ("positions", "image", "row", "col")}
-        return cls(**tensor, grids=tuple(tuple(g) for g in data["grids"]))
+        view = torch.tensor(data["view"], dtype=torch.long) if "view" in data else None
+        thumbnail = tuple(data["thumbnail"]) if "thumbnail" in data else None
+        return cls(**tensor, grids=tuple(tuple(g) for g in data["grids"]), view=view, thumbnail=thumbnail)
 
-    def of_image(self, image: int) -> ImagePositions:
-        """The tokens of image ``image`` alone (InvalidArgument naming how many images there are)."""
+    def of_image(self, image: int, view: int = 0) -> ImagePositions:
+        """The tokens of image ``image`` alone, on ``view`` (0: its grid; 1: an Idefics3 global thumbnail);
+        InvalidArgument naming how many images and views there are."""
         if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < len(self.grids):
             raise InvalidArgument(f"image must be an integer in [0, {len(self.grids)}): the prompt holds "
                                   f"{len(self.grids)} images; got {image!r}")
-        keep = self.image == image
-        return ImagePositions(self.positions[keep], self.image[keep], self.row[keep], self.col[keep], self.grids)
+        if view not in ((0, 1) if self.view is not None else (0,)):
+            also = " or 1 (its global thumbnail)" if self.view is not None else ""
+            raise InvalidArgument(f"view must be 0 (the image's grid){also}; got {view!r}")
+        keep = self.mask(image, view)
+        return ImagePositions(self.positions[keep], self.image[keep], self.row[keep], self.col[keep], self.grids,
+                              None if self.view is None else self.view[keep], self.thumbnail)
+
+    def mask(self, image: int, view: int = 0) -> torch.Tensor:
+        """Shape (n,), bool: the tokens of image ``image`` on ``view``."""
+        views = self.view if self.view is not None else torch.zeros_like(self.image)
+        return (self.image == image) & (views == view)
+
+    def grid_of(self, image: int, view: int = 0) -> tuple[int, int]:
+        """(rows, columns) of image ``image``'s grid on ``view``."""
+        return self.thumbnail if view == 1 else self.grids[image]
 
 
 def is_vlm(config: object) -> bool:
@@ -89,14 +114,14 @@ def family(config: object) -> str:
     return name
 
 
-def image_positions(config: object, input_ids: torch.Tensor,
-                    image_grid_thw: torch.Tensor | None = None) -> ImagePositions:
+def image_positions(config: object, input_ids: torch.Tensor, grid: Any = None) -> ImagePositions:
     """The image tokens of ``input_ids`` (shape (T,) or (1, T)) with their image, row and column, for the family of
-    ``config``. ``image_grid_thw`` (images, 3) is required for Qwen2-VL (the processor returns it)."""
+    ``config``. ``grid``: Qwen2-VL's ``image_grid_thw`` (images, 3), Idefics3's tiles per image [(rows, cols), ...]
+    ((0, 0): not split), as the processor returns them; None for the others."""
     ids = input_ids.reshape(-1) if input_ids.dim() == 2 and input_ids.shape[0] == 1 else input_ids
     if ids.dim() != 1:
         raise InvalidArgument(f"input_ids must have shape (T,) or (1, T); got {tuple(input_ids.shape)}")
-    return _LAYOUTS[family(config)](config, ids, image_grid_thw)
+    return _LAYOUTS[family(config)](config, ids, grid)
 
 
 def _assemble(positions: torch.Tensor, grids: list[tuple[int, int]], per_image: list[int]) -> ImagePositions:
@@ -144,7 +169,40 @@ def _gemma3(config: object, ids: torch.Tensor, _: torch.Tensor | None) -> ImageP
     return _assemble(positions, [(side, side)] * count, [side * side] * count)
 
 
-_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "gemma3": _gemma3}
+def _idefics3(config: object, ids: torch.Tensor, tiles: Any) -> ImagePositions:
+    """Idefics3 (SmolVLM): an image split into R × C tiles is R·C blocks of s² tokens (s = the tower's patches per
+    side / ``scale_factor``: pixel shuffle keeps them row-major), tile by tile row-major, then s² tokens of a global
+    thumbnail; an image not split ((0, 0)) is the thumbnail alone, as its grid. The tiles' cells side by side make
+    the image's (R·s) × (C·s) grid (view 0); the thumbnail's s × s grid is view 1."""
+    if tiles is None:
+        raise InvalidArgument("the tiles of each image ([(rows, cols), ...]) are required for Idefics3")
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size // config.scale_factor
+    r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    r, c = r.reshape(-1), c.reshape(-1)  # (s²,): a tile's cells, row-major
+    image, row, col, view, grids = [], [], [], [], []
+    for i, (rows, cols) in enumerate(tiles):
+        for tr in range(rows):
+            for tc in range(cols):
+                image.append(torch.full_like(r, i))
+                row.append(tr * side + r)
+                col.append(tc * side + c)
+                view.append(torch.zeros_like(r))
+        image.append(torch.full_like(r, i))
+        row.append(r)
+        col.append(c)
+        view.append(torch.full_like(r, 1 if rows else 0))
+        grids.append((rows * side, cols * side) if rows else (side, side))
+    positions = (ids == config.image_token_id).nonzero().reshape(-1)
+    n = sum(len(x) for x in image)
+    if positions.numel() != n:
+        raise InvalidArgument(f"the prompt holds {positions.numel()} image tokens but the images need {n}: was the "
+                              "prompt made by this model's processor?")
+    return ImagePositions(positions, torch.cat(image), torch.cat(row), torch.cat(col), tuple(grids),
+                          torch.cat(view), (side, side))
+
+
+_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "gemma3": _gemma3, "idefics3": _idefics3}
 
 
 # -- image prompts ---------------------------------------------------------------------------------------------
@@ -195,6 +253,8 @@ class ImagePrompt:
     layout: ImagePositions
     images: list[Any] = field(default_factory=list)
     """The RGB PIL images, in prompt order (as resized by nothing: what the user gave)."""
+    tiles: list[tuple[int, int]] | None = None
+    """Idefics3: (rows, columns) of tiles per image ((0, 0): not split); None elsewhere."""
 
 
 class Vision:
@@ -205,15 +265,28 @@ class Vision:
         self.family = family(config)
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
         self.image_token = {"llava": "image_token_index", "qwen2_vl": "image_token_id",
-                            "gemma3": "image_token_index"}[self.family]
+                            "gemma3": "image_token_index", "idefics3": "image_token_id"}[self.family]
         self.image_token_id = int(getattr(config, self.image_token))
 
     def __repr__(self) -> str:
         return f"Vision(family={self.family!r}, image_token_id={self.image_token_id})"
 
-    def _expansion(self, index: int, pixels: dict[str, torch.Tensor]) -> list[int]:
-        """The token ids that stand for image ``index`` in the prompt (the family's markers around its tokens)."""
+    def _expansion(self, index: int, pixels: dict[str, torch.Tensor], tiles: Any) -> list[int] | str:
+        """What stands for image ``index`` in the prompt: token ids (the family's markers around its tokens), or
+        for Idefics3 the text its processor writes (tile tokens, row/column tags, line breaks; tokenized with the
+        prompt, so that the breaks merge as the processor's do)."""
         c = self.config
+        if self.family == "idefics3":
+            side = c.vision_config.image_size // c.vision_config.patch_size // c.scale_factor
+            image = MARK_TOKEN * side * side
+            rows, cols = tiles[index]
+            around = "<fake_token_around_image>"
+            thumbnail = f"{around}<global-img>{image}{around}"
+            if not rows:
+                return thumbnail
+            grid = "".join("".join(f"{around}<row_{r + 1}_col_{q + 1}>{image}" for q in range(cols)) + "\n"
+                           for r in range(rows))
+            return f"{grid}\n{thumbnail}"
         if self.family == "llava":
             side = c.vision_config.image_size // c.vision_config.patch_size
             return [self.image_token_id] * side * side
@@ -241,31 +314,51 @@ class Vision:
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
-        pixels = {k: v for k, v in self.image_processor(images=pictures, return_tensors="pt").items()
-                  if k in ("pixel_values", "image_grid_thw")}
-        ids: list[int] = []
-        for i, segment in enumerate(text.split(MARK)):
-            if i > 0:
-                ids += self._expansion(i - 1, pixels)
-            if segment or i == 0:
-                ids += self.tokenizer(segment, add_special_tokens=(i == 0 and not chat)).input_ids
+        extra = {"return_row_col_info": True} if self.family == "idefics3" else {}
+        processed = self.image_processor(images=pictures, return_tensors="pt", **extra)
+        pixels = {k: v for k, v in processed.items()
+                  if k in ("pixel_values", "image_grid_thw", "pixel_attention_mask")}
+        tiles = ([(int(r), int(c)) for r, c in zip(processed["rows"][0], processed["cols"][0], strict=True)]
+                 if self.family == "idefics3" else None)
+        pieces = text.split(MARK)
+        if self.family == "idefics3":  # the processor's text, tokenized whole
+            whole = pieces[0] + "".join(self._expansion(i, pixels, tiles) + piece
+                                        for i, piece in enumerate(pieces[1:]))
+            ids = self.tokenizer(whole, add_special_tokens=not chat).input_ids
+        else:
+            ids = []
+            for i, segment in enumerate(pieces):
+                if i > 0:
+                    ids += self._expansion(i - 1, pixels, tiles)
+                if segment or i == 0:
+                    ids += self.tokenizer(segment, add_special_tokens=(i == 0 and not chat)).input_ids
         tensor = torch.tensor([ids], dtype=torch.long)
-        layout = image_positions(self.config, tensor, pixels.get("image_grid_thw"))
-        return ImagePrompt(ids=tensor, pixels=pixels, layout=layout, images=pictures)
+        layout = image_positions(self.config, tensor, tiles if tiles is not None else pixels.get("image_grid_thw"))
+        return ImagePrompt(ids=tensor, pixels=pixels, layout=layout, images=pictures, tiles=tiles)
 
-    def view(self, made: ImagePrompt, image: int = 0) -> Any:
+    def view(self, made: ImagePrompt, image: int = 0, view: int = 0) -> Any:
         """Image ``image`` of ``made`` as the model sees it, as a PIL image: the processor's pixels un-normalised
         (its resize and crop included: LLaVA's CLIP processor crops the centre square), or, where the processor
         flattens patches (Qwen2-VL, which resizes without cropping), the picture itself. Feature grids and pixel
-        attributions are drawn over this."""
+        attributions are drawn over this. Idefics3: its tiles side by side (``view=0``) or its thumbnail (1)."""
         from PIL import Image
 
         pixels = made.pixels["pixel_values"]
-        if pixels.ndim != 4:
+        if pixels.ndim == 2:  # flattened patches
             return made.images[image]
         mean = torch.tensor(getattr(self.image_processor, "image_mean", None) or [0.0] * 3)[:, None, None]
         std = torch.tensor(getattr(self.image_processor, "image_std", None) or [1.0] * 3)[:, None, None]
-        x = (pixels[image].float() * std + mean).clamp(0, 1)  # (3, H, W) in [0, 1]
+        if pixels.ndim == 5:  # Idefics3: (1, tiles of every image, 3, H, W), each image's tiles then its thumbnail
+            first = sum(r * c + 1 for r, c in made.tiles[:image])
+            rows, cols = made.tiles[image]
+            if view == 1 or not rows:
+                x = pixels[0, first + rows * cols]  # the thumbnail
+            else:
+                tiles = pixels[0, first:first + rows * cols]  # (R·C, 3, H, W), row-major
+                x = torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
+        else:
+            x = pixels[image]
+        x = (x.float() * std + mean).clamp(0, 1)  # (3, H, W) in [0, 1]
         return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
 
     def per_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -301,8 +394,8 @@ def attached(model: Any, vision: Vision, prompt: ImagePrompt | None) -> Iterator
         if any(c != n for c in counts):
             raise InvalidArgument(f"a pass over ids with {counts} image tokens per row; the images need {n}")
         rows = ids.shape[0]
-        extra = {k: torch.cat([v] * rows).to(ids.device) if k == "image_grid_thw" else
-                 torch.cat([v] * rows).to(ids.device, dtype=module.dtype) for k, v in prompt.pixels.items()
+        extra = {k: torch.cat([v] * rows).to(ids.device, dtype=module.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in prompt.pixels.items()
                  if kwargs.get(k) is None}  # pixels the caller passes (attribution to pixels) are kept
         return args, {**kwargs, **extra, **vision.per_pass(ids)}
 
@@ -330,8 +423,10 @@ def display_tokens(token_text: Any, ids: torch.Tensor, made: ImagePrompt | None)
     texts = [token_text(i) for i in ids[0].tolist()]
     if made is not None:
         lay = made.layout
-        for p, i, r, c in zip(*(t.tolist() for t in (lay.positions, lay.image, lay.row, lay.col)), strict=True):
-            texts[p] = f"<img {i}:{r},{c}>"
+        views = (lay.view if lay.view is not None else torch.zeros_like(lay.image)).tolist()
+        for p, i, r, c, v in zip(*(t.tolist() for t in (lay.positions, lay.image, lay.row, lay.col)), views,
+                                 strict=True):
+            texts[p] = f"<img {i}:{'g ' if v else ''}{r},{c}>"  # "g": an Idefics3 global thumbnail's cell
     return texts
 
 

@@ -71,11 +71,14 @@ class Activations:
 
     def to_pandas(self) -> Any:
         """One row per site and position: site, layer (None for embed/final_norm), position, token, norm (the L2
-        norm of the site's vector at that position, all heads together for ``attn.z``; in activation units)."""
+        norm of the site's vector at that position, all heads together for ``attn.z``; in activation units). Image-side
+        sites of a vision-language model are left out (their rows are patches)."""
         import pandas as pd
 
         rows = []
         for name, value in self.tensors.items():
+            if _image_side(name):  # rows of patches, not of the prompt's tokens: read the tensor itself
+                continue
             parts = name.split(".")
             layer = int(parts[1]) if parts[0] == "blocks" else None
             norms = value.float().flatten(1).norm(dim=-1).tolist()  # (T,)
@@ -113,10 +116,16 @@ class Activations:
 
 def run_with_cache(sites: Sites, ids: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """One forward pass over ``ids`` (1, T); ``{site: tensor}`` of each named site without its batch dimension
-    ((T, d_model) or (T, H, d_head)), detached, on the CPU. The caller holds the model (no lock here)."""
+    ((T, d_model) or (T, H, d_head)), detached, on the CPU; a vision-language model's image-side sites
+    (``vision.blocks.L``, ``projector``) keep their first dimension, the images (or tiles). The caller holds the
+    model (no lock here)."""
     with torch.inference_mode(), sites.read(names) as seen:
         sites.model(input_ids=ids, logits_to_keep=1)
-    return {name: seen[name][0][0].cpu() for name in names}
+    return {name: (seen[name][0] if _image_side(name) else seen[name][0][0]).cpu() for name in names}
+
+
+def _image_side(name: str) -> bool:
+    return name == "projector" or name.startswith("vision.")
 
 
 class SiteRecorder:

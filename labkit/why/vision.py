@@ -65,17 +65,18 @@ class Grounding:
         return total.flatten(1).mean(1) if reduce == "mean" else total.flatten(1).amax(1)
 
     def map(self, step: int, image: int = 0, layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-            reduce: str = "mean") -> torch.Tensor:
+            reduce: str = "mean", view: int = 0) -> torch.Tensor:
         """Shape (rows, cols) of image ``image``'s feature grid: step ``step``'s attention on each cell, the
         ``reduce`` ("mean" | "sum" | "max") over the chosen ``layers`` and ``heads`` (default all). Cell (r, c) of
-        image i is the token at ``layout`` (i, r, c); a cell a family's layout does not fill stays NaN."""
+        image i is the token at ``layout`` (i, r, c); a cell a family's layout does not fill stays NaN. ``view`` 1:
+        an Idefics3 image's global thumbnail."""
         if reduce not in ("mean", "sum", "max"):
             raise InvalidArgument(f"reduce must be 'mean', 'sum' or 'max'; got {reduce!r}")
-        one = self.layout.of_image(image)
+        one = self.layout.of_image(image, view)
         pick = self._pick(step, layers, heads).flatten(0, 1)  # (L_sel·H_sel, n)
         values = {"mean": pick.mean(0), "sum": pick.sum(0), "max": pick.amax(0)}[reduce]  # (n,)
-        keep = self.layout.image == image
-        rows, cols = self.layout.grids[image]
+        keep = self.layout.mask(image, view)
+        rows, cols = self.layout.grid_of(image, view)
         grid = torch.full((rows, cols), float("nan"))
         grid[one.row, one.col] = values[keep].float()
         return grid
@@ -203,10 +204,11 @@ class ImageAttribution:
     """``to="pixels"``: shape (images, H, W), each pixel's score summed over its colour channels (the processor's
     resolution); else None."""
 
-    def map(self, image: int = 0) -> torch.Tensor:
-        """Shape (rows, cols): the scores of image ``image``'s tokens on its feature grid (``to="tokens"``)."""
-        one = self.layout.of_image(image)
-        rows, cols = self.layout.grids[image]
+    def map(self, image: int = 0, view: int = 0) -> torch.Tensor:
+        """Shape (rows, cols): the scores of image ``image``'s tokens on its feature grid (``to="tokens"``; ``view``
+        1: an Idefics3 image's global thumbnail)."""
+        one = self.layout.of_image(image, view)
+        rows, cols = self.layout.grid_of(image, view)
         grid = torch.full((rows, cols), float("nan"))
         scores = torch.tensor(self.attribution.scores)
         grid[one.row, one.col] = scores[one.positions].float()
@@ -262,7 +264,7 @@ def attribute_image(session: Any, prompt: str, images: Any, target: str | int | 
     pixels = made.pixels["pixel_values"]
     if to == "pixels" and pixels.ndim != 4:
         raise InvalidArgument(f"to='pixels' needs (images, 3, H, W) pixel values; the {session.vision.family} "
-                              "processor flattens patches: use to='tokens'")
+                              "processor flattens patches or splits images into tiles: use to='tokens'")
     ids = made.ids.to(session.device)
     length = ids.shape[1]
     model, sites = session.model, session.sites
