@@ -345,3 +345,27 @@ def _text_model():
 
     config = tf.LlamaConfig(**{k: v for k, v in tiny_vlms.TEXT.items()})
     return tf.LlamaForCausalLM(config).eval(), tiny_vlms.tokenizer()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])  # M-RoPE offsets; tiles
+def test_image_prompts_through_beams_batches_speculative_rounds_and_kv_policies(family, sessions):
+    from labkit.sampling import Classic
+    from labkit.sampling.beam import BeamSearch
+    from labkit.speculative import PromptLookupDraft
+
+    s = sessions[family]
+    inputs = _own_inputs(s)
+    plain = s.generate(PROMPT, images=PICTURE, max_new_tokens=6, stop=[])
+    with torch.no_grad():
+        beams = s.model.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), num_beams=3,
+                                 max_new_tokens=5, min_new_tokens=5, do_sample=False, early_stopping=True)
+    ours = s.generate(PROMPT, images=PICTURE, max_new_tokens=5, beam=BeamSearch(num_beams=3), stop=[])
+    assert ours.token_ids == beams[0, inputs["input_ids"].shape[1]:].tolist()
+    fast = s.generate(PROMPT, images=PICTURE, max_new_tokens=6, stop=[], speculative=PromptLookupDraft(ngram=1))
+    assert fast.token_ids == plain.token_ids
+    rows = s.generate(PROMPT, images=PICTURE, max_new_tokens=4, n=3, seed=7, sampler=Classic(temperature=1.5))
+    for b, trace in enumerate(rows):  # row b of the batch is the single run with seed 7 + b
+        alone = s.generate(PROMPT, images=PICTURE, max_new_tokens=4, seed=7 + b, sampler=Classic(temperature=1.5))
+        assert trace.token_ids == alone.token_ids
+    kept = s.generate(PROMPT, images=PICTURE, max_new_tokens=6, stop=[], kv="quant:bits=8,residual=64,group=16")
+    assert kept.token_ids == plain.token_ids and kept.steps[-1].kv["bytes"] > 0  # residual holds every position
