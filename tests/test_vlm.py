@@ -113,7 +113,7 @@ def test_qwen2_vl_image_tokens_match_the_models_own_rope_grid():
 
 
 def test_an_unsupported_vlm_family_is_refused_by_name():
-    with pytest.raises(UnsupportedVLM, match="gemma3, idefics3, llava, qwen2_vl models; got model_type 'llama'"):
+    with pytest.raises(UnsupportedVLM, match="idefics3, llava, qwen2_5_vl, qwen2_vl models; got model_type 'llama'"):
         image_positions(LlamaConfig(**TEXT), torch.tensor([1, 2, 3]))
 
 

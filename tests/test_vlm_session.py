@@ -182,7 +182,12 @@ def test_vision_and_projector_sites_equal_the_towers_own_outputs(family, session
         features = s.model.model.get_image_features(**pixels)
     merged = features.pooler_output if hasattr(features, "pooler_output") else features
     merged = torch.cat(list(merged)) if isinstance(merged, (tuple, list)) else merged
-    torch.testing.assert_close(acts["projector"].reshape(-1, merged.shape[-1]), merged.reshape(-1, merged.shape[-1]))
+    rows, want = acts["projector"].reshape(-1, merged.shape[-1]), merged.reshape(-1, merged.shape[-1])
+    if family == "qwen2_5_vl":  # its merger runs in the tower's window order; the model restores raster order after
+        order = torch.cdist(want, rows).argmin(-1)
+        assert sorted(order.tolist()) == list(range(len(rows)))
+        rows = rows[order]
+    torch.testing.assert_close(rows, want)
     layout = s.vision.prompt(PROMPT, PICTURE).layout
     entering = s.activations(PROMPT, ["blocks.0.resid_pre"], images=PICTURE)["blocks.0.resid_pre"]
     torch.testing.assert_close(entering[layout.positions], merged.reshape(-1, merged.shape[-1]))

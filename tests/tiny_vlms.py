@@ -1,6 +1,7 @@
-"""Tiny random-weight vision-language models of four families, built from transformers config classes with the
+"""Tiny random-weight vision-language models of five families, built from transformers config classes with the
 default tokenizer (its vocabulary plus a few ids for the image tokens): LLaVA (CLIP tower, one token per patch),
-Qwen2-VL (merged 2 × 2 patches, M-RoPE), Gemma 3 (SigLIP tower, pooled tokens, bidirectional image blocks) and
+Qwen2-VL and Qwen2.5-VL (merged 2 × 2 patches, M-RoPE; 2.5's tower attends in windows), Gemma 3 (SigLIP tower,
+pooled tokens, bidirectional image blocks) and
 Idefics3 / SmolVLM (images split into tiles plus a global thumbnail, pixel shuffle; its tags added to the
 tokenizer as SmolVLM's tokenizer has them). Each builder returns (model, image processor, tokenizer)."""
 
@@ -50,6 +51,18 @@ def qwen2_vl() -> tuple[Any, Any, Any]:
     return tf.Qwen2VLForConditionalGeneration(config).eval(), processor, tokenizer()
 
 
+def qwen2_5_vl() -> tuple[Any, Any, Any]:
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    text = dict(TEXT, bos_token_id=1, eos_token_id=2, rope_parameters=rope)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    config = tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE,
+                                 vision_start_token_id=BEGIN, vision_end_token_id=END)
+    processor = tf.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                            temporal_patch_size=2)
+    return tf.Qwen2_5_VLForConditionalGeneration(config).eval(), processor, tokenizer()
+
+
 def gemma3() -> tuple[Any, Any, Any]:
     text = tf.Gemma3TextConfig(**TEXT, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
     config = tf.Gemma3Config(text_config=text, vision_config=tf.SiglipVisionConfig(**VISION, image_size=56,
@@ -78,7 +91,7 @@ def idefics3() -> tuple[Any, Any, Any]:
     return tf.Idefics3ForConditionalGeneration(config).eval(), processor, tok
 
 
-BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "gemma3": gemma3, "idefics3": idefics3}
+BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "gemma3": gemma3, "idefics3": idefics3}
 
 
 def build(family: str, seed: int = 0) -> tuple[Any, Any, Any]:

@@ -21,7 +21,8 @@ Site names (``L`` = block index, from 0; shapes for a batch of B sequences of T 
                                                unembedding reads)
 ``vision.blocks.L``        (N, P, d_vision)    a vision-language model's vision-tower block L (N images of P
                                                patches; Qwen2-VL: one row of all patches)
-``projector``              (N, P', d_model)    a vision-language model's projector output (the image tokens)
+``projector``              (N, P', d_model)    a vision-language model's projector output (the image tokens;
+                                               Qwen2.5-VL: in its tower's window order)
 =========================  ==================  ===========================================================
 
 Every site function has one signature, ``fn(value, positions) -> value | None``: ``value`` is the site's tensor in
@@ -119,7 +120,7 @@ _LANGUAGE = dict(blocks="model.language_model.layers", embed="model.language_mod
                  final=("model.language_model.norm",))
 LLAVA = dataclasses.replace(LLAMA, name="llava", model_types=("llava",), **_LANGUAGE,
                             vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")
-QWEN2_VL = dataclasses.replace(LLAMA, name="qwen2_vl", model_types=("qwen2_vl",), **_LANGUAGE,
+QWEN2_VL = dataclasses.replace(LLAMA, name="qwen2_vl", model_types=("qwen2_vl", "qwen2_5_vl"), **_LANGUAGE,
                                vision_blocks="model.visual.blocks", projector="model.visual.merger")
 GEMMA3 = dataclasses.replace(SANDWICH, name="gemma3", model_types=("gemma3",), **_LANGUAGE,
                              vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")

@@ -105,8 +105,8 @@ def is_vlm(config: object) -> bool:
 
 
 def family(config: object) -> str:
-    """The VLM family of a transformers config (``"gemma3"``, ``"llava"``, ``"qwen2_vl"``); UnsupportedVLM
-    otherwise."""
+    """The VLM family of a transformers config (``"gemma3"``, ``"idefics3"``, ``"llava"``, ``"qwen2_5_vl"``,
+    ``"qwen2_vl"``); UnsupportedVLM otherwise."""
     name = getattr(config, "model_type", None)
     if name not in _LAYOUTS:
         raise UnsupportedVLM(f"labkit maps the image tokens of {', '.join(sorted(_LAYOUTS))} models; "
@@ -202,7 +202,9 @@ def _idefics3(config: object, ids: torch.Tensor, tiles: Any) -> ImagePositions:
                           torch.cat(view), (side, side))
 
 
-_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "gemma3": _gemma3, "idefics3": _idefics3}
+_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "gemma3": _gemma3,
+            "idefics3": _idefics3}
+_SAME_AS = {"qwen2_5_vl": "qwen2_vl"}  # a family whose prompts and inputs are another's (its tower differs)
 
 
 # -- image prompts ---------------------------------------------------------------------------------------------
@@ -263,9 +265,11 @@ class Vision:
 
     def __init__(self, config: Any, tokenizer: Any, image_processor: Any) -> None:
         self.family = family(config)
+        self.kind = _SAME_AS.get(self.family, self.family)
+        """The family whose prompt layout and per-pass inputs this one shares (Qwen2.5-VL: Qwen2-VL's)."""
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
         self.image_token = {"llava": "image_token_index", "qwen2_vl": "image_token_id",
-                            "gemma3": "image_token_index", "idefics3": "image_token_id"}[self.family]
+                            "gemma3": "image_token_index", "idefics3": "image_token_id"}[self.kind]
         self.image_token_id = int(getattr(config, self.image_token))
 
     def __repr__(self) -> str:
@@ -276,7 +280,7 @@ class Vision:
         for Idefics3 the text its processor writes (tile tokens, row/column tags, line breaks; tokenized with the
         prompt, so that the breaks merge as the processor's do)."""
         c = self.config
-        if self.family == "idefics3":
+        if self.kind == "idefics3":
             side = c.vision_config.image_size // c.vision_config.patch_size // c.scale_factor
             image = MARK_TOKEN * side * side
             rows, cols = tiles[index]
@@ -287,10 +291,10 @@ class Vision:
             grid = "".join("".join(f"{around}<row_{r + 1}_col_{q + 1}>{image}" for q in range(cols)) + "\n"
                            for r in range(rows))
             return f"{grid}\n{thumbnail}"
-        if self.family == "llava":
+        if self.kind == "llava":
             side = c.vision_config.image_size // c.vision_config.patch_size
             return [self.image_token_id] * side * side
-        if self.family == "qwen2_vl":
+        if self.kind == "qwen2_vl":
             t, h, w = (int(v) for v in pixels["image_grid_thw"][index])
             n = t * h * w // c.vision_config.spatial_merge_size ** 2
             return [c.vision_start_token_id, *[self.image_token_id] * n, c.vision_end_token_id]
@@ -314,14 +318,14 @@ class Vision:
         if chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                       add_generation_prompt=True)
-        extra = {"return_row_col_info": True} if self.family == "idefics3" else {}
+        extra = {"return_row_col_info": True} if self.kind == "idefics3" else {}
         processed = self.image_processor(images=pictures, return_tensors="pt", **extra)
         pixels = {k: v for k, v in processed.items()
                   if k in ("pixel_values", "image_grid_thw", "pixel_attention_mask")}
         tiles = ([(int(r), int(c)) for r, c in zip(processed["rows"][0], processed["cols"][0], strict=True)]
-                 if self.family == "idefics3" else None)
+                 if self.kind == "idefics3" else None)
         pieces = text.split(MARK)
-        if self.family == "idefics3":  # the processor's text, tokenized whole
+        if self.kind == "idefics3":  # the processor's text, tokenized whole
             whole = pieces[0] + "".join(self._expansion(i, pixels, tiles) + piece
                                         for i, piece in enumerate(pieces[1:]))
             ids = self.tokenizer(whole, add_special_tokens=not chat).input_ids
@@ -365,9 +369,9 @@ class Vision:
         """The inputs a pass over ``ids`` (B, t) takes beside the pixels: which tokens are image tokens, in the
         argument the family reads (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image blocks)."""
         is_image = (ids == self.image_token_id).long()
-        if self.family == "qwen2_vl":
+        if self.kind == "qwen2_vl":
             return {"mm_token_type_ids": is_image.int()}
-        if self.family == "gemma3":
+        if self.kind == "gemma3":
             return {"token_type_ids": is_image}
         return {}
 
