@@ -113,7 +113,7 @@ def test_qwen2_vl_image_tokens_match_the_models_own_rope_grid():
 
 
 def test_an_unsupported_vlm_family_is_refused_by_name():
-    with pytest.raises(UnsupportedVLM, match="idefics3, llava, qwen2_5_vl, qwen2_vl models; got model_type 'llama'"):
+    with pytest.raises(UnsupportedVLM, match="llava, llava_next, qwen2_5_vl, qwen2_vl models; got model_type 'llama'"):
         image_positions(LlamaConfig(**TEXT), torch.tensor([1, 2, 3]))
 
 
@@ -149,3 +149,54 @@ def test_idefics3_tiles_and_thumbnail_match_the_processors_tags_and_the_pixel_sh
         with torch.no_grad():
             out = connector(x.reshape(1, 16, 32))[0]  # (4, d_model)
         assert out.abs().sum(-1).nonzero().flatten().tolist() == [k]
+
+
+def test_llava_next_thumbnail_tiles_and_row_ends_match_the_processor_and_the_models_packing():
+    import tiny_vlms
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    from labkit.model.vlm import Vision
+
+    model, image_processor, tok = tiny_vlms.build("llava_next")
+    vision = Vision(model.config, tok, image_processor)
+    pictures = tiny_vlms.images((40, 100), (90, 50))  # wide: 1 × 2 tiles, rows cut; tall: 2 × 1, columns cut
+    made = vision.prompt("Compare <image> with <image>", pictures)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    theirs = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                image_token="<image>")(text="Compare <image> with <image>", images=pictures,
+                                                        return_tensors="pt")
+    mapped = theirs.input_ids.clone()
+    mapped[mapped == tok.convert_tokens_to_ids("<image>")] = tiny_vlms.IMAGE
+    assert made.ids.tolist() == mapped.tolist()  # the processor's own count of image tokens, in place
+    lay = made.layout
+    # features that say where they come from: (image, tile, row, col) of the tower's grid, through the model's packing
+    side = 2
+    coded = []
+    for i, size in enumerate(made.pixels["image_sizes"].tolist()):
+        n = image_size_to_num_patches(size, model.config.image_grid_pinpoints, 28)  # thumbnail + this image's tiles
+        tile, r, c = torch.meshgrid(torch.arange(n), torch.arange(side), torch.arange(side), indexing="ij")
+        coded.append(torch.stack([torch.full_like(tile, i), tile, r, c], -1).reshape(n, side * side, 4).float())
+    packed, _ = model.model.pack_image_features(coded, made.pixels["image_sizes"], "default",
+                                                image_newline=torch.full((4,), -1.0))
+    packed = torch.cat(packed)  # (image tokens, 4) in prompt order
+    assert len(packed) == len(lay)
+    for k in range(len(lay)):
+        image, tile, r, c = packed[k].long().tolist()
+        view = int(lay.view[k])
+        if view == 2:  # the end-of-row vector
+            assert packed[k].tolist() == [-1.0] * 4 and int(lay.col[k]) == lay.grids[int(lay.image[k])][1]
+        elif view == 1:  # the thumbnail: the tower's first crop
+            assert (image, tile, r, c) == (int(lay.image[k]), 0, int(lay.row[k]), int(lay.col[k]))
+        else:  # a cell of the tiles' grid: its tile and place in it, the padding's offset taken off
+            size = made.pixels["image_sizes"][image].tolist()
+            _, cols = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, 28)
+            assert image == int(lay.image[k])
+            full_row, full_col = ((tile - 1) // cols) * side + r, ((tile - 1) % cols) * side + c
+            offsets = {(full_row - int(lay.row[j]), full_col - int(lay.col[j])) for j in range(len(lay))
+                       if int(lay.image[j]) == image and int(lay.view[j]) == 0}
+            assert (full_row - int(lay.row[k]), full_col - int(lay.col[k])) in offsets

@@ -122,7 +122,7 @@ def _language_model(s: labkit.Session):
     return inner.text_model if hasattr(inner, "text_model") else inner.language_model  # Idefics3 | the others
 
 
-@pytest.mark.parametrize("family", ["llava", "gemma3", "idefics3"])  # Qwen2-VL: the next test (M-RoPE from ids)
+@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3", "idefics3"])  # Qwen2-VL: the next test
 def test_a_patch_ablation_equals_zeroing_those_positions_by_hand(family, sessions):
     s = sessions[family]
     layout = s.vision.prompt(PROMPT, PICTURE).layout
@@ -183,14 +183,20 @@ def test_vision_and_projector_sites_equal_the_towers_own_outputs(family, session
     merged = features.pooler_output if hasattr(features, "pooler_output") else features
     merged = torch.cat(list(merged)) if isinstance(merged, (tuple, list)) else merged
     rows, want = acts["projector"].reshape(-1, merged.shape[-1]), merged.reshape(-1, merged.shape[-1])
-    if family == "qwen2_5_vl":  # its merger runs in the tower's window order; the model restores raster order after
+    if family == "llava_next":  # the projector sees every tile whole; the model packs (unpads, adds row ends) after
+        with torch.no_grad():
+            tiles = s.model.model.multi_modal_projector(
+                s.model.model.vision_tower(pixels["pixel_values"][0], output_hidden_states=True)
+                .hidden_states[s.model.config.vision_feature_layer][:, 1:])
+        want = tiles.reshape(-1, merged.shape[-1])
+    elif family == "qwen2_5_vl":  # its merger runs in the tower's window order; the model restores raster order after
         order = torch.cdist(want, rows).argmin(-1)
         assert sorted(order.tolist()) == list(range(len(rows)))
         rows = rows[order]
     torch.testing.assert_close(rows, want)
     layout = s.vision.prompt(PROMPT, PICTURE).layout
     entering = s.activations(PROMPT, ["blocks.0.resid_pre"], images=PICTURE)["blocks.0.resid_pre"]
-    torch.testing.assert_close(entering[layout.positions], merged.reshape(-1, merged.shape[-1]))
+    torch.testing.assert_close(entering[layout.positions], merged.reshape(-1, merged.shape[-1]))  # what the LM reads
 
 
 def test_llava_prompts_equal_the_llava_processors_own(tokenizer, sessions):

@@ -1,5 +1,6 @@
-"""Tiny random-weight vision-language models of five families, built from transformers config classes with the
+"""Tiny random-weight vision-language models of six families, built from transformers config classes with the
 default tokenizer (its vocabulary plus a few ids for the image tokens): LLaVA (CLIP tower, one token per patch),
+LLaVA-NeXT (a thumbnail, then tiles of the best-fitting resolution unpadded, an end-of-row token per row),
 Qwen2-VL and Qwen2.5-VL (merged 2 × 2 patches, M-RoPE; 2.5's tower attends in windows), Gemma 3 (SigLIP tower,
 pooled tokens, bidirectional image blocks) and
 Idefics3 / SmolVLM (images split into tiles plus a global thumbnail, pixel shuffle; its tags added to the
@@ -37,6 +38,18 @@ def llava() -> tuple[Any, Any, Any]:
                             text_config=tf.LlamaConfig(**TEXT), image_token_index=IMAGE)
     processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42})
     return tf.LlavaForConditionalGeneration(config).eval(), processor, tokenizer()
+
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+
+
+def llava_next() -> tuple[Any, Any, Any]:
+    vision = tf.CLIPVisionConfig(**VISION, image_size=28, patch_size=14)  # 2 × 2 patches a tile
+    config = tf.LlavaNextConfig(vision_config=vision, text_config=tf.LlamaConfig(**TEXT),
+                                image_grid_pinpoints=PINPOINTS, image_token_index=IMAGE)
+    processor = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                              image_grid_pinpoints=PINPOINTS)
+    return tf.LlavaNextForConditionalGeneration(config).eval(), processor, tokenizer()
 
 
 def qwen2_vl() -> tuple[Any, Any, Any]:
@@ -91,7 +104,8 @@ def idefics3() -> tuple[Any, Any, Any]:
     return tf.Idefics3ForConditionalGeneration(config).eval(), processor, tok
 
 
-BUILDERS = {"llava": llava, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "gemma3": gemma3, "idefics3": idefics3}
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "gemma3": gemma3,
+            "idefics3": idefics3}
 
 
 def build(family: str, seed: int = 0) -> tuple[Any, Any, Any]:

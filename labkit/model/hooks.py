@@ -118,7 +118,7 @@ OPT = Adapter("opt", ("opt",), blocks="model.decoder.layers", embed="model.decod
 # vision-language models: the language model's blocks inside the multimodal model, beside the vision tower
 _LANGUAGE = dict(blocks="model.language_model.layers", embed="model.language_model.embed_tokens",
                  final=("model.language_model.norm",))
-LLAVA = dataclasses.replace(LLAMA, name="llava", model_types=("llava",), **_LANGUAGE,
+LLAVA = dataclasses.replace(LLAMA, name="llava", model_types=("llava", "llava_next"), **_LANGUAGE,
                             vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")
 QWEN2_VL = dataclasses.replace(LLAMA, name="qwen2_vl", model_types=("qwen2_vl", "qwen2_5_vl"), **_LANGUAGE,
                                vision_blocks="model.visual.blocks", projector="model.visual.merger")

@@ -52,10 +52,11 @@ class ImagePositions:
     grids: tuple[tuple[int, int], ...]
     """(rows, columns) of each image's feature grid (Idefics3: the tiles' cells side by side)."""
     view: torch.Tensor | None = None
-    """Idefics3 with its images split into tiles: 0 for a token of the tiles (the full-resolution grid), 1 for a
-    token of the global thumbnail that follows them (its own grid, :attr:`thumbnail`); None elsewhere (all 0)."""
+    """Tiled families (Idefics3, LLaVA-NeXT): 0 for a token of the tiles (the full-resolution grid), 1 for a token of
+    the image's global thumbnail (its own grid, :attr:`thumbnail`), 2 for LLaVA-NeXT's end-of-row token after each
+    row of the tiles' grid (``col`` = the row's width: not a cell); None elsewhere (all 0)."""
     thumbnail: tuple[int, int] | None = None
-    """(rows, columns) of an Idefics3 global thumbnail's grid; None elsewhere."""
+    """(rows, columns) of a tiled image's global thumbnail grid; None elsewhere."""
 
     def __len__(self) -> int:
         return int(self.positions.numel())
@@ -202,8 +203,48 @@ def _idefics3(config: object, ids: torch.Tensor, tiles: Any) -> ImagePositions:
                           torch.cat(view), (side, side))
 
 
-_LAYOUTS = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl, "gemma3": _gemma3,
-            "idefics3": _idefics3}
+def _llava_next_grid(config: Any, size: Any) -> tuple[int, int]:
+    """(rows, columns) of a LLaVA-NeXT image's tiles grid after the padding is cut off, for its original (height,
+    width): the tiles of the best-fitting resolution side by side, unpadded (transformers' own functions)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    tiles_h, tiles_w = get_anyres_image_grid_shape(list(size), config.image_grid_pinpoints, vision.image_size)
+    kept = unpad_image(torch.zeros(1, tiles_h * side, tiles_w * side), list(size))[0]
+    return int(kept.shape[0]), int(kept.shape[1])
+
+
+def _llava_next(config: object, ids: torch.Tensor, sizes: Any) -> ImagePositions:
+    """LLaVA-NeXT: per image, the thumbnail's s × s patch tokens (s = image_size / patch_size; view 1), then the
+    tiles of the best-fitting resolution side by side with the padding rows or columns cut off (transformers'
+    ``unpad_image``), row by row, each row followed by an end-of-row token (view 2). ``sizes``: each image's
+    original (height, width), as the processor's ``image_sizes``."""
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        raise UnsupportedVLM("LLaVA-NeXT with vision_feature_select_strategy='full' is not mapped")
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    r, c = (t.reshape(-1) for t in torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"))
+    image, row, col, view, grids = [], [], [], [], []
+    for i, size in enumerate(sizes):
+        h, w = _llava_next_grid(config, size)
+        rr, cc = (t.reshape(-1) for t in torch.meshgrid(torch.arange(h), torch.arange(w + 1), indexing="ij"))
+        image += [torch.full_like(r, i), torch.full_like(rr, i)]
+        row += [r, rr]
+        col += [c, cc]
+        view += [torch.ones_like(r), torch.where(cc == w, 2, 0)]
+        grids.append((h, w))
+    positions = (ids == config.image_token_index).nonzero().reshape(-1)
+    n = sum(len(x) for x in image)
+    if positions.numel() != n:
+        raise InvalidArgument(f"the prompt holds {positions.numel()} image tokens but the images need {n}: was the "
+                              "prompt made by this model's processor?")
+    return ImagePositions(positions, torch.cat(image), torch.cat(row), torch.cat(col), tuple(grids),
+                          torch.cat(view), (side, side))
+
+
+_LAYOUTS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl,
+            "gemma3": _gemma3, "idefics3": _idefics3}
 _SAME_AS = {"qwen2_5_vl": "qwen2_vl"}  # a family whose prompts and inputs are another's (its tower differs)
 
 
@@ -268,8 +309,9 @@ class Vision:
         self.kind = _SAME_AS.get(self.family, self.family)
         """The family whose prompt layout and per-pass inputs this one shares (Qwen2.5-VL: Qwen2-VL's)."""
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
-        self.image_token = {"llava": "image_token_index", "qwen2_vl": "image_token_id",
-                            "gemma3": "image_token_index", "idefics3": "image_token_id"}[self.kind]
+        self.image_token = {"llava": "image_token_index", "llava_next": "image_token_index",
+                            "qwen2_vl": "image_token_id", "gemma3": "image_token_index",
+                            "idefics3": "image_token_id"}[self.kind]
         self.image_token_id = int(getattr(config, self.image_token))
 
     def __repr__(self) -> str:
@@ -294,6 +336,10 @@ class Vision:
         if self.kind == "llava":
             side = c.vision_config.image_size // c.vision_config.patch_size
             return [self.image_token_id] * side * side
+        if self.kind == "llava_next":
+            side = c.vision_config.image_size // c.vision_config.patch_size
+            h, w = _llava_next_grid(c, pixels["image_sizes"][index].tolist())
+            return [self.image_token_id] * (side * side + h * (w + 1))
         if self.kind == "qwen2_vl":
             t, h, w = (int(v) for v in pixels["image_grid_thw"][index])
             n = t * h * w // c.vision_config.spatial_merge_size ** 2
@@ -321,7 +367,7 @@ class Vision:
         extra = {"return_row_col_info": True} if self.kind == "idefics3" else {}
         processed = self.image_processor(images=pictures, return_tensors="pt", **extra)
         pixels = {k: v for k, v in processed.items()
-                  if k in ("pixel_values", "image_grid_thw", "pixel_attention_mask")}
+                  if k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes")}
         tiles = ([(int(r), int(c)) for r, c in zip(processed["rows"][0], processed["cols"][0], strict=True)]
                  if self.kind == "idefics3" else None)
         pieces = text.split(MARK)
@@ -337,7 +383,8 @@ class Vision:
                 if segment or i == 0:
                     ids += self.tokenizer(segment, add_special_tokens=(i == 0 and not chat)).input_ids
         tensor = torch.tensor([ids], dtype=torch.long)
-        layout = image_positions(self.config, tensor, tiles if tiles is not None else pixels.get("image_grid_thw"))
+        grid = tiles if tiles is not None else pixels.get("image_grid_thw", pixels.get("image_sizes"))
+        layout = image_positions(self.config, tensor, grid.tolist() if self.kind == "llava_next" else grid)
         return ImagePrompt(ids=tensor, pixels=pixels, layout=layout, images=pictures, tiles=tiles)
 
     def view(self, made: ImagePrompt, image: int = 0, view: int = 0) -> Any:
@@ -352,14 +399,21 @@ class Vision:
             return made.images[image]
         mean = torch.tensor(getattr(self.image_processor, "image_mean", None) or [0.0] * 3)[:, None, None]
         std = torch.tensor(getattr(self.image_processor, "image_std", None) or [1.0] * 3)[:, None, None]
-        if pixels.ndim == 5:  # Idefics3: (1, tiles of every image, 3, H, W), each image's tiles then its thumbnail
+        if pixels.ndim == 5 and self.kind == "llava_next":  # (images, thumbnail + tiles, 3, H, W)
+            from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+            size = made.pixels["image_sizes"][image].tolist()
+            rows, cols = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints,
+                                                     self.config.vision_config.image_size)
+            full = _side_by_side(pixels[image, 1:1 + rows * cols], rows, cols)
+            x = pixels[image, 0] if view == 1 else unpad_image(full, size)  # the padding cut off, as the features
+        elif pixels.ndim == 5:  # Idefics3: (1, tiles of every image, 3, H, W), each image's tiles then its thumbnail
             first = sum(r * c + 1 for r, c in made.tiles[:image])
             rows, cols = made.tiles[image]
             if view == 1 or not rows:
                 x = pixels[0, first + rows * cols]  # the thumbnail
             else:
-                tiles = pixels[0, first:first + rows * cols]  # (R·C, 3, H, W), row-major
-                x = torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
+                x = _side_by_side(pixels[0, first:first + rows * cols], rows, cols)
         else:
             x = pixels[image]
         x = (x.float() * std + mean).clamp(0, 1)  # (3, H, W) in [0, 1]
@@ -421,6 +475,11 @@ def attached(model: Any, vision: Vision, prompt: ImagePrompt | None) -> Iterator
             inner.rope_deltas = None
 
 
+def _side_by_side(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Tiles (rows·cols, 3, H, W), row-major -> one (3, rows·H, cols·W) picture."""
+    return torch.cat([torch.cat(list(tiles[r * cols:(r + 1) * cols]), dim=-1) for r in range(rows)], dim=-2)
+
+
 def display_tokens(token_text: Any, ids: torch.Tensor, made: ImagePrompt | None) -> list[str]:
     """Display texts of ``ids`` (1, T) by ``token_text``; the image tokens of ``made`` as ``<img i:r,c>`` (image i,
     row r, column c)."""
@@ -430,7 +489,8 @@ def display_tokens(token_text: Any, ids: torch.Tensor, made: ImagePrompt | None)
         views = (lay.view if lay.view is not None else torch.zeros_like(lay.image)).tolist()
         for p, i, r, c, v in zip(*(t.tolist() for t in (lay.positions, lay.image, lay.row, lay.col)), views,
                                  strict=True):
-            texts[p] = f"<img {i}:{'g ' if v else ''}{r},{c}>"  # "g": an Idefics3 global thumbnail's cell
+            where = f"{r},{c}" if v == 0 else f"g {r},{c}" if v == 1 else f"end of row {r}"
+            texts[p] = f"<img {i}:{where}>"  # "g": a tiled image's global thumbnail
     return texts
 
 
