@@ -327,7 +327,7 @@ def test_pixel_attribution_is_complete_and_refused_where_pixels_are_patches(sess
         attribute_image(sessions["qwen2_vl"], PROMPT, PICTURE, to="pixels")
 
 
-def test_the_lab_shows_the_image_and_the_clicked_tokens_attention_on_it(sessions):
+def test_the_lab_shows_the_image_and_the_hovered_tokens_attention_on_it(sessions):
     pytest.importorskip("anywidget")
     from labkit.ui.panels import Lab
 
@@ -341,10 +341,12 @@ def test_the_lab_shows_the_image_and_the_clicked_tokens_attention_on_it(sessions
         assert lab.trace.token_ids == same.token_ids
         assert lab._prompt_maps.image_block == lab.trace.images["positions"]  # the attention image has the image
         plain = lab.picture.value
-        assert plain[:4] == b"\x89PNG" and "click a token" in lab.picture_label.value
+        assert plain[:4] == b"\x89PNG" and "hover a token" in lab.picture_label.value
+        lab.stream.hovered = 2  # what the view sets when the pointer enters a token
+        assert lab.picture.value != plain and lab.picture_label.value.startswith("step 2 ")
         lab.stream.selected = 1
         lab.wait_why()
-        assert lab.picture.value != plain and lab.picture_label.value.startswith("step 1 ")
+        assert lab.picture_label.value.startswith("step 1 ")
     finally:
         lab.close()
     with pytest.raises(InvalidArgument, match="needs a vision-language model"):

@@ -115,6 +115,8 @@ export default {
       s.addEventListener("mouseenter", () => {
         hovered = i;
         describe(details, all(), i, model);
+        model.set("hovered", i);  // the Lab draws this token's attention on the image
+        model.save_changes();
       });
       s.addEventListener("click", () => {
         model.set("selected", i);

@@ -81,7 +81,8 @@ class Lab(widgets.VBox):
     ``close()``, ``traces`` (every run and branch, newest last), ``trace`` (the one shown), ``controls.sampler``.
     ``chat`` None switches the chat template on when the tokenizer has one (an instruct model such as the default
     answers a request instead of ending at once), off otherwise. ``images`` (a vision-language model): the prompt's
-    images, shown beside the stream as the model saw them, with the clicked token's attention on each cell."""
+    images, shown beside the stream as the model saw them, with the hovered (or clicked) token's attention on each
+    cell."""
 
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
                  max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
@@ -127,6 +128,7 @@ class Lab(widgets.VBox):
         self.picture.add_class("labkit-picture")
         self.picture_label = widgets.Label("")
         self._view: Any = None  # the image as the model sees it (a PIL image), for an image run
+        self._drawn: dict[tuple[int, int], bytes] = {}  # (trace id, step) -> its grounding picture (PNG)
         # -- interventions (applied from the next run on)
         self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
         self.boost = widgets.Text(placeholder="token text", description="boost")
@@ -156,6 +158,7 @@ class Lab(widgets.VBox):
         self.buttons["Stop"].on_click(lambda _b: self._guarded(self.stop))
         self.color_by.observe(lambda c: setattr(self.stream, "color_by", c["new"]), names="value")
         self.stream.observe(lambda c: self._guarded(self._on_select, c["new"]), names="selected")
+        self.stream.observe(lambda c: self._guarded(self._show_grounding, c["new"]), names="hovered")
         self.stream.observe(lambda c: self._guarded(self._on_branch, c["new"]), names="branch")
         self.branch.observe(lambda c: self._guarded(self._show_run, c["new"]), names="value")
         self.why.method.observe(lambda c: self._guarded(self._ask_why, self.stream.selected), names="value")
@@ -266,7 +269,7 @@ class Lab(widgets.VBox):
         if self.images is not None:
             self._view = self.session.vision.view(self.session.vision.prompt(prompt, self.images, chat=chat))
             self.picture.value = _png(self._view)
-            self.picture_label.value = "the image as the model sees it: click a token for its attention on it"
+            self.picture_label.value = "the image as the model sees it: hover a token for its attention on it"
         self.charts.show_step(None)
         self.charts.show_series([])
         if maps is not None:
@@ -320,10 +323,14 @@ class Lab(widgets.VBox):
         """The image with step ``index``'s attention on each cell (mean over layers and heads), for an image run."""
         from labkit.why.vision import grounding
 
-        if self.images is None or not self.trace.images or "attention" not in self.trace.steps[index].captures:
+        if self.images is None or self.trace is None or not self.trace.images or not 0 <= index < len(self.trace) \
+                or "attention" not in self.trace.steps[index].captures:
             return
-        picture = grounding(self.trace).plot(index, self._view)
-        self.picture.value = picture.png()
+        key = (id(self.trace), index)
+        if key not in self._drawn:  # each token's picture drawn once (hovering goes back and forth)
+            self._drawn = {k: v for k, v in self._drawn.items() if k[0] == key[0]}
+            self._drawn[key] = grounding(self.trace).plot(index, self._view).png()
+        self.picture.value = self._drawn[key]
         self.picture_label.value = f"step {index} {self.trace.steps[index].token!r}: attention on the image"
 
     # -- why -------------------------------------------------------------------------------------------------

@@ -62,6 +62,8 @@ class TokenStream(anywidget.AnyWidget):
     """The colour scales (:data:`labkit.records.render.SCALES`), read by the front end."""
     selected = traitlets.Int(-1).tag(sync=True)
     """Index of the selected step (clicked in the view), −1 for none."""
+    hovered = traitlets.Int(-1).tag(sync=True)
+    """Index of the step under the pointer in the view (the last one hovered), −1 before any."""
     branch = traitlets.Dict().tag(sync=True)
     """Set by the view when an alternative is clicked: ``{"step": i, "token_id": id, "n": clicks so far}``."""
 
