@@ -382,3 +382,41 @@ def test_image_prompts_through_beams_batches_speculative_rounds_and_kv_policies(
         assert trace.token_ids == alone.token_ids
     kept = s.generate(PROMPT, images=PICTURE, max_new_tokens=6, stop=[], kv="quant:bits=8,residual=64,group=16")
     assert kept.token_ids == plain.token_ids and kept.steps[-1].kv["bytes"] > 0  # residual holds every position
+
+
+def test_tiled_images_views_and_thumbnail_ablation(sessions):
+    wide = tiny_vlms.images((40, 100))
+    s = sessions["idefics3"]
+    made = s.vision.prompt(PROMPT, wide)
+    assert made.tiles == [(1, 2)] and s.vision.view(made).size == (112, 56)  # two 56-pixel tiles side by side
+    assert s.vision.view(made, view=1).size == (56, 56)  # the global thumbnail
+    thumb = made.layout.mask(0, 1)
+    index = thumb.nonzero().flatten()[[0, 3]].tolist()  # the thumbnail's cells (0, 0) and (1, 1)
+    assert [(int(made.layout.row[k]), int(made.layout.col[k])) for k in index] == [(0, 0), (1, 1)]
+    with s.intervene(AblatePatches([(0, 0), (1, 1)], view=1)):
+        ablated = s.next_token(PROMPT, images=wide).logprobs
+    inputs = {"input_ids": made.ids, **made.pixels}
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.update(kwargs)
+        seen.pop("past_key_values", None), seen.pop("cache", None)
+
+    lm = _language_model(s)
+    handle = lm.register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad():
+        s.model(**inputs)
+    handle.remove()
+    embeds = seen.pop("inputs_embeds").clone()
+    embeds[0, made.layout.positions[index]] = 0.0
+    with torch.no_grad():
+        logits = s.model.lm_head(lm(inputs_embeds=embeds, **seen).last_hidden_state[:, -1])
+    torch.testing.assert_close(ablated, torch.log_softmax(logits[0].float(), -1), atol=1e-5, rtol=0)
+    with pytest.raises(InvalidArgument, match="view must be 0"):
+        sessions["llava"].vision.prompt(PROMPT, PICTURE).layout.of_image(0, view=1)
+    n = sessions["llava_next"]
+    made = n.vision.prompt(PROMPT, wide)
+    rows, cols = made.layout.grids[0]
+    assert n.vision.view(made).size == (cols * 14, rows * 14)  # the tiles with the padding cut off, 14 px a cell
+    assert n.vision.view(made, view=1).size == (28, 28)
+    assert n.attention(PROMPT, images=wide).tokens.count("<img 0:end of row 0>") == 1

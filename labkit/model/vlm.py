@@ -405,8 +405,14 @@ class Vision:
             size = made.pixels["image_sizes"][image].tolist()
             rows, cols = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints,
                                                      self.config.vision_config.image_size)
-            full = _side_by_side(pixels[image, 1:1 + rows * cols], rows, cols)
-            x = pixels[image, 0] if view == 1 else unpad_image(full, size)  # the padding cut off, as the features
+            full = _side_by_side(pixels[image, 1:1 + rows * cols], rows, cols)  # (3, rows·S, cols·S) pixels
+            patch = self.config.vision_config.patch_size
+            cells = torch.arange(full.shape[1] // patch * (full.shape[2] // patch)).view(1, full.shape[1] // patch, -1)
+            kept = unpad_image(cells, size)[0]  # the feature cells kept: cut the pixels at the same cell edges
+            top, left = divmod(int(kept[0, 0]), cells.shape[2])
+            h, w = kept.shape
+            x = pixels[image, 0] if view == 1 else full[:, top * patch:(top + h) * patch,
+                                                        left * patch:(left + w) * patch]
         elif pixels.ndim == 5:  # Idefics3: (1, tiles of every image, 3, H, W), each image's tiles then its thumbnail
             first = sum(r * c + 1 for r, c in made.tiles[:image])
             rows, cols = made.tiles[image]
