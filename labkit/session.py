@@ -18,6 +18,7 @@ from labkit.core.errors import InvalidArgument, SessionBusy, check_int, deprecat
 from labkit.core.tokens import TokenTexts, token_id
 from labkit.decoding import loop
 from labkit.decoding.settings import GenerationSettings, Run, StopRules
+from labkit.features.reading import top_features
 from labkit.interventions.base import activated, check_interventions
 from labkit.measures import information as info
 from labkit.model import models
@@ -351,6 +352,23 @@ class Session:
                            token_ids=ids[0].tolist(), prompt=prompt, model=self.model_id,
                            meta={"dtype": self.info.dtype, "chat": str(chat)})
 
+    def features(self, prompt: str, sae: Any, chat: bool = False, images: Any = None) -> Any:
+        """The features of ``sae`` (a :class:`labkit.features.SAE`, or a folder in SAELens' format) at every
+        position of ``prompt``: :class:`labkit.features.Features` (activations (T, d_sae), top features per
+        position, reconstruction error, an image over tokens × features). The activations' memory is checked
+        first."""
+        from labkit.core import memory
+        from labkit.features import reading
+        from labkit.features.sae import as_sae
+        from labkit.model.vlm import display_tokens
+
+        sae = as_sae(sae, self)
+        ids, made = self._inputs(prompt, chat, 0, images)
+        memory.check(ids.shape[1] * sae.d_sae * 4 * 3, f"{sae.d_sae} features at {ids.shape[1]} positions", "cpu",
+                     "use a shorter prompt")
+        with self.exclusive(), self._with_images(made):
+            return reading.features(self.sites, ids, sae, display_tokens(self.token_text, ids, made))
+
     def attribute(self, prompt: str, target: str | int | None = None, foil: str | int | None = None,
                   method: str = "ig", position: int | None = None, quantity: str = "prob", steps: int = 64,
                   batch: int | None = None, baseline: str = "unk", chat: bool = False, max_steps: int = 512,
@@ -460,16 +478,21 @@ class Session:
 
         Arguments are those of :meth:`generate`. The Session is held until the iteration ends or is closed.
         """
+        capture, saes = _feature_captures(capture)
         return self._start(prompt, _settings(settings, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
                                              stop=stop, chat=chat, capture=capture, top_k=top_k,
                                              interventions=interventions, speculative=speculative, metrics=metrics,
-                                             kv=kv, n=n, beam=beam), images)
+                                             kv=kv, n=n, beam=beam), images, saes)
 
-    def _start(self, prompt: str, settings: GenerationSettings, images: Any = None) -> Generation:
+    def _start(self, prompt: str, settings: GenerationSettings, images: Any = None,
+               saes: Sequence[Any] = ()) -> Generation:
         """A Generation of ``prompt`` with ``settings``, after the checks that need this model and Session: the
         settings against the model, the interventions and the sampler (and draft) bound, the prompt and its room,
         the captures' memory."""
         settings.for_model(self.info, lambda: self.sites, self.model.config)
+        from labkit.features.sae import as_sae
+
+        saes = [as_sae(sae, self) for sae in saes]
         seeds = settings.seeds if settings.seed is not None else settings.draw_seeds()  # unseeded: fresh each run
         interventions = self._bound(settings.interventions)  # errors (bad layer, token text) surface here
         with self.exclusive():
@@ -485,7 +508,7 @@ class Session:
             trace.images = {} if made is None else made.layout.as_dict()
         run = Run(settings, self.model, self.tokenizer, ids, traces, rules,
                   [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds], session=self,
-                  stop_event=self._stop, token_text=self.token_text, images=made)
+                  stop_event=self._stop, token_text=self.token_text, images=made, features=tuple(saes))
         return Generation(self, run, interventions)
 
     def _new_traces(self, prompt: str, ids: torch.Tensor, settings: GenerationSettings, rules: StopRules,
@@ -559,10 +582,11 @@ class Session:
         """
         if on_step is not None and not callable(on_step):
             raise InvalidArgument(f"on_step must be a callable taking a Step, or None; got {on_step!r}")
+        capture, saes = _feature_captures(capture)
         settings = _settings(settings, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, stop=stop,
                              chat=chat, capture=capture, top_k=top_k, interventions=interventions,
                              speculative=speculative, metrics=metrics, kv=kv, n=n, beam=beam)
-        gen = self._start(prompt, settings, images)
+        gen = self._start(prompt, settings, images, saes)
         with gen:  # closed on every exit: lock released, hooks removed, partial trace kept
             try:
                 for step in gen:
@@ -614,6 +638,18 @@ class Session:
     def stop(self) -> None:
         """Ask the running generation (if any) to end before its next token."""
         self._stop.set()
+
+
+def _feature_captures(capture: Any) -> tuple[Any, list[Any]]:
+    """``capture`` with each SAE in it replaced by the site it reads (that site's vector is what the Step keeps),
+    and the SAEs."""
+    from labkit.features.sae import SAE
+
+    if isinstance(capture, str) or not isinstance(capture, Sequence):
+        return capture, []
+    saes = [c for c in capture if isinstance(c, SAE)]
+    names = [c for c in capture if not isinstance(c, SAE)]
+    return (tuple(dict.fromkeys([*names, *(sae.site for sae in saes)])), saes) if saes else (capture, [])
 
 
 def _check_forced_steps(interventions: Sequence[Any], max_new_tokens: int) -> None:
@@ -704,6 +740,9 @@ def _run(s: Session, run: Run, interventions: list[Any]) -> Iterator[Step]:
         with s.exclusive(), s._with_images(run.images), activated(s, interventions, bind=False) as token_level:
             s._stop.clear()
             run.interventions = [*s._scoped, *token_level]
-            yield from loop.generate(run)
+            for step in loop.generate(run):
+                for sae in run.features:  # an SAE in capture=: its top features at the predicting position
+                    step.captures[f"features:{sae.name}"] = top_features(sae, step.captures[sae.site])
+                yield step
     finally:
         s.last_trace = run.traces[0]

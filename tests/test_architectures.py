@@ -590,6 +590,44 @@ def test_batched_rows_equal_single_runs_and_beam_search_equals_transformers(arch
                       ).token_ids == greedy
 
 
+@pytest.mark.parametrize("arch", NAMES)
+def test_sae_features_and_feature_ablation_equal_the_computation_by_hand(arch, sessions):
+    from labkit.features import SAE
+    from labkit.interventions.features import AblateFeature, SteerFeature
+
+    s, layer = sessions(arch), 1
+    d = s.sites.d_model
+    gen = torch.Generator().manual_seed(3)
+    w_enc, w_dec = torch.randn(d, 32, generator=gen) / d ** 0.5, torch.randn(32, d, generator=gen) / d ** 0.5
+    sae = SAE(W_enc=w_enc, b_enc=torch.full((32,), -0.1), W_dec=w_dec, b_dec=torch.randn(d, generator=gen) * 0.1,
+              site=f"blocks.{layer}.resid_post")
+    block = _module(s.model, ARCHS[arch].block, layer)
+    seen = {}
+
+    def keep(module: Any, args: Any, out: Any) -> None:
+        seen["x"] = _hidden(out)[0].detach().clone()
+
+    handle = block.register_forward_hook(keep)
+    try:
+        _logprobs(s.model, s.encode(PROMPT))
+    finally:
+        handle.remove()
+    by_hand = torch.relu((seen["x"] - sae.b_dec) @ w_enc + sae.b_enc)  # (T, 32): the standard SAE's encoder
+    torch.testing.assert_close(s.features(PROMPT, sae).acts, by_hand, atol=1e-5, rtol=1e-5)
+    feature = int(by_hand[-1].argmax())
+    handle = block.register_forward_hook(lambda m, a, out: _with_hidden(
+        out, _hidden(out) - by_hand[:, feature, None] * w_dec[feature]))  # its decoder contribution taken away
+    try:
+        expected = _logprobs(s.model, s.encode(PROMPT))
+    finally:
+        handle.remove()
+    with s.intervene(AblateFeature(sae, feature)):
+        torch.testing.assert_close(s.next_token(PROMPT).logprobs, expected, atol=1e-5, rtol=0)
+    plain = s.next_token(PROMPT).logprobs
+    with s.intervene(SteerFeature(sae, feature, 0.0)):  # an edit that changes nothing: the model's output exactly
+        assert torch.equal(s.next_token(PROMPT).logprobs, plain)
+
+
 FEATURES = {  # column of docs/architectures.md -> the test of this module that checks it on every architecture
     "log-probs": test_next_token_logprobs_equal_a_plain_eager_forward,
     "greedy": test_greedy_generation_equals_model_generate,
@@ -608,6 +646,7 @@ FEATURES = {  # column of docs/architectures.md -> the test of this module that 
     "logit attribution": test_logit_attribution_parts_sum_to_the_eager_models_logit_difference,
     "KV policies": test_kv_policies_that_drop_nothing_generate_what_the_full_cache_does,
     "batch and beams": test_batched_rows_equal_single_runs_and_beam_search_equals_transformers,
+    "SAE features": test_sae_features_and_feature_ablation_equal_the_computation_by_hand,
 }
 
 

@@ -257,6 +257,8 @@ class Run:
     token_text: TokenTexts | None = None
     images: Any = None
     """The prompt's images (a :class:`labkit.model.vlm.ImagePrompt`) for a vision-language model, else None."""
+    features: tuple[Any, ...] = ()
+    """SAEs given in ``capture``: each Step gets their top features (``captures["features:<name>"]``)."""
 
     def __post_init__(self) -> None:
         if self.token_text is None:

@@ -15,6 +15,8 @@ Site names (``L`` = block index, from 0; shapes for a batch of B sequences of T 
 ``blocks.L.resid_pre``     (B, T, d_model)     residual stream entering block L
 ``blocks.L.attn.z``        (B, T, H, d_head)   each head's attention output, before the output projection
 ``blocks.L.attn_out``      (B, T, d_model)     the attention module's output (after the output projection)
+``blocks.L.mlp_in``        (B, T, d_model)     the MLP module's input (after the block's second norm; OPT's
+                                               MLP module is its second projection: (B·T, d_ff) there)
 ``blocks.L.mlp_out``       (B, T, d_model)     the MLP's output
 ``blocks.L.resid_post``    (B, T, d_model)     residual stream leaving block L (= resid_pre of block L + 1)
 ``final_norm``             (B, T, d_model)     the last block's output after the final norm (what the
@@ -49,13 +51,14 @@ from labkit.core.errors import InvalidArgument, UnsupportedArchitecture
 SiteFn = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 """``fn(value, positions) -> value | None``: see the module docstring."""
 
-BLOCK_SITES = ("resid_pre", "attn.z", "attn_out", "mlp_out", "resid_post")
+BLOCK_SITES = ("resid_pre", "attn.z", "attn_out", "mlp_in", "mlp_out", "resid_post")
 MODEL_SITES = ("embed", "final_norm")
 _SITE_DOCS = {  # kind -> (shape, meaning)
     "embed": ("(B, T, d_model)", "token-embedding output"),
     "resid_pre": ("(B, T, d_model)", "residual stream entering the block"),
     "attn.z": ("(B, T, H, d_head)", "per-head attention output before the output projection"),
     "attn_out": ("(B, T, d_model)", "attention output after the output projection"),
+    "mlp_in": ("(B, T, d_model)", "the MLP module's input (after its norm: what a transcoder reads)"),
     "mlp_out": ("(B, T, d_model)", "MLP output"),
     "resid_post": ("(B, T, d_model)", "residual stream leaving the block"),
     "final_norm": ("(B, T, d_model)", "last block's output after the final norm"),
@@ -65,7 +68,7 @@ _SITE_DOCS = {  # kind -> (shape, meaning)
                   "the projector's output: the image tokens' vectors before they enter the language model (VLMs)"),
 }
 _VISION_RE = re.compile(r"^vision\.blocks\.(-?\d+)$")
-_BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|attn\.z|attn_out|mlp_out|resid_post)$")
+_BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.(resid_pre|attn\.z|attn_out|mlp_in|mlp_out|resid_post)$")
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,18 @@ class Sites:
                 return None if new is None else (new.flatten(-2), *args[1:])
 
             return [self.part(layer, "out_proj").register_forward_pre_hook(pre_z)]
+        if kind == "mlp_in":
+            def pre_mlp(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                flat = hidden.ndim == 2  # OPT runs its MLP on (B·T, d): shown as one row (labkit runs B = 1 here)
+                value = hidden[None] if flat else hidden
+                new = fn(value, positions.of(value))
+                if new is None:
+                    return None
+                new = new[0] if flat else new
+                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+            return [self.part(layer, "mlp").register_forward_pre_hook(pre_mlp, with_kwargs=True)]
         module = {"embed": self.embed, "final_norm": self.final[-1] if self.final else None,
                   "attn_out": self.part(layer, "attn") if layer is not None else None,
                   "mlp_out": self.part(layer, "mlp") if layer is not None else None,
