@@ -172,7 +172,7 @@ def fit(acts: torch.Tensor, d_sae: int, architecture: str = "topk", k: int = 32,
                 params["W_dec"] /= params["W_dec"].norm(dim=-1, keepdim=True)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3g}", refresh=False)
+            bar.set_postfix(loss=f"{loss.detach().item():.3g}", refresh=False)
     if bar is not None:
         bar.close()
     with torch.no_grad():  # fold the training scale back: the SAE reads raw values

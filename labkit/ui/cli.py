@@ -420,6 +420,40 @@ def sweep_cmd(config: str, executor: str | None, workers: int | None, num_gpus: 
         click.echo(frame.groupby(["sampler", "intervention"], sort=False)[cols].mean().round(3).to_string())
 
 
+@main.command("train-sae")
+@click.option("--site", required=True, help="Hook site to train on, e.g. blocks.15.resid_post (labkit or "
+              "TransformerLens spelling).")
+@click.option("--text", "texts", multiple=True, help="A text file or a folder of .txt/.md files (repeatable); none: "
+              "text sampled from the model itself.")
+@click.option("--out", required=True, help="Folder to write the SAE to (SAELens' format: cfg.json, "
+              "sae_weights.safetensors).")
+@click.option("--architecture", type=click.Choice(["topk", "relu"]), default="topk", show_default=True)
+@click.option("--d-sae", "d_sae", type=click.IntRange(min=1), default=None, help="Features (default: 4 × the width).")
+@click.option("--k", type=click.IntRange(min=1), default=32, show_default=True, help="TopK: features per token.")
+@click.option("--l1", type=float, default=5.0, show_default=True, help="ReLU: the L1 coefficient.")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--max-tokens", "max_tokens", type=click.IntRange(min=1), default=20000, show_default=True)
+@click.option("--sample", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Without --text: how many texts to sample from the model.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_options
+def train_sae_cmd(site: str, texts: tuple[str, ...], out: str, architecture: str, d_sae: int | None, k: int,
+                  l1: float, steps: int, max_tokens: int, sample: int, seed: int, **model_kw: Any) -> None:
+    """Train a sparse autoencoder on one site of the model and save it in SAELens' format; prints its metrics
+    (L0, fraction of variance explained, dead features, KL in bits and loss recovered with it spliced in)."""
+    from labkit.features.sae import site_of
+    from labkit.features.train import read_texts, train_sae
+
+    with _errors():
+        site = site_of(site)
+        corpus = read_texts(texts) if texts else None  # a bad path fails before the model loads
+        s = _session(**model_kw)
+        _, report = train_sae(s, site, corpus, d_sae=d_sae, architecture=architecture, k=k, l1=l1, steps=steps,
+                              max_tokens=max_tokens, sample=sample, seed=seed, save=out)
+        click.echo(json.dumps(report.as_dict(), indent=1))
+        click.echo(f"saved {out}", err=True)
+
+
 @main.command("info")
 @click.option("--verify", is_flag=True, help="Also re-check the cached default model's SHA-256 sums.")
 @model_options
