@@ -22,7 +22,8 @@ def flat(value: torch.Tensor, site: str) -> torch.Tensor:
 
 @dataclass
 class Features:
-    """An SAE's features on one prompt."""
+    """An SAE's features on one prompt. The first position (an attention sink whose norm is an outlier, left out
+    of training as the field does) gets activations that mean little: read from position 1."""
 
     acts: torch.Tensor
     """Shape (T, d_sae): each position's feature activations (float32, on the CPU; most are 0)."""
@@ -60,16 +61,18 @@ class Features:
         check_int("feature", feature, 0, self.acts.shape[1] - 1)
         return self.acts[:, feature]
 
-    def image(self, features: Sequence[int] | None = None, n: int = 12) -> Any:
+    def image(self, features: Sequence[int] | None = None, n: int = 12, first: bool = False) -> Any:
         """Tokens × features heatmap of the activations: ``features`` (default: the ``n`` with the largest total
-        activation over the prompt), colour bar in activation units."""
+        activation), colour bar in activation units. The sequence's first position is left out unless ``first``:
+        SAEs are trained without it (its norm is an outlier) and its activations would swamp the colour scale."""
         from labkit.records.figures import heatmap
 
-        chosen = list(features) if features is not None else self.acts.sum(0).topk(min(n, self.acts.shape[1])
-                                                                                    ).indices.tolist()
+        start = 0 if first or len(self.tokens) == 1 else 1
+        acts = self.acts[start:]
+        chosen = list(features) if features is not None else acts.sum(0).topk(min(n, acts.shape[1])).indices.tolist()
         for f in chosen:
             check_int("features[i]", f, 0, self.acts.shape[1] - 1)
-        return heatmap(self.acts[:, chosen], x_labels=[str(f) for f in chosen], y_labels=self.tokens,
+        return heatmap(acts[:, chosen], x_labels=list(chosen), y_labels=self.tokens[start:],
                        xlabel="feature", ylabel="token", colorbar="feature activation", tokens=True,
                        title=f"{self.sae}: features over the prompt")
 
@@ -102,8 +105,10 @@ def features(sites: Any, ids: torch.Tensor, sae: SAE, tokens: list[str]) -> Feat
 @contextlib.contextmanager
 def spliced(sites: Any, sae: SAE, error_term: bool = False) -> Iterator[dict[str, list[float]]]:
     """Inside the block every forward pass runs with the SAE spliced in: the value at its output site (its own site
-    for an SAE) replaced by the reconstruction (``error_term``: plus the error, i.e. unchanged); yields running sums
-    of what was reconstructed: {"l0", "sq_error", "sq_total", "sq_centred", "n"} per pass."""
+    for an SAE) replaced by the reconstruction (``error_term``: plus the error, i.e. unchanged) at every position
+    but the sequence's first (an attention sink whose norm is an outlier: left as it is, as SAEs are trained and
+    evaluated in the field); yields per-pass sums over the replaced positions: {"l0", "sq_error", "sq_norm",
+    "sq_centred", "n"}."""
     stats: dict[str, list[float]] = {"l0": [], "sq_error": [], "sq_norm": [], "sq_centred": [], "n": []}
     held: dict[str, torch.Tensor] = {}
 
@@ -117,13 +122,14 @@ def spliced(sites: Any, sae: SAE, error_term: bool = False) -> Iterator[dict[str
     def write(value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = flat(value, sae.site_out or sae.site).float()
         recon = held["recon"].to(x.device)
-        err = x - recon
-        stats["l0"].append(float(held["l0"].sum()))
-        stats["sq_error"].append(float((err ** 2).sum()))
-        stats["sq_norm"].append(float((x ** 2).sum()))
-        stats["sq_centred"].append(float(((x - x.mean(-2, keepdim=True)) ** 2).sum()))
-        stats["n"].append(float(x.shape[0] * x.shape[1]))
-        out = x if error_term else recon
+        keep = (positions != 0).to(x.device)  # (t,): the first position stays as it is
+        xs, rs = x[:, keep], recon[:, keep]
+        stats["l0"].append(float(held["l0"][:, keep.to(held["l0"].device)].sum()))
+        stats["sq_error"].append(float(((xs - rs) ** 2).sum()))
+        stats["sq_norm"].append(float((xs ** 2).sum()))
+        stats["sq_centred"].append(float(((xs - xs.mean(-2, keepdim=True)) ** 2).sum()) if xs.shape[1] else 0.0)
+        stats["n"].append(float(xs.shape[0] * xs.shape[1]))
+        out = x if error_term else torch.where(keep[None, :, None], recon, x)
         return out.reshape(value.shape).to(value.dtype)
 
     edits = {sae.site: read_in}
@@ -131,6 +137,11 @@ def spliced(sites: Any, sae: SAE, error_term: bool = False) -> Iterator[dict[str
         edits[sae.site_out] = write
     with sites.edit(edits):
         yield stats
+
+
+def _zero_after_first(value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The site's value zeroed at every position but the sequence's first (the splice's baseline)."""
+    return torch.where((positions == 0).to(value.device).reshape(1, -1, *[1] * (value.ndim - 2)), value, 0.0)
 
 
 @dataclass(frozen=True)
@@ -149,7 +160,7 @@ class SpliceReport:
     spliced_loss_nats: float
     """The same with the SAE's reconstruction in place of the site's value."""
     zero_loss_nats: float
-    """The same with the site's value replaced by zeros."""
+    """The same with the site's value replaced by zeros (at the same positions: all but the first)."""
 
     @property
     def loss_recovered(self) -> float:
@@ -189,7 +200,7 @@ def splice_report(session: Any, texts: Sequence[str], sae: SAE) -> SpliceReport:
             base = logits_now()
             with spliced(sites, sae) as stats:
                 spliced_logits = logits_now()
-            with sites.edit({out_site: lambda value, positions: torch.zeros_like(value)}):
+            with sites.edit({out_site: _zero_after_first}):
                 zero = logits_now()
             for name, logits in (("model", base), ("spliced", spliced_logits), ("zero", zero)):
                 losses[name].append(torch.nn.functional.cross_entropy(logits, target.to(logits.device),
