@@ -353,8 +353,8 @@ class Session:
                            meta={"dtype": self.info.dtype, "chat": str(chat)})
 
     def features(self, prompt: str, sae: Any, chat: bool = False, images: Any = None) -> Any:
-        """The features of ``sae`` (a :class:`labkit.features.SAE`, or a folder in SAELens' format) at every
-        position of ``prompt``: :class:`labkit.features.Features` (activations (T, d_sae), top features per
+        """The features of ``sae`` (a :class:`labkit.features.sae.SAE`, or a folder in SAELens' format) at every
+        position of ``prompt``: :class:`labkit.features.reading.Features` (activations (T, d_sae), top features per
         position, reconstruction error, an image over tokens × features). The activations' memory is checked
         first."""
         from labkit.core import memory

@@ -115,18 +115,22 @@ class SAE:
 
     @property
     def d_in(self) -> int:
+        """Width of the vectors read (the site's)."""
         return int(self.W_enc.shape[0])
 
     @property
     def d_sae(self) -> int:
+        """Number of features."""
         return int(self.W_enc.shape[1])
 
     @property
     def d_out(self) -> int:
+        """Width of the reconstruction (the output site's for a transcoder)."""
         return int(self.W_dec.shape[1])
 
     @property
     def is_transcoder(self) -> bool:
+        """Whether it predicts another site (``site_out``) rather than reconstructing its own."""
         return self.site_out is not None
 
     def __repr__(self) -> str:
