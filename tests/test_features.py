@@ -236,3 +236,36 @@ def test_train_sae_on_the_default_model_saves_saelens_format_and_the_cli_runs(tm
                                     "--out", str(tmp_path / "cli-sae")])
     assert out.exit_code == 0, out.output
     assert json.loads((tmp_path / "cli-sae" / "cfg.json").read_text())["k"] == 4 and "l0" in out.output
+
+
+def test_the_labs_feature_strip_shows_top_features_where_one_fires_and_regenerates_with_it_ablated(tiny, tmp_path):
+    pytest.importorskip("anywidget")
+    from labkit.sampling import Classic
+    from labkit.ui.panels import Lab
+
+    w = _weights(seed=4)
+    sae = load_sae(_write(tmp_path / "lab", {"d_in": D, "d_sae": N, "hook_name": "blocks.1.hook_resid_post"}, w),
+                   tiny)
+    lab = Lab(tiny, chat=False, prompt=PROMPT, max_new_tokens=3, sae=sae, sampler=Classic(temperature=0.7))
+    try:
+        lab.run()
+        lab.wait(60)
+        lab.stream.hovered = 1
+        step = lab.trace.steps[1]
+        shown = [b.description for b in lab.features.top.children]
+        top = step.captures["features:lab"]
+        assert shown == [f"{f}: {a:.2f}" for f, a in zip(top["features"], top["activations"], strict=True)]
+        feature = top["features"][0]
+        lab.features.top.children[0].click()  # where it fires: one span per prompt and generated token
+        assert lab.features.where.value.count("<span") == len(lab.trace.prompt_ids) + 3
+        assert f"feature {feature}:" in lab.features.where.value
+        first = lab.trace
+        lab.features.ablate.click()
+        lab.wait(60)
+        assert len(lab.traces) == 2 and lab.trace is not first
+        same = tiny.generate(PROMPT, max_new_tokens=3, sampler=Classic(temperature=0.7), seed=0,
+                             interventions=[AblateFeature(sae, feature)])
+        assert lab.trace.token_ids == same.token_ids
+        assert "AblateFeature" in lab.features.status.value
+    finally:
+        lab.close()

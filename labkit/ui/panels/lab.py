@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 import ipywidgets as widgets
+import torch
 
 from labkit.core.errors import InvalidArgument
 from labkit.interventions import ForceTokens
@@ -22,6 +23,7 @@ from labkit.sampling.beam import BeamSearch, strategy_arguments
 from labkit.ui.panels.attention_view import AttentionImage, grow
 from labkit.ui.panels.charts import ProbabilityCharts
 from labkit.ui.panels.controls import SamplerControls
+from labkit.ui.panels.feature_strip import FeatureStrip
 from labkit.ui.panels.stream import Throttle, TokenStream
 from labkit.ui.panels.why_view import WhyView, explain
 
@@ -82,17 +84,20 @@ class Lab(widgets.VBox):
     ``chat`` None switches the chat template on when the tokenizer has one (an instruct model such as the default
     answers a request instead of ending at once), off otherwise. ``images`` (a vision-language model): the prompt's
     images, shown beside the stream as the model saw them, with the hovered (or clicked) token's attention on each
-    cell."""
+    cell. ``sae`` (a :class:`labkit.features.sae.SAE` or a folder): the feature strip below the why view."""
 
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
                  max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
-                 image_interval_s: float = 1.0, chat: bool | None = None, images: Any = None) -> None:
+                 image_interval_s: float = 1.0, chat: bool | None = None, images: Any = None, sae: Any = None) -> None:
         from labkit.model.vlm import load_images
 
         self.session = session
         if images is not None and session.vision is None:
             raise InvalidArgument(f"images= needs a vision-language model; {session.model_id!r} is a text model")
         self.images = None if images is None else load_images(images)
+        from labkit.features.sae import as_sae
+
+        self.sae = None if sae is None else as_sae(sae, session)
         self.top_k = top_k
         n_layers, n_heads = session.info.n_layers, session.info.n_heads
         # -- inputs
@@ -124,6 +129,9 @@ class Lab(widgets.VBox):
         self.attention = AttentionImage(n_layers, n_heads)
         self.controls = SamplerControls(sampler)
         self.why = WhyView(on_ablate=self._ablate_and_regenerate)
+        self.features = None if self.sae is None else FeatureStrip(self.sae.name, self._feature_where,
+                                                                   self._feature_edit_and_regenerate)
+        self._feature_edit: Any = None  # the feature edit of the next runs (the strip's buttons)
         self.picture = widgets.Image(format="png", layout=widgets.Layout(max_width="420px"))
         self.picture.add_class("labkit-picture")
         self.picture_label = widgets.Label("")
@@ -159,6 +167,7 @@ class Lab(widgets.VBox):
         self.color_by.observe(lambda c: setattr(self.stream, "color_by", c["new"]), names="value")
         self.stream.observe(lambda c: self._guarded(self._on_select, c["new"]), names="selected")
         self.stream.observe(lambda c: self._guarded(self._show_grounding, c["new"]), names="hovered")
+        self.stream.observe(lambda c: self._guarded(self._show_features, c["new"]), names="hovered")
         self.stream.observe(lambda c: self._guarded(self._on_branch, c["new"]), names="branch")
         self.branch.observe(lambda c: self._guarded(self._show_run, c["new"]), names="value")
         self.why.method.observe(lambda c: self._guarded(self._ask_why, self.stream.selected), names="value")
@@ -182,7 +191,7 @@ class Lab(widgets.VBox):
                                       widgets.HBox([self.ablate_layer, self.ablate_head, self.ablate_on])])
         lower = widgets.HBox([self.attention, widgets.VBox([widgets.HTML("<b>Sampler</b> (live)"), self.controls,
                                                             interventions])])
-        return [widgets.HBox([left, right]), lower, self.why]
+        return [widgets.HBox([left, right]), lower, self.why, *([self.features] if self.features else [])]
 
     # -- actions -------------------------------------------------------------------------------------------
     def run(self, prompt: str | None = None, extra: list[Any] | None = None) -> None:
@@ -239,9 +248,11 @@ class Lab(widgets.VBox):
     def _interventions(self) -> list[Any]:
         if not self.interventions_on.value:
             return []
-        return from_text(suppress=[self.suppress.value] if self.suppress.value else [],
-                         boost=[f"{self.boost.value}={self.boost_factor.value}"] if self.boost.value else [],
-                         ablate=[f"{self.ablate_layer.value}:{self.ablate_head.value}"] if self.ablate_on.value else [])
+        return [*from_text(suppress=[self.suppress.value] if self.suppress.value else [],
+                           boost=[f"{self.boost.value}={self.boost_factor.value}"] if self.boost.value else [],
+                           ablate=[f"{self.ablate_layer.value}:{self.ablate_head.value}"] if self.ablate_on.value
+                           else []),
+                *([self._feature_edit] if self._feature_edit is not None else [])]
 
     def _start(self, extra: list[Any], label: str = "run") -> None:
         if self.running:
@@ -253,7 +264,8 @@ class Lab(widgets.VBox):
         gen = self.session.stream(prompt, max_new_tokens=self.max_new_tokens.value,
                                   **strategy_arguments(self.controls.sampler), seed=self.seed.value, chat=chat,
                                   top_k=self.top_k,
-                                  capture=[] if isinstance(self.controls.sampler, BeamSearch) else ["attention"],
+                                  capture=[] if isinstance(self.controls.sampler, BeamSearch) else
+                                  ["attention", *([self.sae] if self.sae is not None else [])],
                                   interventions=[*self._interventions(), *extra], kv=self.kv.value or None,
                                   images=self.images)
         self._runner, self.trace = _Runner(gen, self), gen.trace
@@ -317,7 +329,44 @@ class Lab(widgets.VBox):
         if self.trace is not None and 0 <= index < len(self.trace):
             self.charts.show_step(self.trace.steps[index], index)
             self._show_grounding(index)
+            self._show_features(index)
             self._ask_why(index)
+
+    def _show_features(self, index: int) -> None:
+        """The feature strip's top features of step ``index`` (a Lab given an SAE)."""
+        if self.features is not None and self.trace is not None and 0 <= index < len(self.trace):
+            self.features.show_step(index, self.trace.steps[index])
+
+    def _feature_where(self, feature: int) -> None:
+        """Where ``feature`` fires over the shown run's prompt and tokens (one forward pass, when no run holds the
+        Session)."""
+        from labkit.features import reading
+
+        if self.trace is None or self.running:
+            self.features.status.value = "where a feature fires is shown when no run is going: press Stop"
+            return
+        if self.images is not None:
+            self.features.status.value = "where a feature fires is not shown for an image run (read s.features)"
+            return
+        ids = torch.tensor([[*self.trace.prompt_ids, *self.trace.token_ids]], device=self.session.device)
+        tokens = [self.session.token_text(i) for i in ids[0].tolist()]
+        with self.session.exclusive():
+            found = reading.features(self.session.sites, ids, self.sae, tokens)
+        self.features.show_where(feature, tokens, found.where(feature))
+
+    def _feature_edit_and_regenerate(self, kind: str, feature: int, scale: float) -> None:
+        """The strip's buttons: regenerate the prompt with ``feature`` steered by ``scale`` or ablated (kept for the
+        runs after, until another feature edit)."""
+        from labkit.interventions.features import AblateFeature, SteerFeature
+
+        self._feature_edit = (SteerFeature(self.sae, feature, scale) if kind == "steer"
+                              else AblateFeature(self.sae, feature))
+        if self.running:
+            self.stop()
+            self.wait()
+        self._guarded(self.run)
+        self.features.status.value = (f"regenerating with {self._feature_edit!r}: run {len(self.traces)} in the run "
+                                      "list")
 
     def _show_grounding(self, index: int) -> None:
         """The image with step ``index``'s attention on each cell (mean over layers and heads), for an image run."""
