@@ -269,3 +269,33 @@ def test_the_labs_feature_strip_shows_top_features_where_one_fires_and_regenerat
         assert "AblateFeature" in lab.features.status.value
     finally:
         lab.close()
+
+
+def test_an_attention_output_sae_reads_the_heads_concatenated_and_its_edits_land_there(tiny, tmp_path):
+    w = _weights(seed=5)  # 4 heads × 16 = 64: the o_proj input
+    sae = load_sae(_write(tmp_path / "z", {"d_in": D, "d_sae": N, "hook_name": "blocks.0.attn.hook_z"}, w), tiny)
+    assert sae.site == "blocks.0.attn.z"
+    z = _site_value(tiny, "model.layers.0.self_attn.o_proj", pre=True)  # (T, H·d_head)
+    f = torch.relu((z - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
+    torch.testing.assert_close(tiny.features(PROMPT, sae).acts, f, atol=1e-5, rtol=1e-5)
+    feature = int(f[-1].argmax())
+    handle = tiny.model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+        lambda m, a: (a[0] - f[:, feature, None] * w["W_dec"][feature],))
+    try:
+        with torch.no_grad():
+            expected = torch.log_softmax(tiny.model(input_ids=tiny.encode(PROMPT)).logits[0, -1].float(), -1)
+    finally:
+        handle.remove()
+    with tiny.intervene(AblateFeature(sae, feature)):
+        torch.testing.assert_close(tiny.next_token(PROMPT).logprobs, expected, atol=1e-5, rtol=0)
+
+
+def test_training_text_sampled_from_the_model_when_none_is_given(tiny):
+    from labkit.features.train import sample_texts
+
+    texts = sample_texts(tiny, 2, max_new_tokens=8, seed=1)
+    assert len(texts) == 2 and texts == sample_texts(tiny, 2, max_new_tokens=8, seed=1)  # seeded
+    sae, report = train_sae(tiny, "blocks.0.resid_post", None, sample=3, d_sae=32, k=4, steps=5, progress=False)
+    assert sae.d_sae == 32 and report.tokens > 0
+    with pytest.raises(InvalidArgument, match="architecture must be one of"):
+        fit(torch.randn(10, D), 8, architecture="gated")
