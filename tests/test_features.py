@@ -62,6 +62,20 @@ def _site_value(s: labkit.Session, path: str, pre: bool = False) -> torch.Tensor
     return seen["x"]
 
 
+def _hooked_logprobs(s: labkit.Session, module: torch.nn.Module, hook, pre: bool = False) -> torch.Tensor:
+    """Next-token log-probs (nats) of PROMPT with a plain PyTorch hook on ``module`` (removed after)."""
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return torch.log_softmax(s.model(input_ids=s.encode(PROMPT)).logits[0, -1].float(), -1)
+    finally:
+        handle.remove()
+
+
+def _out(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
 ARCHITECTURES = {  # architecture -> (extra config, extra tensors, the encoder by hand on x̃ = x − b_dec)
     "standard": ({}, {}, lambda w, x: torch.relu(x @ w["W_enc"] + w["b_enc"])),
     "jumprelu": ({}, {"threshold": torch.full((N,), 0.2)},
@@ -132,22 +146,11 @@ def test_an_unedited_splice_keeps_the_logits_and_ablating_subtracts_the_decoder_
     x = _site_value(tiny, "model.layers.0")
     f = torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     feature = int(f[-1].argmax())
-    handle = tiny.model.model.layers[0].register_forward_hook(
-        lambda m, a, o: (o[0] if isinstance(o, tuple) else o) - f[:, feature, None] * w["W_dec"][feature])
-    try:
-        with torch.no_grad():
-            expected = torch.log_softmax(tiny.model(input_ids=ids).logits[0, -1].float(), -1)
-    finally:
-        handle.remove()
+    layer = tiny.model.model.layers[0]
+    expected = _hooked_logprobs(tiny, layer, lambda m, a, o: _out(o) - f[:, feature, None] * w["W_dec"][feature])
     with tiny.intervene(AblateFeature(sae, feature)):
         torch.testing.assert_close(tiny.next_token(PROMPT).logprobs, expected, atol=1e-5, rtol=0)
-    handle = tiny.model.model.layers[0].register_forward_hook(
-        lambda m, a, o: (o[0] if isinstance(o, tuple) else o) + 3.0 * w["W_dec"][feature])
-    try:
-        with torch.no_grad():
-            steered = torch.log_softmax(tiny.model(input_ids=ids).logits[0, -1].float(), -1)
-    finally:
-        handle.remove()
+    steered = _hooked_logprobs(tiny, layer, lambda m, a, o: _out(o) + 3.0 * w["W_dec"][feature])
     with tiny.intervene(SteerFeature(sae, feature, 3.0)):
         torch.testing.assert_close(tiny.next_token(PROMPT).logprobs, steered, atol=1e-5, rtol=0)
     with pytest.raises(InvalidArgument, match="feature must be an integer in"), tiny.intervene(AblateFeature(sae, N)):
@@ -174,13 +177,8 @@ def test_a_transcoder_reads_the_mlp_input_and_writes_the_mlp_output(tiny, tmp_pa
     with torch.no_grad(), spliced(tiny.sites, tc):
         torch.testing.assert_close(tiny.model(input_ids=ids).logits, replaced, atol=1e-5, rtol=0)
     feature = int(f[-1].argmax())
-    handle = tiny.model.model.layers[1].mlp.register_forward_hook(
-        lambda m, a, o: o - f[:, feature, None] * w["W_dec"][feature])
-    try:
-        with torch.no_grad():
-            expected = torch.log_softmax(tiny.model(input_ids=ids).logits[0, -1].float(), -1)
-    finally:
-        handle.remove()
+    expected = _hooked_logprobs(tiny, tiny.model.model.layers[1].mlp,
+                                lambda m, a, o: o - f[:, feature, None] * w["W_dec"][feature])
     with tiny.intervene(AblateFeature(tc, feature)):
         torch.testing.assert_close(tiny.next_token(PROMPT).logprobs, expected, atol=1e-5, rtol=0)
 
@@ -279,13 +277,8 @@ def test_an_attention_output_sae_reads_the_heads_concatenated_and_its_edits_land
     f = torch.relu((z - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
     torch.testing.assert_close(tiny.features(PROMPT, sae).acts, f, atol=1e-5, rtol=1e-5)
     feature = int(f[-1].argmax())
-    handle = tiny.model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
-        lambda m, a: (a[0] - f[:, feature, None] * w["W_dec"][feature],))
-    try:
-        with torch.no_grad():
-            expected = torch.log_softmax(tiny.model(input_ids=tiny.encode(PROMPT)).logits[0, -1].float(), -1)
-    finally:
-        handle.remove()
+    expected = _hooked_logprobs(tiny, tiny.model.model.layers[0].self_attn.o_proj,
+                                lambda m, a: (a[0] - f[:, feature, None] * w["W_dec"][feature],), pre=True)
     with tiny.intervene(AblateFeature(sae, feature)):
         torch.testing.assert_close(tiny.next_token(PROMPT).logprobs, expected, atol=1e-5, rtol=0)
 

@@ -194,13 +194,20 @@ def _idefics3(config: object, ids: torch.Tensor, tiles: Any) -> ImagePositions:
         col.append(c)
         view.append(torch.full_like(r, 1 if rows else 0))
         grids.append((rows * side, cols * side) if rows else (side, side))
-    positions = (ids == config.image_token_id).nonzero().reshape(-1)
+    return _tiled(ids == config.image_token_id, image, row, col, view, grids, (side, side))
+
+
+def _tiled(is_image: torch.Tensor, image: list[torch.Tensor], row: list[torch.Tensor], col: list[torch.Tensor],
+           view: list[torch.Tensor], grids: list[tuple[int, int]], thumbnail: tuple[int, int]) -> ImagePositions:
+    """A tiled family's layout from its per-block pieces (in prompt order), checked against the prompt's image
+    tokens (``is_image`` (T,), bool)."""
+    positions = is_image.nonzero().reshape(-1)
     n = sum(len(x) for x in image)
     if positions.numel() != n:
         raise InvalidArgument(f"the prompt holds {positions.numel()} image tokens but the images need {n}: was the "
                               "prompt made by this model's processor?")
     return ImagePositions(positions, torch.cat(image), torch.cat(row), torch.cat(col), tuple(grids),
-                          torch.cat(view), (side, side))
+                          torch.cat(view), thumbnail)
 
 
 def _llava_next_grid(config: Any, size: Any) -> tuple[int, int]:
@@ -234,13 +241,7 @@ def _llava_next(config: object, ids: torch.Tensor, sizes: Any) -> ImagePositions
         col += [c, cc]
         view += [torch.ones_like(r), torch.where(cc == w, 2, 0)]
         grids.append((h, w))
-    positions = (ids == config.image_token_index).nonzero().reshape(-1)
-    n = sum(len(x) for x in image)
-    if positions.numel() != n:
-        raise InvalidArgument(f"the prompt holds {positions.numel()} image tokens but the images need {n}: was the "
-                              "prompt made by this model's processor?")
-    return ImagePositions(positions, torch.cat(image), torch.cat(row), torch.cat(col), tuple(grids),
-                          torch.cat(view), (side, side))
+    return _tiled(ids == config.image_token_index, image, row, col, view, grids, (side, side))
 
 
 _LAYOUTS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl,
