@@ -73,9 +73,7 @@ class SteerFeature(_FeatureEdit):
     def __init__(self, sae: SAE | str, feature: int, scale: float,
                  positions: int | Sequence[int] | None = None) -> None:
         super().__init__(sae, feature, positions)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(scale)):
-            raise InvalidArgument(f"scale must be a finite number; got {scale!r}")
-        self.scale = float(scale)
+        self.scale = _finite("scale", scale)
 
     def _edit(self, f: torch.Tensor) -> torch.Tensor:
         f[..., self.feature] += self.scale
@@ -102,9 +100,7 @@ class ClampFeature(_FeatureEdit):
     def __init__(self, sae: SAE | str, feature: int, value: float,
                  positions: int | Sequence[int] | None = None) -> None:
         super().__init__(sae, feature, positions)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not torch.isfinite(torch.tensor(value)):
-            raise InvalidArgument(f"value must be a finite number; got {value!r}")
-        self.value = float(value)
+        self.value = _finite("value", value)
 
     def _edit(self, f: torch.Tensor) -> torch.Tensor:
         f[..., self.feature] = self.value
@@ -112,6 +108,13 @@ class ClampFeature(_FeatureEdit):
 
     def __repr__(self) -> str:
         return f"ClampFeature({_name(self.sae)}, feature={self.feature}, value={self.value:g})"
+
+
+def _finite(name: str, value: Any) -> float:
+    """``value`` as a float, or InvalidArgument naming ``name`` when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not torch.isfinite(torch.tensor(value)):
+        raise InvalidArgument(f"{name} must be a finite number; got {value!r}")
+    return float(value)
 
 
 def _name(sae: Any) -> str:
