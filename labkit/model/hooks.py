@@ -391,17 +391,8 @@ class Sites:
                                       f"{tuple(value.shape)}; got {got}")
             return new
 
-        if kind in ("vision", "projector"):  # the image side: positions are the patches (or tokens) of its pass
-            module = self.vision_blocks[layer] if kind == "vision" else self.projector
-
-            def image_side(module: Any, args: Any, output: Any) -> Any:
-                value = _hidden(output)
-                flat = value.ndim == 2  # Qwen2-VL's tower runs on (patches, d): shown as one batch row
-                shown = value[None] if flat else value
-                new = fn(shown, torch.arange(shown.shape[1]))
-                return None if new is None else _replace(output, new[0] if flat else new)
-
-            return [module.register_forward_hook(image_side)]
+        if kind in ("vision", "projector"):
+            return self._register_image_side(kind, layer, fn)
         if kind == "resid_pre":
             def pre(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -421,17 +412,7 @@ class Sites:
 
             return [self.part(layer, "out_proj").register_forward_pre_hook(pre_z)]
         if kind == "mlp_in":
-            def pre_mlp(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                flat = hidden.ndim == 2  # OPT runs its MLP on (B·T, d): shown as one row (labkit runs B = 1 here)
-                value = hidden[None] if flat else hidden
-                new = fn(value, positions.of(value))
-                if new is None:
-                    return None
-                new = new[0] if flat else new
-                return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
-
-            return [self.part(layer, "mlp").register_forward_pre_hook(pre_mlp, with_kwargs=True)]
+            return [self.part(layer, "mlp").register_forward_pre_hook(_mlp_in_hook(fn, positions), with_kwargs=True)]
         module = {"embed": self.embed, "final_norm": self.final[-1] if self.final else None,
                   "attn_out": self.part(layer, "attn") if layer is not None else None,
                   "mlp_out": self.part(layer, "mlp") if layer is not None else None,
@@ -459,6 +440,19 @@ class Sites:
 
         handles.append(module.register_forward_hook(post))
         return handles
+
+    def _register_image_side(self, kind: str, layer: int | None, fn: SiteFn) -> list[Any]:
+        """A vision-language model's image-side site: positions are the patches (or tokens) of its own pass."""
+        module = self.vision_blocks[layer] if kind == "vision" else self.projector
+
+        def image_side(module: Any, args: Any, output: Any) -> Any:
+            value = _hidden(output)
+            flat = value.ndim == 2  # Qwen2-VL's tower runs on (patches, d): shown as one batch row
+            shown = value[None] if flat else value
+            new = fn(shown, torch.arange(shown.shape[1]))
+            return None if new is None else _replace(output, new[0] if flat else new)
+
+        return [module.register_forward_hook(image_side)]
 
     @contextlib.contextmanager
     def edit(self, edits: dict[str, SiteFn]) -> Iterator[None]:
@@ -521,6 +515,21 @@ class Sites:
             yield
         finally:
             setattr(parent, attr, full)
+
+
+def _mlp_in_hook(fn: SiteFn, positions: _Positions) -> Callable[..., Any]:
+    """The pre-hook of site ``blocks.L.mlp_in``: the MLP module's input."""
+    def pre_mlp(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        flat = hidden.ndim == 2  # OPT runs its MLP on (B·T, d): shown as one row (labkit runs B = 1 here)
+        value = hidden[None] if flat else hidden
+        new = fn(value, positions.of(value))
+        if new is None:
+            return None
+        new = new[0] if flat else new
+        return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    return pre_mlp
 
 
 class _Positions:

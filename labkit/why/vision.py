@@ -239,97 +239,125 @@ def attribute_image(session: Any, prompt: str, images: Any, target: str | int | 
     ``baseline``: "black" (the features or pixels of all-black images of the same size; text positions keep their
     own embeddings, so only the images are attributed) or "zero"; its completeness error is reported, and its rule
     refined (labkit's adaptive IG) until the error is under ``tolerance`` or ``max_steps`` points are used."""
-    from labkit.core.errors import check_int, invalid_choice
-    from labkit.core.memory import Shape, backward_bytes, pieces
-    from labkit.core.tokens import token_id
-    from labkit.why.attribution import (
-        GRADIENT_METHODS,
-        Attribution,
-        adaptive_ig,
-        check_quantity,
-        quantity_of,
-    )
+    from PIL import Image
 
-    if method not in ("saliency", "input_x_gradient", "ig"):
-        raise invalid_choice("method", method, ("saliency", "input_x_gradient", "ig"))
-    if to not in ("tokens", "pixels"):
-        raise invalid_choice("to", to, ("tokens", "pixels"))
-    if baseline not in ("black", "zero"):
-        raise invalid_choice("baseline", baseline, ("black", "zero"))
+    from labkit.core.errors import check_int, invalid_choice
+    from labkit.core.tokens import token_id
+    from labkit.why.attribution import Attribution, check_quantity
+
+    for name, value, allowed in (("method", method, ("saliency", "input_x_gradient", "ig")),
+                                 ("to", to, ("tokens", "pixels")), ("baseline", baseline, ("black", "zero"))):
+        if value not in allowed:
+            raise invalid_choice(name, value, allowed)
     check_quantity(quantity)
     check_int("steps", steps, 2, 4096)
     if session.vision is None:
         raise InvalidArgument(f"attribute_image needs a vision-language model; {session.model_id!r} is a text model")
     made = session.vision.prompt(prompt, images)
-    pixels = made.pixels["pixel_values"]
-    if to == "pixels" and pixels.ndim != 4:
+    if to == "pixels" and made.pixels["pixel_values"].ndim != 4:
         raise InvalidArgument(f"to='pixels' needs (images, 3, H, W) pixel values; the {session.vision.family} "
                               "processor flattens patches or splits images into tiles: use to='tokens'")
-    ids = made.ids.to(session.device)
-    length = ids.shape[1]
-    model, sites = session.model, session.sites
-    foil_id = None if foil is None else token_id(session.tokenizer, foil)
-    from PIL import Image
-
-    blacks = [Image.new("RGB", p.size) for p in made.images]  # all-black images of the same sizes
-    black = session.vision.prompt(prompt, blacks)
-    with session.exclusive(), torch.no_grad(), sites.read(["blocks.0.resid_pre"]) as seen:
+    black = session.vision.prompt(prompt, [Image.new("RGB", p.size) for p in made.images])  # all-black, same sizes
+    ids, model = made.ids.to(session.device), session.model
+    with session.exclusive(), torch.no_grad(), session.sites.read(["blocks.0.resid_pre"]) as seen:
         with attached(model, session.vision, black):
             model(input_ids=ids, logits_to_keep=1)  # seen[0]: the black images' vectors
         with attached(model, session.vision, made):
             own = model(input_ids=ids, logits_to_keep=1).logits[:, -1]  # seen[1]: the images'
+    target_id = int(own[0].argmax()) if target is None else token_id(session.tokenizer, target)
+    foil_id = None if foil is None else token_id(session.tokenizer, foil)
+    goal = _Goal(target_id, foil_id, quantity)
     with session.exclusive(), attached(model, session.vision, made):
-        target_id = int(own[0].argmax()) if target is None else token_id(session.tokenizer, target)
         if to == "tokens":
-            dark, x = seen["blocks.0.resid_pre"][0].detach(), seen["blocks.0.resid_pre"][1].detach()
-            x0 = dark if baseline == "black" else torch.where(_image_mask(made, x), torch.zeros_like(x), x)
-
-            def f(points: torch.Tensor) -> torch.Tensor:
-                rows = points.shape[0]
-                with sites.edit({"blocks.0.resid_pre": lambda value, positions: points}):
-                    logits = model(input_ids=ids.expand(rows, -1), logits_to_keep=1).logits[:, -1]
-                return quantity_of(logits, target_id, foil_id, quantity)
+            x, x0, f = _token_path(session, ids, [t[0] for t in seen["blocks.0.resid_pre"]], made, baseline, goal)
         else:
-            n, c, h, w = pixels.shape
-            x = pixels.to(session.device, model.dtype).permute(0, 2, 3, 1).reshape(1, n * h * w, c)
-            x0 = torch.zeros_like(x) if baseline == "zero" else (
-                black.pixels["pixel_values"].to(x.device, x.dtype).permute(0, 2, 3, 1).reshape(1, n * h * w, c))
-
-            def f(points: torch.Tensor) -> torch.Tensor:
-                rows = points.shape[0]
-                values = points.reshape(rows * n, h, w, c).permute(0, 3, 1, 2)
-                logits = model(input_ids=ids.expand(rows, -1), pixel_values=values, logits_to_keep=1).logits[:, -1]
-                return quantity_of(logits, target_id, foil_id, quantity)
-
-        batch = pieces(steps, backward_bytes(Shape.of(model), length), 0, f"{method} attribution of an image prompt",
-                       session.device, "use a shorter prompt or method='saliency'")
-        extra: dict[str, Any] = {}
-        with torch.inference_mode(False), torch.enable_grad():
-            with torch.no_grad():
-                value, base_value = (float(v) for v in f(torch.cat([x, x0])))
-            own_value = float(quantity_of(own.float(), target_id, foil_id, quantity)[0])
-            if abs(value - own_value) > 1e-3 * max(1.0, abs(own_value)):
-                raise InvalidArgument(f"the attributed function gives {value:.6g} at the input, the model "
-                                      f"{own_value:.6g}: this model's image path is not one labkit follows")
-            if method == "ig":
-                scores, used = adaptive_ig(f, x, x0, steps, max_steps, tolerance, batch, (base_value, value))
-                gap = value - base_value
-                error = abs(float(scores.double().sum()) - gap) / abs(gap) if gap else float("inf")
-                extra.update(baseline_value=base_value, completeness_error=error, steps=used, baseline=baseline)
-            else:
-                scores = GRADIENT_METHODS[method](f, x.clone().requires_grad_()).detach().float()
-    id_list = made.ids[0].tolist()
-    texts = display_tokens(session.token_text, made.ids, made)
-    if to == "pixels":
-        pixel_scores = scores.reshape(n, h, w)
-        token_scores = [0.0] * length
-    else:
-        pixel_scores, token_scores = None, scores.tolist()
-    attribution = Attribution(tokens=texts, token_ids=id_list, scores=token_scores, method=method,
-                              target=session.token_text(target_id), target_id=target_id, position=length - 1,
+            x, x0, f = _pixel_path(session, ids, made, black, baseline, goal)
+        scores, value, extra = _integrate(session, f, x, x0, goal.of(own), method, steps, max_steps, tolerance,
+                                          ids.shape[1])
+    if method == "ig":
+        extra["baseline"] = baseline
+    pixels = made.pixels["pixel_values"]
+    attribution = Attribution(tokens=display_tokens(session.token_text, made.ids, made),
+                              token_ids=made.ids[0].tolist(),
+                              scores=scores.tolist() if to == "tokens" else [0.0] * ids.shape[1], method=method,
+                              target=session.token_text(target_id), target_id=target_id, position=ids.shape[1] - 1,
                               quantity=quantity, value=value, foil=None if foil_id is None else
                               session.token_text(foil_id), foil_id=foil_id, **extra)
-    return ImageAttribution(attribution=attribution, layout=made.layout, pixels=pixel_scores)
+    return ImageAttribution(attribution=attribution, layout=made.layout,
+                            pixels=scores.reshape(pixels.shape[0], *pixels.shape[2:]) if to == "pixels" else None)
+
+
+@dataclass(frozen=True)
+class _Goal:
+    """What is attributed: the target's quantity (minus the foil's) at the last position."""
+
+    target: int
+    foil: int | None
+    quantity: str
+
+    def of(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) last-position logits -> (B,)."""
+        from labkit.why.attribution import quantity_of
+
+        return quantity_of(logits.float(), self.target, self.foil, self.quantity)
+
+
+def _token_path(session: Any, ids: torch.Tensor, seen: list[torch.Tensor], made: Any, baseline: str, goal: _Goal
+                ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(x, x0, f) for attribution to the vectors entering the language model: f runs the model with
+    ``blocks.0.resid_pre`` replaced by the point (B, T, d)."""
+    dark, x = seen[0][None].detach(), seen[1][None].detach()
+    x0 = dark if baseline == "black" else torch.where(_image_mask(made, x), torch.zeros_like(x), x)
+
+    def f(points: torch.Tensor) -> torch.Tensor:
+        with session.sites.edit({"blocks.0.resid_pre": lambda value, positions: points}):
+            return goal.of(session.model(input_ids=ids.expand(points.shape[0], -1), logits_to_keep=1).logits[:, -1])
+
+    return x, x0, f
+
+
+def _pixel_path(session: Any, ids: torch.Tensor, made: Any, black: Any, baseline: str, goal: _Goal
+                ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(x, x0, f) for attribution to the pixels (images, 3, H, W), laid out as (1, images·H·W, 3) so that a
+    position's score sums its channels."""
+    pixels = made.pixels["pixel_values"]
+    n, c, h, w = pixels.shape
+
+    def laid(values: torch.Tensor) -> torch.Tensor:
+        return values.to(session.device, session.model.dtype).permute(0, 2, 3, 1).reshape(1, n * h * w, c)
+
+    x = laid(pixels)
+    x0 = torch.zeros_like(x) if baseline == "zero" else laid(black.pixels["pixel_values"])
+
+    def f(points: torch.Tensor) -> torch.Tensor:
+        values = points.reshape(points.shape[0] * n, h, w, c).permute(0, 3, 1, 2)
+        return goal.of(session.model(input_ids=ids.expand(points.shape[0], -1), pixel_values=values,
+                                     logits_to_keep=1).logits[:, -1])
+
+    return x, x0, f
+
+
+def _integrate(session: Any, f: Any, x: torch.Tensor, x0: torch.Tensor, own: torch.Tensor, method: str, steps: int,
+               max_steps: int, tolerance: float, length: int) -> tuple[torch.Tensor, float, dict[str, Any]]:
+    """(scores (positions,), f at the input, IG's extra fields): the path's function checked against the model's
+    own value first (refused when they differ)."""
+    from labkit.core.memory import Shape, backward_bytes, pieces
+    from labkit.why.attribution import GRADIENT_METHODS, adaptive_ig
+
+    batch = pieces(steps, backward_bytes(Shape.of(session.model), length), 0, f"{method} attribution of an image "
+                   "prompt", session.device, "use a shorter prompt or method='saliency'")
+    with torch.inference_mode(False), torch.enable_grad():
+        with torch.no_grad():
+            value, base_value = (float(v) for v in f(torch.cat([x, x0])))
+        if abs(value - float(own[0])) > 1e-3 * max(1.0, abs(float(own[0]))):
+            raise InvalidArgument(f"the attributed function gives {value:.6g} at the input, the model "
+                                  f"{float(own[0]):.6g}: this model's image path is not one labkit follows")
+        if method != "ig":
+            return GRADIENT_METHODS[method](f, x.clone().requires_grad_()).detach().float(), value, {}
+        scores, used = adaptive_ig(f, x, x0, steps, max_steps, tolerance, batch, (base_value, value))
+    gap = value - base_value
+    error = abs(float(scores.double().sum()) - gap) / abs(gap) if gap else float("inf")
+    return scores, value, {"baseline_value": base_value, "completeness_error": error, "steps": used}
 
 
 def _image_mask(made: Any, x: torch.Tensor) -> torch.Tensor:
