@@ -461,9 +461,9 @@ def test_site_names_are_listed_in_forward_order_and_resolve(sessions):
     s = sessions("gpt2")
     names = list(s.sites)
     assert names[0] == "embed" and names[-1] == "final_norm"
-    assert names[1:6] == ["blocks.0.resid_pre", "blocks.0.attn.z", "blocks.0.attn_out", "blocks.0.mlp_out",
-                          "blocks.0.resid_post"]
-    assert len(names) == 2 + 5 * 2 and "blocks.-1.resid_post" in s.sites
+    assert names[1:7] == ["blocks.0.resid_pre", "blocks.0.attn.z", "blocks.0.attn_out", "blocks.0.mlp_in",
+                          "blocks.0.mlp_out", "blocks.0.resid_post"]
+    assert len(names) == 2 + 6 * 2 and "blocks.-1.resid_post" in s.sites
     assert list(s.sites.table()["name"])[:2] == ["embed", "blocks.L.resid_pre"]
     with pytest.raises(labkit.errors.InvalidArgument, match=r"unknown site 'blocks.0.resid_pots'; did you mean "
                                                              r"\['blocks.0.resid_post'"):
