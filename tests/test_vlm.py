@@ -113,7 +113,7 @@ def test_qwen2_vl_image_tokens_match_the_models_own_rope_grid():
 
 
 def test_an_unsupported_vlm_family_is_refused_by_name():
-    with pytest.raises(UnsupportedVLM, match="llava, llava_next, qwen2_5_vl, qwen2_vl models; got model_type 'llama'"):
+    with pytest.raises(UnsupportedVLM, match="paligemma, qwen2_5_vl, qwen2_vl models; got model_type 'llama'"):
         image_positions(LlamaConfig(**TEXT), torch.tensor([1, 2, 3]))
 
 
@@ -200,3 +200,22 @@ def test_llava_next_thumbnail_tiles_and_row_ends_match_the_processor_and_the_mod
             offsets = {(full_row - int(lay.row[j]), full_col - int(lay.col[j])) for j in range(len(lay))
                        if int(lay.image[j]) == image and int(lay.view[j]) == 0}
             assert (full_row - int(lay.row[k]), full_col - int(lay.col[k])) in offsets
+
+
+def test_paligemma_prompts_equal_the_paligemma_processors_own():
+    import tiny_vlms
+    from transformers import PaliGemmaProcessor
+
+    from labkit.model.vlm import Vision
+
+    model, image_processor, tok = tiny_vlms.build("paligemma")
+    mine = Vision(model.config, tok, image_processor).prompt("<image>caption en", tiny_vlms.images((40, 60)))
+    theirs_tok = tiny_vlms.tokenizer()  # the processor adds its own tokens to the tokenizer it is given
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=theirs_tok)
+    theirs = processor(text="<image>caption en", images=tiny_vlms.images((40, 60)), return_tensors="pt")
+    mapped = theirs.input_ids.clone()
+    mapped[mapped == processor.image_token_id] = tiny_vlms.IMAGE
+    assert mine.ids.tolist() == mapped.tolist()  # images first, then BOS, the text and "\n"
+    assert (theirs.token_type_ids == 0).all()  # the whole prompt is the prefix: what labkit passes
+    torch.testing.assert_close(mine.pixels["pixel_values"], theirs.pixel_values)
+    assert mine.layout.grids == ((2, 2),) and mine.layout.positions.tolist() == [0, 1, 2, 3]

@@ -74,6 +74,8 @@ def test_captured_attention_and_grounding_equal_eager_attention_on_the_image(fam
     inputs = _own_inputs(s)
     ids = torch.cat([inputs["input_ids"], torch.tensor([trace.token_ids[:-1]])], dim=1)
     inputs.update(input_ids=ids, **s.vision.per_pass(ids))
+    if family == "paligemma":  # the generated tokens are the causal suffix after the bidirectional prompt
+        inputs["token_type_ids"][:, len(trace.prompt_ids):] = 1
     with torch.no_grad(), attn_implementation(s.model, "eager"):
         eager = torch.stack(s.model(**inputs, output_attentions=True).attentions)[:, 0]  # (L, H, T, T)
     length = len(trace.prompt_ids)
@@ -122,7 +124,7 @@ def _language_model(s: labkit.Session):
     return inner.text_model if hasattr(inner, "text_model") else inner.language_model  # Idefics3 | the others
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3", "idefics3"])  # Qwen2-VL: the next test
+@pytest.mark.parametrize("family", ["llava", "llava_next", "gemma3", "idefics3", "paligemma"])  # Qwen2-VL: next
 def test_a_patch_ablation_equals_zeroing_those_positions_by_hand(family, sessions):
     s = sessions[family]
     layout = s.vision.prompt(PROMPT, PICTURE).layout

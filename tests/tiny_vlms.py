@@ -1,8 +1,8 @@
-"""Tiny random-weight vision-language models of six families, built from transformers config classes with the
+"""Tiny random-weight vision-language models of seven families, built from transformers config classes with the
 default tokenizer (its vocabulary plus a few ids for the image tokens): LLaVA (CLIP tower, one token per patch),
 LLaVA-NeXT (a thumbnail, then tiles of the best-fitting resolution unpadded, an end-of-row token per row),
 Qwen2-VL and Qwen2.5-VL (merged 2 × 2 patches, M-RoPE; 2.5's tower attends in windows), Gemma 3 (SigLIP tower,
-pooled tokens, bidirectional image blocks) and
+pooled tokens, bidirectional image blocks), PaliGemma (images first, the whole prompt a bidirectional prefix) and
 Idefics3 / SmolVLM (images split into tiles plus a global thumbnail, pixel shuffle; its tags added to the
 tokenizer as SmolVLM's tokenizer has them). Each builder returns (model, image processor, tokenizer)."""
 
@@ -104,8 +104,17 @@ def idefics3() -> tuple[Any, Any, Any]:
     return tf.Idefics3ForConditionalGeneration(config).eval(), processor, tok
 
 
+def paligemma() -> tuple[Any, Any, Any]:
+    text = tf.GemmaConfig(**dict(TEXT, head_dim=16))
+    config = tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**VISION, image_size=28, patch_size=14),
+                                text_config=text, image_token_index=IMAGE, projection_dim=64)
+    processor = tf.SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    processor.image_seq_length = 4  # what PaliGemmaProcessor reads
+    return tf.PaliGemmaForConditionalGeneration(config).eval(), processor, tokenizer()
+
+
 BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "gemma3": gemma3,
-            "idefics3": idefics3}
+            "idefics3": idefics3, "paligemma": paligemma}
 
 
 def build(family: str, seed: int = 0) -> tuple[Any, Any, Any]:

@@ -127,6 +127,9 @@ QWEN2_VL = dataclasses.replace(LLAMA, name="qwen2_vl", model_types=("qwen2_vl", 
                                vision_blocks="model.visual.blocks", projector="model.visual.merger")
 GEMMA3 = dataclasses.replace(SANDWICH, name="gemma3", model_types=("gemma3",), **_LANGUAGE,
                              vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector")
+PALIGEMMA = dataclasses.replace(LLAMA, name="paligemma", model_types=("paligemma",), **_LANGUAGE,
+                                vision_blocks="model.vision_tower.encoder.layers",
+                                projector="model.multi_modal_projector")
 
 IDEFICS3 = dataclasses.replace(LLAMA, name="idefics3", model_types=("idefics3",), blocks="model.text_model.layers",
                                embed="model.text_model.embed_tokens", final=("model.text_model.norm",),
@@ -159,7 +162,7 @@ def register_adapter(adapter: Adapter, overwrite: bool = False) -> Adapter:
     return adapter
 
 
-for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT, LLAVA, QWEN2_VL, GEMMA3, IDEFICS3):
+for _a in (LLAMA, SANDWICH, GPT2, GPT_NEOX, OPT, LLAVA, QWEN2_VL, GEMMA3, IDEFICS3, PALIGEMMA):
     register_adapter(_a)
 
 

@@ -149,6 +149,16 @@ def _llava(config: object, ids: torch.Tensor, _: torch.Tensor | None) -> ImagePo
     return _assemble(positions, [(side, side)] * count, [side * side] * count)
 
 
+def _paligemma(config: object, ids: torch.Tensor, _: Any) -> ImagePositions:
+    """PaliGemma: each image is (image_size / patch_size)² SigLIP patch tokens, row-major, all images before the
+    text."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    positions = (ids == config.image_token_index).nonzero().reshape(-1)
+    count = positions.numel() // (side * side)
+    return _assemble(positions, [(side, side)] * count, [side * side] * count)
+
+
 def _qwen2_vl(config: object, ids: torch.Tensor, grid_thw: torch.Tensor | None) -> ImagePositions:
     """Qwen2-VL: image i is t·h·w patches merged in blocks of merge × merge, so (h / merge) × (w / merge) tokens per
     frame (``image_grid_thw[i] = (t, h, w)`` in patches), row-major."""
@@ -245,7 +255,7 @@ def _llava_next(config: object, ids: torch.Tensor, sizes: Any) -> ImagePositions
 
 
 _LAYOUTS = {"llava": _llava, "llava_next": _llava_next, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_vl,
-            "gemma3": _gemma3, "idefics3": _idefics3}
+            "gemma3": _gemma3, "idefics3": _idefics3, "paligemma": _paligemma}
 _SAME_AS = {"qwen2_5_vl": "qwen2_vl"}  # a family whose prompts and inputs are another's (its tower differs)
 
 
@@ -312,7 +322,7 @@ class Vision:
         self.config, self.tokenizer, self.image_processor = config, tokenizer, image_processor
         self.image_token = {"llava": "image_token_index", "llava_next": "image_token_index",
                             "qwen2_vl": "image_token_id", "gemma3": "image_token_index",
-                            "idefics3": "image_token_id"}[self.kind]
+                            "idefics3": "image_token_id", "paligemma": "image_token_index"}[self.kind]
         self.image_token_id = int(getattr(config, self.image_token))
 
     def __repr__(self) -> str:
@@ -334,7 +344,7 @@ class Vision:
             grid = "".join("".join(f"{around}<row_{r + 1}_col_{q + 1}>{image}" for q in range(cols)) + "\n"
                            for r in range(rows))
             return f"{grid}\n{thumbnail}"
-        if self.kind == "llava":
+        if self.kind in ("llava", "paligemma"):
             side = c.vision_config.image_size // c.vision_config.patch_size
             return [self.image_token_id] * side * side
         if self.kind == "llava_next":
@@ -372,7 +382,11 @@ class Vision:
         tiles = ([(int(r), int(c)) for r, c in zip(processed["rows"][0], processed["cols"][0], strict=True)]
                  if self.kind == "idefics3" else None)
         pieces = text.split(MARK)
-        if self.kind == "idefics3":  # the processor's text, tokenized whole
+        if self.kind == "paligemma":  # as its processor: every image first, then BOS, the text and "\n"
+            bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None and not chat else []
+            ids = [*(t for i in range(len(pictures)) for t in self._expansion(i, pixels, tiles)), *bos,
+                   *self.tokenizer("".join(pieces) + "\n", add_special_tokens=False).input_ids]
+        elif self.kind == "idefics3":  # the processor's text, tokenized whole
             whole = pieces[0] + "".join(self._expansion(i, pixels, tiles) + piece
                                         for i, piece in enumerate(pieces[1:]))
             ids = self.tokenizer(whole, add_special_tokens=not chat).input_ids
@@ -428,12 +442,15 @@ class Vision:
 
     def per_pass(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The inputs a pass over ``ids`` (B, t) takes beside the pixels: which tokens are image tokens, in the
-        argument the family reads (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image blocks)."""
+        argument the family reads (Qwen2-VL's M-RoPE, Gemma 3's bidirectional image blocks, PaliGemma's
+        bidirectional prefix)."""
         is_image = (ids == self.image_token_id).long()
         if self.kind == "qwen2_vl":
             return {"mm_token_type_ids": is_image.int()}
         if self.kind == "gemma3":
             return {"token_type_ids": is_image}
+        if self.kind == "paligemma":  # the whole prompt is the prefix, attended bidirectionally
+            return {"token_type_ids": torch.zeros_like(is_image)}
         return {}
 
 
