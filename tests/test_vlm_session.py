@@ -422,3 +422,25 @@ def test_tiled_images_views_and_thumbnail_ablation(sessions):
     assert n.vision.view(made).size == (cols * 14, rows * 14)  # the tiles with the padding cut off, 14 px a cell
     assert n.vision.view(made, view=1).size == (28, 28)
     assert n.attention(PROMPT, images=wide).tokens.count("<img 0:end of row 0>") == 1
+
+
+def test_paligemma_2s_gemma_2_language_model_gets_its_sandwich_norms_and_logit_attribution_adds_up():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    text = tf.Gemma2Config(**dict(tiny_vlms.TEXT, head_dim=16))
+    config = tf.PaliGemmaConfig(vision_config=tf.SiglipVisionConfig(**tiny_vlms.VISION, image_size=28, patch_size=14),
+                                text_config=text, image_token_index=tiny_vlms.IMAGE, projection_dim=64)
+    processor = tf.SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    s = labkit.Session.from_model(tf.PaliGemmaForConditionalGeneration(config).eval(), tiny_vlms.tokenizer(),
+                                  image_processor=processor)
+    assert s.sites.adapter.attn_post == "post_attention_layernorm"
+    ids = s.encode("The capital of France is")
+    with torch.no_grad():
+        logits = s.model(input_ids=ids).logits[0, -1].float()
+    la = s.logit_attribution("The capital of France is")  # refuses unless its parts add up to the model's logit
+    assert la.total == pytest.approx(float(logits[la.token_id]), abs=5e-4)  # float32 sums of every part
+    inputs = _own_inputs(s)
+    with torch.no_grad():
+        own = torch.log_softmax(s.model(**inputs).logits[0, -1].float(), -1)
+    torch.testing.assert_close(s.next_token(PROMPT, images=PICTURE).logprobs, own, atol=1e-5, rtol=0)

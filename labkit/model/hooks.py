@@ -213,10 +213,14 @@ def _problems(model: Any, adapter: Adapter) -> list[str]:
 
 def find_adapter(model: Any) -> Adapter:
     """The adapter of ``model``: the one declared for its ``config.model_type``, else the first whose paths all
-    exist in it; UnsupportedArchitecture (listing what each adapter misses) when none fits."""
+    exist in it; UnsupportedArchitecture (listing what each adapter misses) when none fits. A vision-language
+    model whose language model has sandwich norms (PaliGemma 2's Gemma 2) gets its adapter with them."""
     model_type = getattr(model.config, "model_type", "?")
     for adapter in ADAPTERS.values():
         if model_type in adapter.model_types:
+            text_type = getattr(model.config.get_text_config(decoder=True), "model_type", None)
+            if adapter.vision_blocks is not None and adapter.attn_post is None and text_type in SANDWICH.model_types:
+                adapter = dataclasses.replace(adapter, attn_post=SANDWICH.attn_post, mlp_post=SANDWICH.mlp_post)
             problems = _problems(model, adapter)
             if problems:
                 raise UnsupportedArchitecture(
