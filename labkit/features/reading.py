@@ -185,14 +185,14 @@ def splice_report(session: Any, texts: Sequence[str], sae: SAE) -> SpliceReport:
     sae.check(session)
     sites = session.sites
     losses = {"model": [], "spliced": [], "zero": []}
-    kls, totals = [], {"l0": 0.0, "sq_error": 0.0, "sq_centred": 0.0, "n": 0.0}
+    kls, totals, n_pred = [], {"l0": 0.0, "sq_error": 0.0, "sq_centred": 0.0, "n": 0.0}, 0
     out_site = sae.site_out or sae.site
     with session.exclusive(), torch.inference_mode():
         for text in texts:
             ids = session.encode(text)
             if ids.shape[1] < 2:
                 continue
-            target = ids[0, 1:]
+            target, n_pred = ids[0, 1:], n_pred + ids.shape[1] - 1
 
             def logits_now(ids: torch.Tensor = ids) -> torch.Tensor:
                 return session.model(input_ids=ids).logits[0, :-1].float()
@@ -208,7 +208,6 @@ def splice_report(session: Any, texts: Sequence[str], sae: SAE) -> SpliceReport:
             kls.append(float(kl_divergence(base, spliced_logits, "bits").sum()))
             for key in totals:
                 totals[key] += sum(stats[key])
-    n_pred = sum(session.encode(t).shape[1] - 1 for t in texts if session.encode(t).shape[1] >= 2)
     if n_pred == 0:
         raise InvalidArgument("texts must hold at least one text of 2 tokens or more")
     return SpliceReport(tokens=int(totals["n"]), l0=totals["l0"] / totals["n"],

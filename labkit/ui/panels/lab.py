@@ -89,15 +89,8 @@ class Lab(widgets.VBox):
     def __init__(self, session: Any, prompt: str = "Once upon a time", sampler: Sampler | None = None,
                  max_new_tokens: int = 48, seed: int = 0, top_k: int = 10, interval_s: float = 0.2,
                  image_interval_s: float = 1.0, chat: bool | None = None, images: Any = None, sae: Any = None) -> None:
-        from labkit.model.vlm import load_images
-
         self.session = session
-        if images is not None and session.vision is None:
-            raise InvalidArgument(f"images= needs a vision-language model; {session.model_id!r} is a text model")
-        self.images = None if images is None else load_images(images)
-        from labkit.features.sae import as_sae
-
-        self.sae = None if sae is None else as_sae(sae, session)
+        self._extras(images, sae)
         self.top_k = top_k
         n_layers, n_heads = session.info.n_layers, session.info.n_heads
         # -- inputs
@@ -129,22 +122,8 @@ class Lab(widgets.VBox):
         self.attention = AttentionImage(n_layers, n_heads)
         self.controls = SamplerControls(sampler)
         self.why = WhyView(on_ablate=self._ablate_and_regenerate)
-        self.features = None if self.sae is None else FeatureStrip(self.sae.name, self._feature_where,
-                                                                   self._feature_edit_and_regenerate)
-        self._feature_edit: Any = None  # the feature edit of the next runs (the strip's buttons)
-        self.picture = widgets.Image(format="png", layout=widgets.Layout(max_width="420px"))
-        self.picture.add_class("labkit-picture")
-        self.picture_label = widgets.Label("")
-        self._view: Any = None  # the image as the model sees it (a PIL image), for an image run
-        self._drawn: dict[tuple[int, int], bytes] = {}  # (trace id, step) -> its grounding picture (PNG)
-        # -- interventions (applied from the next run on)
-        self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
-        self.boost = widgets.Text(placeholder="token text", description="boost")
-        self.boost_factor = widgets.FloatSlider(value=3.0, min=0.1, max=20.0, step=0.1, description="× factor")
-        self.ablate_layer = widgets.BoundedIntText(value=0, min=0, max=n_layers - 1, description="ablate layer")
-        self.ablate_head = widgets.BoundedIntText(value=0, min=0, max=n_heads - 1, description="head")
-        self.ablate_on = widgets.Checkbox(value=False, description="ablate this head")
-        self.interventions_on = widgets.Checkbox(value=True, description="interventions on")
+        self._extra_views()
+        self._intervention_boxes(n_layers, n_heads)
         # -- state
         self.traces: list[Trace] = []
         self.trace: Trace | None = None
@@ -158,6 +137,37 @@ class Lab(widgets.VBox):
         self._wire()
         super().__init__(self._layout())
         self.add_class("labkit-lab")
+
+    def _extras(self, images: Any, sae: Any) -> None:
+        """The optional inputs, checked: a vision-language model's ``images``, an ``sae``."""
+        from labkit.features.sae import as_sae
+        from labkit.model.vlm import load_images
+
+        if images is not None and self.session.vision is None:
+            raise InvalidArgument(f"images= needs a vision-language model; {self.session.model_id!r} is a text model")
+        self.images = None if images is None else load_images(images)
+        self.sae = None if sae is None else as_sae(sae, self.session)
+
+    def _extra_views(self) -> None:
+        """The image beside the stream (an image run) and the feature strip (an SAE)."""
+        self.features = None if self.sae is None else FeatureStrip(self.sae.name, self._feature_where,
+                                                                   self._feature_edit_and_regenerate)
+        self._feature_edit: Any = None  # the feature edit of the next runs (the strip's buttons)
+        self.picture = widgets.Image(format="png", layout=widgets.Layout(max_width="420px"))
+        self.picture.add_class("labkit-picture")
+        self.picture_label = widgets.Label("")
+        self._view: Any = None  # the image as the model sees it (a PIL image), for an image run
+        self._drawn: dict[tuple[int, int], bytes] = {}  # (trace id, step) -> its grounding picture (PNG)
+
+    def _intervention_boxes(self, n_layers: int, n_heads: int) -> None:
+        """The interventions' inputs (applied from the next run on)."""
+        self.suppress = widgets.Text(placeholder="token text, e.g. ' the'", description="suppress")
+        self.boost = widgets.Text(placeholder="token text", description="boost")
+        self.boost_factor = widgets.FloatSlider(value=3.0, min=0.1, max=20.0, step=0.1, description="× factor")
+        self.ablate_layer = widgets.BoundedIntText(value=0, min=0, max=n_layers - 1, description="ablate layer")
+        self.ablate_head = widgets.BoundedIntText(value=0, min=0, max=n_heads - 1, description="head")
+        self.ablate_on = widgets.Checkbox(value=False, description="ablate this head")
+        self.interventions_on = widgets.Checkbox(value=True, description="interventions on")
 
     def _wire(self) -> None:
         """Buttons, the token stream's clicks, the run list and the why view's method, each to its action."""
